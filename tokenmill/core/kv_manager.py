@@ -1,0 +1,128 @@
+"""Per-request block tables on top of the block pool and the prefix cache.
+
+The API is small and never raises for lack of memory: ``allocate_slots``
+returns ``False`` and changes nothing when the blocks are not there, and the
+scheduler decides whom to preempt.
+"""
+
+from __future__ import annotations
+
+from tokenmill.core.block_pool import BlockPool
+from tokenmill.core.prefix_cache import PrefixCache
+from tokenmill.core.request import Request
+
+
+class KVManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.cache = PrefixCache(self.pool, block_size) if enable_prefix_caching else None
+        self.tables: dict[str, list[int]] = {}
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_available(self) -> int:
+        """Blocks that an allocation could get now: free plus evictable cached."""
+        return self.pool.num_free + self.pool.num_evictable
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks owned by requests (cached-but-unowned blocks count as free)."""
+        return self.pool.num_used / self.pool.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self.tables.get(request_id, [])
+
+    def get_computed_blocks(self, req: Request) -> list[int]:
+        """Cached blocks holding a prefix of the request's tokens (not yet owned).
+
+        At least one token is always left to compute, so the step that admits
+        the request can sample from it.
+        """
+        if self.cache is None:
+            return []
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        if max_blocks == 0:
+            return []
+        return self.cache.match(req.token_ids_slice(0, max_blocks * self.block_size), req.cache_namespace)
+
+    def record_prefix_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_query_tokens += num_prompt_tokens
+        self.prefix_hit_tokens += num_hit_tokens
+
+    def allocate_slots(self, req: Request, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
+        """Make the request's table cover ``num_computed_tokens`` (+ the computed blocks) + ``num_new_tokens``.
+
+        ``computed_blocks`` (from ``get_computed_blocks``) are taken into the
+        table first, at admission. Returns False, changing nothing, when the
+        pool cannot supply the blocks even after evicting cached ones.
+        """
+        computed = computed_blocks or []
+        table = self.tables.get(req.request_id)
+        held = len(table) if table is not None else 0
+        num_tokens = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        need = self.blocks_for(num_tokens) - held - len(computed)
+        if need <= 0 and not computed:
+            return True
+        pool = self.pool
+        # Computed blocks that nobody owns are counted as evictable; taking them
+        # removes them from what eviction could free.
+        unowned_computed = sum(1 for b in computed if pool.ref_counts[b] == 0)
+        if need > pool.num_free + pool.num_evictable - unowned_computed:
+            return False
+        if table is None:
+            table = self.tables[req.request_id] = []
+        if computed:
+            pool.incref(computed)
+            table.extend(computed)
+        if need > 0:
+            short = need - pool.num_free
+            if short > 0:
+                assert self.cache is not None
+                self.cache.evict(short)
+            table.extend(pool.pop_free(need))
+        return True
+
+    def cache_blocks(self, req: Request, num_tokens: int) -> None:
+        """Put the full blocks among the request's first ``num_tokens`` tokens into the prefix cache."""
+        if self.cache is None:
+            return
+        table = self.tables.get(req.request_id)
+        if not table:
+            return
+        n_full = min(num_tokens // self.block_size, len(table))
+        if n_full == 0:
+            return
+        tree_ids = self.cache.insert(req.token_ids_slice(0, n_full * self.block_size), table[:n_full], req.cache_namespace)
+        # Where the tree already held these tokens, use its blocks and let our
+        # duplicates go, so that holding a cached block implies holding its ancestors.
+        for i, b in enumerate(tree_ids):
+            if table[i] != b:
+                self.pool.incref([b])
+                self.pool.decref([table[i]])
+                table[i] = b
+
+    def free(self, req: Request) -> None:
+        """Drop the request's blocks, tail first (so its tail is reused or evicted first)."""
+        table = self.tables.pop(req.request_id, None)
+        if table:
+            self.pool.decref(table[::-1])
+
+    def check_invariants(self) -> None:
+        self.pool.check_invariants()
+        owners = [0] * self.pool.num_blocks
+        for table in self.tables.values():
+            for b in table:
+                owners[b] += 1
+        if owners != self.pool.ref_counts:
+            raise AssertionError("block ref counts disagree with the block tables")

@@ -1,0 +1,11 @@
+"""Scheduling policies, one small file each, registered by name."""
+
+from tokenmill.core.policies import fcfs  # noqa: F401  (registers)
+from tokenmill.core.policies.base import (
+    SchedulingPolicy,
+    available_policies,
+    make_policy,
+    register_policy,
+)
+
+__all__ = ["SchedulingPolicy", "available_policies", "make_policy", "register_policy"]

@@ -1,0 +1,375 @@
+"""Continuous batching with one token budget per step.
+
+Each ``schedule(now)`` first tops up the running requests (decodes and
+unfinished prefill chunks, in admission order), preempting by recompute when
+blocks run out (the policy picks the victim), then admits waiting requests
+in policy order while the token budget, the running cap and the blocks allow,
+matching each prompt against the prefix cache. One step therefore mixes
+prefill and decode; long prompts are chunked. When every scheduled sequence
+is a one-token decode and no admission can happen, a plan covers several
+decode steps at once. ``update(plan, result)`` appends sampled tokens, checks
+stop conditions and frees or caches blocks.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.core.kv_manager import KVManager
+from tokenmill.core.plan import ScheduledSeq, SeqUpdate, StepPlan, StepResult
+from tokenmill.core.policies import SchedulingPolicy, make_policy
+from tokenmill.core.request import FinishReason, Request, RequestStatus
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at ``max_waiting``; the caller should retry later."""
+
+
+@dataclass
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_decode_steps: int = 1  # > 1 lets one plan cover several decode steps
+    max_waiting: int | None = None  # bound on the waiting queue; None: unbounded
+    policy: str = "fcfs"
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    debug_checks: bool = False  # check block invariants after every schedule and update
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_decode_steps < 1:
+            raise ValueError("max_decode_steps must be >= 1")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                "without chunked prefill, max_num_batched_tokens must be >= max_model_len "
+                f"({self.max_num_batched_tokens} < {self.max_model_len})"
+            )
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_used_blocks: int
+    num_cached_blocks: int
+    kv_usage: float
+    num_preemptions: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    num_evicted_blocks: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, policy: SchedulingPolicy | None = None) -> None:
+        self.config = config
+        self.kv = KVManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.policy = policy or make_policy(config.policy, **config.policy_options)
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # arrival order: (arrival_time, seq_no)
+        self.running: list[Request] = []  # admission order
+        self._seq = 0
+        self._step = 0
+        self.num_preemptions = 0
+
+    # ---------------------------------------------------------------- inputs
+
+    def add_request(self, req: Request, now: float | None = None) -> None:
+        """Queue a request. Raises ``ValueError`` for requests that can never run."""
+        cfg = self.config
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        if req.num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if req.num_prompt_tokens >= cfg.max_model_len:
+            raise ValueError(
+                f"the prompt has {req.num_prompt_tokens} tokens; the model's context length is "
+                f"{cfg.max_model_len}, which leaves no room to generate"
+            )
+        max_tokens = req.sampling_params.max_tokens
+        longest = cfg.max_model_len if max_tokens is None else min(cfg.max_model_len, req.num_prompt_tokens + max_tokens)
+        if self.kv.blocks_for(longest) > self.kv.num_blocks:
+            raise ValueError(
+                f"the request needs up to {longest} tokens of KV but the cache holds only "
+                f"{self.kv.num_blocks * cfg.block_size}; lower max_tokens or give the cache more memory"
+            )
+        if cfg.max_waiting is not None and len(self.waiting) >= cfg.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({cfg.max_waiting} requests)")
+        req.seq_no = self._seq
+        self._seq += 1
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self.waiting.append(req)  # arrival_time and seq_no only grow for a live clock
+        if len(self.waiting) > 1 and self._order(self.waiting[-2]) > self._order(req):
+            self.waiting.sort(key=self._order)
+        self.policy.on_arrival(req, req.arrival_time if now is None else now)
+
+    @staticmethod
+    def _order(r: Request) -> tuple[float, int]:
+        return (r.arrival_time, r.seq_no)
+
+    def abort_request(self, request_id: str, now: float = 0.0) -> Request | None:
+        """Finish a request with ``abort``; its blocks are freed (full ones stay cached)."""
+        return self.finish_request(request_id, FinishReason.ABORT, now=now)
+
+    def finish_request(
+        self, request_id: str, reason: FinishReason, stop_reason: int | str | None = None, now: float = 0.0
+    ) -> Request | None:
+        """Finish a request from outside the step (a stop string, an abort)."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return None
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._finish(req, reason, stop_reason, now)
+        return req
+
+    def _finish(self, req: Request, reason: FinishReason, stop_reason: int | str | None, now: float) -> None:
+        self.kv.cache_blocks(req, req.num_computed_tokens)
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+        req.finish_time = now
+        del self.requests[req.request_id]
+        self.policy.on_finished(req, now)
+
+    # -------------------------------------------------------------- queries
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def prefix_match_tokens(self, req: Request) -> int:
+        """Tokens of the request that the prefix cache would serve now (for cache-aware policies)."""
+        return len(self.kv.get_computed_blocks(req)) * self.config.block_size
+
+    def stats(self) -> SchedulerStats:
+        kv = self.kv
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_blocks=kv.num_blocks,
+            num_used_blocks=kv.pool.num_used,
+            num_cached_blocks=kv.cache.num_cached_blocks if kv.cache else 0,
+            kv_usage=kv.usage,
+            num_preemptions=self.num_preemptions,
+            prefix_query_tokens=kv.prefix_query_tokens,
+            prefix_hit_tokens=kv.prefix_hit_tokens,
+            num_evicted_blocks=kv.cache.num_evicted_blocks if kv.cache else 0,
+        )
+
+    # ------------------------------------------------------------- schedule
+
+    def schedule(self, now: float, max_steps: int | None = None) -> StepPlan:
+        """Decide the next step. ``max_steps`` caps a multi-step plan (e.g. at the next arrival)."""
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        preempted: list[Request] = []
+        scheduled_ids: set[str] = set()
+
+        # 1. Running requests, in admission order.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, n):
+                candidates = [r for r in self.running if r.request_id not in scheduled_ids]
+                victim = self.policy.choose_victim(candidates, now, self)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted itself; self.running shifted left
+            seqs.append(self._plan_seq(req, n))
+            scheduled_ids.add(req.request_id)
+            budget -= n
+            i += 1
+
+        # 2. Waiting requests, in policy order (none while we are preempting).
+        if not preempted and self.waiting:
+            admitted = self._admit(now, budget, seqs)
+            if admitted:
+                admitted_set = set(map(id, admitted))
+                self.waiting = [r for r in self.waiting if id(r) not in admitted_set]
+
+        num_batched = sum(s.num_new_tokens for s in seqs)
+        num_steps = self._multi_step_count(seqs, preempted, max_steps)
+        self._step += 1
+        plan = StepPlan(
+            step_id=self._step,
+            now=now,
+            seqs=seqs,
+            num_steps=num_steps,
+            preempted_ids=[r.request_id for r in preempted],
+            num_batched_tokens=num_batched,
+            num_waiting=len(self.waiting),
+            num_running=len(self.running),
+        )
+        if cfg.debug_checks:
+            self._check()
+        return plan
+
+    def _plan_seq(self, req: Request, n: int) -> ScheduledSeq:
+        start = req.num_computed_tokens
+        return ScheduledSeq(
+            request=req,
+            start_pos=start,
+            num_new_tokens=n,
+            block_ids=self.kv.tables[req.request_id],
+            samples=start + n == req.num_tokens,
+        )
+
+    def _admit(self, now: float, budget: int, seqs: list[ScheduledSeq]) -> list[Request]:
+        cfg = self.config
+        admitted: list[Request] = []
+        for req in self.policy.order_waiting(self.waiting, now, self):
+            if budget <= 0 or len(self.running) >= cfg.max_num_seqs:
+                break
+            if not self.policy.may_admit(req, now, self):
+                continue
+            computed = self.kv.get_computed_blocks(req)
+            num_cached = len(computed) * cfg.block_size
+            n = req.num_tokens - num_cached
+            if n > budget:
+                if not cfg.enable_chunked_prefill:
+                    break
+                n = budget
+            if not self.kv.allocate_slots(req, n, computed):
+                break  # blocks are short: later requests would only jump the queue
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+                req.first_scheduled_time = now
+                self.kv.record_prefix_query(req.num_prompt_tokens, num_cached)
+            req.num_computed_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            admitted.append(req)
+            seqs.append(self._plan_seq(req, n))
+            budget -= n
+        return admitted
+
+    def _preempt(self, req: Request) -> None:
+        """Preempt by recompute: keep full blocks in the prefix cache, free the rest."""
+        self.running.remove(req)
+        self.kv.cache_blocks(req, req.num_computed_tokens)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        bisect.insort(self.waiting, req, key=self._order)
+        self.num_preemptions += 1
+
+    def _multi_step_count(self, seqs: list[ScheduledSeq], preempted: list[Request], max_steps: int | None) -> int:
+        k = self.config.max_decode_steps if max_steps is None else min(max_steps, self.config.max_decode_steps)
+        if k <= 1 or preempted or not seqs:
+            return 1
+        # Admission must be impossible whatever happens inside the plan.
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            return 1
+        max_len = self.config.max_model_len
+        for s in seqs:
+            if s.num_new_tokens != 1 or not s.samples:
+                return 1
+            r = s.request
+            mt = r.sampling_params.max_tokens
+            if mt is not None:
+                k = min(k, mt - r.num_output_tokens)
+            k = min(k, max_len - r.num_tokens)
+        if k <= 1:
+            return 1
+        need = sum(
+            max(0, self.kv.blocks_for(s.request.num_computed_tokens + k) - len(s.block_ids)) for s in seqs
+        )
+        if need > self.kv.num_available:
+            return 1
+        for s in seqs:
+            self.kv.allocate_slots(s.request, k)
+        return k
+
+    # --------------------------------------------------------------- update
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[SeqUpdate]:
+        """Advance the requests of ``plan`` by ``result``; return what changed, as data."""
+        now = plan.now + (result.duration or 0.0)
+        updates: list[SeqUpdate] = []
+        sampled = result.sampled_token_ids
+        logprobs = result.logprobs
+        for s in plan.seqs:
+            req = s.request
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted or finished from outside since the plan was made
+            if not s.samples:
+                req.num_computed_tokens += s.num_new_tokens
+                self.policy.on_computed(req, s.num_new_tokens, plan.now)
+                continue
+            if s.num_new_tokens > 1:
+                self.policy.on_computed(req, s.num_new_tokens, plan.now)
+            tokens = sampled[req.request_id]
+            lps = logprobs.get(req.request_id) if logprobs else None
+            new, reason, stop_reason = self._append_tokens(req, tokens)
+            was_prefill = req.first_token_time is None
+            if was_prefill and new:
+                req.first_token_time = now
+            req.num_computed_tokens = req.num_tokens - 1
+            self.policy.on_generated(req, len(new), plan.now)
+            if reason is not None:
+                self.running.remove(req)
+                self._finish(req, reason, stop_reason, now)
+            elif s.num_new_tokens > 1:
+                # Share the prompt with later requests as soon as its KV exists.
+                self.kv.cache_blocks(req, req.num_computed_tokens)
+            updates.append(
+                SeqUpdate(req, new, lps[: len(new)] if lps else None, reason is not None, reason)
+            )
+        if self.config.debug_checks:
+            self._check()
+        return updates
+
+    def _append_tokens(self, req: Request, tokens: list[int]) -> tuple[list[int], FinishReason | None, int | str | None]:
+        """Append sampled tokens up to the first stop condition."""
+        sp = req.sampling_params
+        eos = () if sp.ignore_eos else req.eos_token_ids
+        stop_ids = sp.stop_token_ids
+        max_tokens = sp.max_tokens
+        max_len = self.config.max_model_len
+        out = req.output_token_ids
+        new: list[int] = []
+        for t in tokens:
+            out.append(t)
+            new.append(t)
+            n_out = len(out)
+            if n_out >= sp.min_tokens:
+                if t in eos:
+                    return new, FinishReason.STOP, None
+                if stop_ids and t in stop_ids:  # type: ignore[operator]
+                    return new, FinishReason.STOP, t
+            if (max_tokens is not None and n_out >= max_tokens) or req.num_tokens >= max_len:
+                return new, FinishReason.LENGTH, None
+        return new, None, None
+
+    def _check(self) -> None:
+        self.kv.check_invariants()
+        live = {r.request_id for r in self.running}
+        for rid in self.kv.tables:
+            if rid not in live:
+                raise AssertionError(f"request {rid} holds blocks but is not running")
