@@ -1,0 +1,1 @@
+"""Sub-commands of the ``tokenmill`` CLI, one module each."""

@@ -1,0 +1,141 @@
+"""The offline API: ``LLM(model).generate(prompts, params)``, shaped like vLLM's."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tokenmill.core.request import SamplingParams
+from tokenmill.engine import Engine, EngineConfig
+from tokenmill.outputs import RequestOutput
+
+PromptLike = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    """Load a model once; generate for batches of prompts.
+
+    ``model`` is a local Hugging Face directory (config.json + safetensors and
+    tokenizer files); ``None`` means the bundled default model. Other keyword
+    arguments are ``EngineConfig`` fields.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        kv_cache_memory: int = 1 << 30,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 64,
+        **engine_options: Any,
+    ) -> None:
+        config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            kv_cache_memory=kv_cache_memory,
+            block_size=block_size,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            **engine_options,
+        )
+        self.engine = Engine(config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order.
+
+        A prompt is a string, a list of token ids, or ``{"prompt": ...}`` /
+        ``{"prompt_token_ids": [...]}``. Every prompt is validated before any
+        runs, so bad input raises ``ValueError`` without side effects.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        if isinstance(sampling_params, Sequence):
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"got {len(params_list)} sampling params for {len(prompt_list)} prompts")
+        else:
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        for p in params_list:
+            p.validate()
+        ids = [str(next(self._ids)) for _ in prompt_list]
+        added: list[str] = []
+        try:
+            for rid, prompt, params in zip(ids, prompt_list, params_list, strict=True):
+                self.engine.add_request(rid, prompt, params)
+                added.append(rid)
+        except Exception:
+            for rid in added:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | None = None,
+        **kwargs: Any,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts: list[PromptLike] = [
+            tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, **kwargs)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        engine = self.engine
+        if use_tqdm:
+            from rich.progress import Progress
+
+            with Progress(transient=True) as progress:
+                task = progress.add_task("generating", total=len(ids))
+                while engine.has_unfinished():
+                    for out in engine.step():
+                        if out.finished:
+                            done[out.request_id] = out
+                            progress.advance(task)
+        else:
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        return [done[i] for i in ids]
+
+
+def _as_prompt_list(prompts: PromptLike | Sequence[PromptLike]) -> list[str | list[int]]:
+    if isinstance(prompts, str) or isinstance(prompts, dict):
+        items: list[Any] = [prompts]
+    elif isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int):
+        items = [list(prompts)]  # a single list of token ids
+    else:
+        items = list(prompts)
+    if not items:
+        raise ValueError("no prompts given")
+    out: list[str | list[int]] = []
+    for p in items:
+        if isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                out.append(list(p["prompt_token_ids"]))
+            elif "prompt" in p:
+                out.append(p["prompt"])
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        elif isinstance(p, str | list):
+            out.append(p)
+        else:
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}")
+    return out

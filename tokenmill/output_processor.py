@@ -1,0 +1,200 @@
+"""Turns the scheduler's per-sequence updates into user-facing ``RequestOutput``s.
+
+It owns detokenization, stop strings (with hold-back, so a stream never shows
+text that later turns out to be part of a stop string), logprob formatting
+and the fan-in of ``n`` samples into one output per user request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.core.plan import SeqUpdate
+from tokenmill.core.request import FinishReason, Request, SamplingParams
+from tokenmill.detokenizer import IncrementalDetokenizer
+from tokenmill.outputs import (
+    CompletionOutput,
+    Logprob,
+    RequestMetrics,
+    RequestOutput,
+    TokenLogprobs,
+)
+
+
+@dataclass
+class SampleState:
+    """One of a user request's ``n`` samples."""
+
+    index: int
+    detok: IncrementalDetokenizer
+    params: SamplingParams
+    text: str = ""
+    emitted: int = 0  # characters of ``text`` already handed out
+    token_ids: list[int] = field(default_factory=list)
+    emitted_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class ParentState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    samples: list[SampleState]
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.samples)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.parents: dict[str, ParentState] = {}
+
+    def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], children: list[Request], arrival: float) -> None:
+        samples = []
+        for child in children:
+            sp = child.sampling_params
+            samples.append(
+                SampleState(
+                    index=child.sample_index,
+                    detok=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, sp.skip_special_tokens),
+                    params=sp,
+                    logprobs=[] if sp.logprobs is not None else None,
+                    cumulative_logprob=0.0 if sp.logprobs is not None else None,
+                )
+            )
+        self.parents[request_id] = ParentState(request_id, prompt, prompt_token_ids, samples, RequestMetrics(arrival))
+
+    def remove(self, request_id: str) -> None:
+        self.parents.pop(request_id, None)
+
+    def process(self, updates: list[SeqUpdate], now: float) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
+        """Apply updates. Returns the outputs and the (child id, stop string) pairs that hit a stop string."""
+        touched: dict[str, ParentState] = {}
+        stopped: list[tuple[str, str]] = []
+        for u in updates:
+            req = u.request
+            parent = self.parents.get(req.parent_id or req.request_id)
+            if parent is None:
+                continue
+            sample = parent.samples[req.sample_index]
+            if sample.finished:
+                continue
+            touched[parent.request_id] = parent
+            m = parent.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = req.first_scheduled_time
+                parent.num_cached_tokens = max(req.num_cached_tokens, 0)
+            if u.new_token_ids:
+                m.first_token_time = m.first_token_time or now
+                m.last_token_time = now
+            hit = self._append(sample, u)
+            if hit is not None:
+                stopped.append((req.request_id, hit))
+            elif u.finished:
+                self._finish(sample, u.finish_reason, req.stop_reason)
+        outputs = []
+        for parent in touched.values():
+            if parent.finished:
+                parent.metrics.finished_time = now
+                del self.parents[parent.request_id]
+            outputs.append(self._snapshot(parent))
+        return outputs, stopped
+
+    def _append(self, s: SampleState, u: SeqUpdate) -> str | None:
+        s.token_ids.extend(u.new_token_ids)
+        if s.logprobs is not None and u.new_logprobs:
+            for tok, (lp, top) in zip(u.new_token_ids, u.new_logprobs, strict=False):
+                s.logprobs.append(self._format_logprobs(tok, lp, top))
+                s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp
+        delta = s.detok.add(u.new_token_ids)
+        if u.finished:
+            delta += s.detok.flush()
+        if not delta:
+            return None
+        old_len = len(s.text)
+        s.text += delta
+        stops = s.params.stop
+        if stops:
+            # Only a stop string that ends inside the new text can be new.
+            start = max(0, old_len - max(map(len, stops)) + 1)
+            best: tuple[int, str] | None = None
+            for stop in stops:  # type: ignore[union-attr]
+                idx = s.text.find(stop, start)
+                if idx != -1 and (best is None or idx < best[0]):
+                    best = (idx, stop)
+            if best is not None:
+                idx, stop = best
+                s.text = s.text[: idx + len(stop)] if s.params.include_stop_str_in_output else s.text[:idx]
+                self._finish(s, FinishReason.STOP, stop)
+                return stop
+        return None
+
+    def _format_logprobs(self, token: int, lp: float, top: list[tuple[int, float]]) -> TokenLogprobs:
+        out: TokenLogprobs = {}
+        for rank, (tid, tlp) in enumerate(top, start=1):
+            out[tid] = Logprob(tlp, rank, self.tokenizer.decode([tid]))
+        if token not in out:
+            out[token] = Logprob(lp, None, self.tokenizer.decode([token]))
+        return out
+
+    @staticmethod
+    def _finish(s: SampleState, reason: FinishReason | None, stop_reason: int | str | None) -> None:
+        s.finish_reason = str(reason) if reason is not None else "stop"
+        s.stop_reason = stop_reason
+
+    def finish_aborted(self, request_id: str) -> RequestOutput | None:
+        parent = self.parents.pop(request_id, None)
+        if parent is None:
+            return None
+        for s in parent.samples:
+            if not s.finished:
+                self._finish(s, FinishReason.ABORT, None)
+        return self._snapshot(parent)
+
+    def _snapshot(self, parent: ParentState) -> RequestOutput:
+        outs = []
+        for s in parent.samples:
+            # Hold back the tail that could still become a stop string.
+            hold = 0 if s.finished or not s.params.stop else max(map(len, s.params.stop)) - 1  # type: ignore[arg-type]
+            upto = max(s.emitted, len(s.text) - hold)
+            delta_text = s.text[s.emitted : upto]
+            s.emitted = upto
+            delta_ids = s.token_ids[s.emitted_tokens :]
+            delta_lps = s.logprobs[s.emitted_tokens :] if s.logprobs is not None else None
+            s.emitted_tokens = len(s.token_ids)
+            outs.append(
+                CompletionOutput(
+                    index=s.index,
+                    text=s.text if s.finished else s.text[:upto],
+                    token_ids=list(s.token_ids),
+                    logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                    cumulative_logprob=s.cumulative_logprob,
+                    finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
+                    delta_text=delta_text,
+                    delta_token_ids=delta_ids,
+                    delta_logprobs=delta_lps,
+                )
+            )
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=outs,
+            finished=parent.finished,
+            num_cached_tokens=parent.num_cached_tokens,
+            metrics=parent.metrics,
+        )
