@@ -1,0 +1,73 @@
+"""A fake executor that checks the KV bookkeeping as a real one would rely on it.
+
+Its "KV cache" stores (position, token) per slot. Each step writes the new
+tokens into the slots the block table names and, for each sampling sequence,
+reads the whole context back through the block table: if a block was shared,
+evicted or reused wrongly, the read-back differs from the request's tokens and
+the executor raises. The sampled token is a pure function of the token
+history, so outputs must not depend on batching, chunking, preemption or
+prefix caching.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from tokenmill.core.plan import StepPlan, StepResult
+
+VOCAB = 97
+
+
+def next_token(history: list[int]) -> int:
+    return zlib.crc32(repr(history[-8:]).encode() + bytes([len(history) % 251])) % VOCAB
+
+
+class FakeKVExecutor:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.slots: list[tuple[int, int] | None] = [None] * (num_blocks * block_size)
+        self.steps = 0
+
+    def _write(self, block_ids: list[int], pos: int, token: int) -> None:
+        bs = self.block_size
+        self.slots[block_ids[pos // bs] * bs + pos % bs] = (pos, token)
+
+    def _read(self, block_ids: list[int], n: int) -> list[int]:
+        bs = self.block_size
+        out = []
+        for pos in range(n):
+            entry = self.slots[block_ids[pos // bs] * bs + pos % bs]
+            if entry is None or entry[0] != pos:
+                raise AssertionError(f"slot for position {pos} holds {entry}")
+            out.append(entry[1])
+        return out
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.steps += plan.num_steps
+        sampled: dict[str, list[int]] = {}
+        for s in plan.seqs:
+            toks = s.new_token_ids()
+            for i, t in enumerate(toks):
+                self._write(s.block_ids, s.start_pos + i, t)
+            if not s.samples:
+                continue
+            end = s.start_pos + s.num_new_tokens
+            history = s.request.all_token_ids
+            out: list[int] = []
+            for step in range(plan.num_steps):
+                if step > 0:
+                    self._write(s.block_ids, end, out[-1])
+                    end += 1
+                ctx = self._read(s.block_ids, end)
+                if ctx != (history + out)[:end]:
+                    raise AssertionError(f"{s.request_id}: KV read back differs from the tokens")
+                out.append(next_token(history + out))
+            sampled[s.request_id] = out
+        return StepResult(sampled, duration=0.001 * plan.num_steps)
+
+
+def reference_output(prompt: list[int], max_tokens: int) -> list[int]:
+    hist = list(prompt)
+    for _ in range(max_tokens):
+        hist.append(next_token(hist))
+    return hist[len(prompt) :]

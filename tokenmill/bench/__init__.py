@@ -1,0 +1,1 @@
+"""Benchmarks: each runs tokenmill and its peer in the same run on the same input and prints the ratio."""

@@ -1,0 +1,33 @@
+"""``tokenmill bench throughput|serve``: each benchmark module owns its flags and its run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+BENCHMARKS = {
+    "throughput": ("tokenmill.bench.throughput", "offline generation tokens/s against peers"),
+    "serve": ("tokenmill.bench.serve", "open-loop load against an OpenAI-compatible server"),
+}
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark")
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (module, help_text) in BENCHMARKS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(func=_runner(module))
+        _add_arguments(module, p)
+
+
+def _add_arguments(module: str, parser: argparse.ArgumentParser) -> None:
+    # The benchmark module defines its own flags; it must import quickly.
+    importlib.import_module(module).add_arguments(parser)
+
+
+def _runner(module: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        return int(importlib.import_module(module).run(args) or 0)
+
+    return run
