@@ -1,0 +1,200 @@
+"""Run a ``StepPlan`` through the real model: one mixed forward pass, then sampling.
+
+The executor owns the model, the preallocated paged KV cache (all layers in
+one tensor) and the sampler. It never decides anything: the plan says which
+tokens of which request to compute, which cache blocks they live in, and who
+samples. A multi-step plan (``num_steps > 1``, one-token decodes only) loops
+its sub-steps here, feeding each sampled token back, so the scheduler and the
+engine pay their per-step cost once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenmill.core.plan import ScheduledSeq, StepPlan, StepResult
+from tokenmill.model.attention import AttentionMetadata, kv_cache_shape
+from tokenmill.model.config import ModelConfig, resolve_dtype
+from tokenmill.model.loader import load_model
+from tokenmill.model.sampler import LogprobEntry, Sampler, SamplingRow
+
+# A plan whose token count is below this builds slot mappings in Python; above it in torch.
+_TORCH_SLOTS_MIN_TOKENS = 64
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Flattened inputs of one forward pass."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    query_start: list[int] = field(default_factory=lambda: [0])
+    seq_lens: list[int] = field(default_factory=list)
+    block_rows: list[list[int]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # flattened row index of each sampler
+
+
+class ModelExecutor:
+    """Executes step plans on a loaded model with a paged KV cache of ``num_blocks`` blocks."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "cpu",
+        kv_cache_memory: int = 256 * 2**20,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model, self.model_config = load_model(model_path, dtype=dtype, device=self.device)
+        self.dtype = self.model_config.dtype
+        self.block_size = block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.bytes_per_block = self.kv_cache_bytes_per_block(
+            self.model_config, block_size, self.dtype
+        )
+        self.num_blocks = kv_cache_memory // self.bytes_per_block
+        if self.num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory={kv_cache_memory} bytes holds no KV block "
+                f"(one block of {block_size} tokens needs {self.bytes_per_block} bytes)"
+            )
+        cfg = self.model_config
+        shape = kv_cache_shape(self.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_cache = torch.zeros((cfg.num_layers, *shape), dtype=self.dtype, device=self.device)
+        self.kv_caches = list(self.kv_cache.unbind(0))
+        self.sampler = Sampler(self.device)
+
+    @staticmethod
+    def kv_cache_bytes_per_block(
+        model_config: ModelConfig, block_size: int = 16, dtype: str | torch.dtype | None = None
+    ) -> int:
+        """Bytes of K and V, all layers, for one block of ``block_size`` tokens."""
+        dt = model_config.dtype if dtype is None else resolve_dtype(dtype, None)
+        itemsize = torch.empty((), dtype=dt).element_size()
+        return (
+            2 * model_config.num_layers * block_size * model_config.num_kv_heads
+            * model_config.head_dim * itemsize
+        )  # fmt: skip
+
+    def free_request(self, request_id: str) -> None:
+        """Forget per-request state; the executor keeps none between plans today."""
+
+    # -- one plan -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run ``plan`` (all its sub-steps) and return the sampled tokens and logprobs."""
+        start = time.perf_counter()
+        result = StepResult(sampled_token_ids={})
+        if plan.is_empty:
+            result.duration = 0.0
+            return result
+        samplers = [s for s in plan.seqs if s.samples]
+        sampled: dict[str, list[int]] = {s.request_id: [] for s in samplers}
+        logprobs: dict[str, list[LogprobEntry]] = {}
+
+        batch = self._first_batch(plan.seqs)
+        for step in range(plan.num_steps):
+            if step > 0:
+                batch = self._decode_batch(samplers, sampled, step)
+            hidden = self._forward(batch)
+            if not batch.sample_rows:
+                continue
+            rows_idx = torch.tensor(batch.sample_rows, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows_idx))
+            rows = [self._sampling_row(s, sampled[s.request_id]) for s in samplers]
+            out = self.sampler(logits, rows)
+            for i, s in enumerate(samplers):
+                sampled[s.request_id].append(out.token_ids[i])
+                if out.logprobs is not None and out.logprobs[i] is not None:
+                    logprobs.setdefault(s.request_id, []).append(out.logprobs[i])
+
+        result.sampled_token_ids = sampled
+        result.logprobs = logprobs or None
+        result.duration = time.perf_counter() - start
+        return result
+
+    @staticmethod
+    def _sampling_row(seq: ScheduledSeq, earlier: list[int]) -> SamplingRow:
+        req = seq.request
+        outputs = req.output_token_ids + earlier if earlier else req.output_token_ids
+        return SamplingRow(req.sampling_params, outputs, req.prompt_token_ids, req.eos_token_ids)
+
+    def _first_batch(self, seqs: list[ScheduledSeq]) -> _Batch:
+        b = _Batch()
+        bs = self.block_size
+        for s in seqs:
+            n = s.num_new_tokens
+            end = s.start_pos + n
+            b.input_ids.extend(s.new_token_ids())
+            b.positions.extend(range(s.start_pos, end))
+            b.query_start.append(b.query_start[-1] + n)
+            b.seq_lens.append(end)
+            b.block_rows.append(s.block_ids[: (end + bs - 1) // bs])
+            if s.samples:
+                b.sample_rows.append(b.query_start[-1] - 1)
+        return b
+
+    def _decode_batch(
+        self, samplers: list[ScheduledSeq], sampled: dict[str, list[int]], step: int
+    ) -> _Batch:
+        # sub-step ``step`` feeds the token sampled in sub-step ``step - 1``
+        b = _Batch()
+        bs = self.block_size
+        for i, s in enumerate(samplers):
+            pos = s.start_pos + s.num_new_tokens + step - 1
+            b.input_ids.append(sampled[s.request_id][-1])
+            b.positions.append(pos)
+            b.query_start.append(i + 1)
+            b.seq_lens.append(pos + 1)
+            b.block_rows.append(s.block_ids[: pos // bs + 1])
+            b.sample_rows.append(i)
+        return b
+
+    def _forward(self, b: _Batch) -> torch.Tensor:
+        dev, bs = self.device, self.block_size
+        width = max(len(r) for r in b.block_rows)
+        block_tables = torch.tensor(
+            [r + [0] * (width - len(r)) for r in b.block_rows], dtype=torch.int32
+        )
+        positions = torch.tensor(b.positions, dtype=torch.long)
+        if len(b.positions) >= _TORCH_SLOTS_MIN_TOKENS:
+            seq_of_token = torch.repeat_interleave(
+                torch.arange(len(b.seq_lens)),
+                torch.tensor(
+                    [e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)]
+                ),
+            )
+            blocks = block_tables[seq_of_token, positions // bs].long()
+            slot_mapping = blocks * bs + positions % bs
+        else:
+            slot_mapping = torch.tensor(
+                [r[p // bs] * bs + p % bs for r, p in self._row_positions(b)], dtype=torch.long
+            )
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(b.query_start, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(b.seq_lens, dtype=torch.int32, device=dev),
+            block_tables=block_tables.to(dev),
+            slot_mapping=slot_mapping.to(dev),
+            max_query_len=max(
+                e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)
+            ),
+            max_seq_len=max(b.seq_lens),
+        )
+        input_ids = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
+        return self.model(input_ids, positions.to(dev), self.kv_caches, meta)
+
+    @staticmethod
+    def _row_positions(b: _Batch):
+        for i, row in enumerate(b.block_rows):
+            for p in b.positions[b.query_start[i] : b.query_start[i + 1]]:
+                yield row, p

@@ -1,0 +1,7 @@
+"""Model code: checkpoint loading, the Llama-family network, paged attention, sampling."""
+
+from tokenmill.model.attention import AttentionMetadata
+from tokenmill.model.config import ModelConfig
+from tokenmill.model.loader import load_model, read_model_config
+
+__all__ = ["AttentionMetadata", "ModelConfig", "load_model", "read_model_config"]

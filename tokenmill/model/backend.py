@@ -1,0 +1,150 @@
+"""The one place that picks how a layer's primitive ops run on a device and dtype.
+
+``TorchOps`` is plain torch and runs anywhere (it is also the numerical
+reference); ``CpuKernelOps`` calls the compiled CPU extension (paged attention
+straight from the blocks, fused RMSNorm / RoPE+KV-write / SiLU-gate, and an
+AVX-512 skinny GEMM for linears with few rows). ``select_ops`` chooses; CUDA
+currently runs ``TorchOps`` (a Triton or FlashInfer backend would be added
+here).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.model import kernels
+from tokenmill.model.attention import (
+    AttentionMetadata,
+    paged_attention_reference,
+    write_kv_reference,
+)
+from tokenmill.model.rope import apply_rope_reference
+
+# Linears with at most this many rows use the skinny GEMM: below it the weights are
+# streamed once at close to memory bandwidth, above it the BLAS GEMM wins.
+SKINNY_MAX_ROWS = 8
+
+
+class TorchOps:
+    """Reference implementations in plain torch; every backend must match these."""
+
+    name = "torch"
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return w * normed.to(x.dtype)
+
+    @classmethod
+    def add_rms_norm(
+        cls, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """``residual += x`` in place, then return ``rms_norm(residual)``."""
+        residual.add_(x)
+        return cls.rms_norm(residual, w, eps)
+
+    @staticmethod
+    def rope_write_kv(
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+    ) -> None:
+        """Rotate q and k inside ``qkv [T, (H + 2 KVH) * D]`` in place and store k, v in the cache."""
+        head_dim = kv_cache.shape[-1]
+        t = qkv.shape[0]
+        heads = qkv.view(t, num_heads + 2 * num_kv_heads, head_dim)
+        qk = heads[:, : num_heads + num_kv_heads]
+        qk.copy_(apply_rope_reference(qk, positions, cos_sin))
+        k = heads[:, num_heads : num_heads + num_kv_heads]
+        v = heads[:, num_heads + num_kv_heads :]
+        write_kv_reference(kv_cache, k, v, slot_mapping)
+
+    @staticmethod
+    def attention(
+        q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        return paged_attention_reference(q, kv_cache, meta, scale)
+
+    @staticmethod
+    def silu_mul(x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+
+class CpuKernelOps(TorchOps):
+    """The compiled CPU extension (fp32 and bf16)."""
+
+    name = "cpu_kernels"
+
+    def __init__(self, use_skinny_gemm: bool) -> None:
+        self.use_skinny_gemm = use_skinny_gemm
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return torch.ops.tokenmill.rms_norm(x, w, eps)
+
+    @classmethod
+    def add_rms_norm(
+        cls, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        return torch.ops.tokenmill.add_rms_norm(x, residual, w, eps)
+
+    @staticmethod
+    def rope_write_kv(
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+    ) -> None:
+        torch.ops.tokenmill.rope_write_kv(
+            qkv, positions, cos_sin, kv_cache, slot_mapping, num_heads, num_kv_heads
+        )
+
+    @staticmethod
+    def attention(
+        q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        return torch.ops.tokenmill.paged_attention(
+            q, kv_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale
+        )
+
+    @staticmethod
+    def silu_mul(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.tokenmill.silu_mul(x)
+
+    def linear(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.use_skinny_gemm and x.shape[0] <= SKINNY_MAX_ROWS:
+            return torch.ops.tokenmill.skinny_gemm(x, w, b)
+        return F.linear(x, w, b)
+
+
+def select_ops(device: torch.device, dtype: torch.dtype, prefer: str = "auto") -> TorchOps:
+    """Pick the ops for ``device`` and ``dtype``; ``prefer="torch"`` forces the reference."""
+    if prefer not in ("auto", "torch", "cpu_kernels"):
+        raise ValueError(f"unknown ops backend {prefer!r}; use 'auto', 'torch' or 'cpu_kernels'")
+    if prefer == "torch" or device.type != "cpu":
+        return TorchOps()
+    if dtype not in (torch.float32, torch.bfloat16):
+        if prefer == "cpu_kernels":
+            raise ValueError(f"the CPU kernels support float32 and bfloat16, not {dtype}")
+        return TorchOps()
+    if kernels.cpu_kernels_available():
+        return CpuKernelOps(use_skinny_gemm=kernels.has_avx512())
+    if prefer == "cpu_kernels":
+        raise RuntimeError("the CPU kernels were requested but could not be built")
+    return TorchOps()

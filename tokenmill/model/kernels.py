@@ -1,0 +1,84 @@
+"""Build and load tokenmill's compiled CPU kernels (``csrc/cpu_kernels.cpp``) on first use.
+
+The extension is compiled with ``torch.utils.cpp_extension.load`` for the host
+CPU (``-march=native``) into ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/tokenmill/kernels``; the build directory's name carries a hash of
+the source and the CPU's flags so a cache shared between different machines
+never loads a binary built for another CPU. Its ops register as
+``torch.ops.tokenmill.*``. If it cannot be built (no compiler, ...) callers
+fall back to the torch reference after one warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_dir(name: str) -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "tokenmill" / "kernels"
+    path = base / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load
+
+    digest = hashlib.sha256(
+        _SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
+    ).hexdigest()[:12]
+    name = f"tokenmill_cpu_{digest}"
+    load(
+        name=name,
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(_build_dir(name)),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def cpu_kernels_available() -> bool:
+    """True once the CPU extension is loaded; builds it on the first call (may take ~30 s)."""
+    with _lock:
+        if "ok" not in _state:
+            try:
+                _build()
+                _state["ok"] = True
+            except Exception as exc:  # noqa: BLE001 - any build failure means "use the reference"
+                _state["ok"] = False
+                warnings.warn(
+                    f"tokenmill CPU kernels could not be built ({type(exc).__name__}: {exc}); "
+                    "falling back to the slower torch reference implementation",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return bool(_state["ok"])
+
+
+def has_avx512() -> bool:
+    """Whether the loaded extension was compiled with AVX-512 and this CPU supports it."""
+    return cpu_kernels_available() and bool(torch.ops.tokenmill.has_avx512())
