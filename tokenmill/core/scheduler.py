@@ -266,6 +266,7 @@ class Scheduler:
             admitted.append(req)
             seqs.append(self._plan_seq(req, n))
             budget -= n
+            self.policy.on_admitted(req, now)
         return admitted
 
     def _preempt(self, req: Request) -> None:

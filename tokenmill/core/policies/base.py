@@ -44,6 +44,14 @@ class SchedulingPolicy:
     def on_arrival(self, req: Request, now: float) -> None:
         pass
 
+    def on_admitted(self, req: Request, now: float) -> None:
+        """The request was just admitted (or re-admitted after preemption).
+
+        Called inside ``schedule`` before the next waiting request is
+        considered, so a lazily ordered ``order_waiting`` (a generator) sees
+        the effect of each admission on its books within the same step.
+        """
+
     def on_computed(self, req: Request, num_tokens: int, now: float) -> None:
         """``num_tokens`` of the request's prompt (or recompute) were scheduled this step."""
 
