@@ -58,14 +58,14 @@ class ModelExecutor:
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        self.bytes_per_block = self.kv_cache_bytes_per_block(
+        self.kv_bytes_per_block = self.kv_cache_bytes_per_block(
             self.model_config, block_size, self.dtype
         )
-        self.num_blocks = kv_cache_memory // self.bytes_per_block
+        self.num_blocks = kv_cache_memory // self.kv_bytes_per_block
         if self.num_blocks < 1:
             raise ValueError(
                 f"kv_cache_memory={kv_cache_memory} bytes holds no KV block "
-                f"(one block of {block_size} tokens needs {self.bytes_per_block} bytes)"
+                f"(one block of {block_size} tokens needs {self.kv_bytes_per_block} bytes)"
             )
         cfg = self.model_config
         shape = kv_cache_shape(self.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)

@@ -1,0 +1,165 @@
+"""The compiled CPU kernels against the torch reference ops (attention, RoPE+KV write, norms, GEMM)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tokenmill.model import kernels
+from tokenmill.model.attention import AttentionMetadata, paged_attention_reference
+from tokenmill.model.backend import CpuKernelOps, TorchOps
+from tokenmill.model.config import RopeConfig
+from tokenmill.model.rope import cos_sin_cache
+
+pytestmark = pytest.mark.skipif(
+    not kernels.cpu_kernels_available(), reason="CPU kernels could not be built here"
+)
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def random_batch(
+    rng: random.Random,
+    *,
+    num_seqs: int,
+    block_size: int,
+    num_blocks: int,
+    max_ctx: int,
+    max_query: int,
+) -> tuple[AttentionMetadata, list[tuple[int, int]]]:
+    """Sequences with random context lengths and query chunks over shuffled, disjoint blocks."""
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    seqs, tables = [], []
+    for _ in range(num_seqs):
+        ctx = rng.randint(1, max_ctx)
+        n_query = rng.randint(1, min(ctx, max_query))
+        seqs.append((ctx, n_query))
+        tables.append([free.pop() for _ in range((ctx + block_size - 1) // block_size)])
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    starts = [0]
+    for _, n in seqs:
+        starts.append(starts[-1] + n)
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor([c for c, _ in seqs], dtype=torch.int32),
+        block_tables=block_tables,
+        slot_mapping=torch.zeros(starts[-1], dtype=torch.long),  # unused by attention
+        max_query_len=max(n for _, n in seqs),
+        max_seq_len=max(c for c, _ in seqs),
+    )
+    return meta, seqs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("num_heads", "kv_heads", "head_dim", "block_size", "max_query"),
+    [
+        (4, 4, 64, 16, 1),  # decode, MHA
+        (8, 2, 64, 16, 1),  # decode, GQA
+        (9, 3, 64, 16, 40),  # prefill chunks with cached context before them
+        (4, 1, 80, 8, 24),  # head_dim not a multiple of 16, small blocks
+        (6, 2, 32, 5, 12),  # block size that is not a multiple of the key chunk
+    ],
+)
+def test_paged_attention_matches_reference(
+    dtype: torch.dtype,
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    max_query: int,
+) -> None:
+    rng = random.Random(num_heads * 1000 + head_dim + block_size)
+    torch.manual_seed(rng.randrange(1 << 30))
+    num_blocks = 200
+    meta, _ = random_batch(
+        rng, num_seqs=7, block_size=block_size, num_blocks=num_blocks, max_ctx=150,
+        max_query=max_query,
+    )  # fmt: skip
+    kv = torch.randn(2, num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    total = int(meta.query_start_loc[-1])
+    # q as a strided view into a wider fused qkv buffer, the way the model passes it
+    qkv = torch.randn(total, (num_heads + 2 * kv_heads) * head_dim).to(dtype)
+    q = qkv[:, : num_heads * head_dim].view(total, num_heads, head_dim)
+    scale = head_dim**-0.5
+    got = CpuKernelOps.attention(q, kv, meta, scale)
+    want = paged_attention_reference(q, kv, meta, scale)
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+
+
+def test_paged_attention_decode_long_context_is_exact_softmax() -> None:
+    # one query over a 1000-token context spread over scattered blocks
+    block_size, kv_heads, head_dim = 16, 2, 64
+    table = list(range(99, 99 - 63, -1))
+    kv = torch.randn(2, 100, block_size, kv_heads, head_dim) * 3
+    meta = AttentionMetadata(
+        torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1000], dtype=torch.int32),
+        torch.tensor([table], dtype=torch.int32), torch.zeros(1, dtype=torch.long), 1, 1000,
+    )  # fmt: skip
+    q = torch.randn(1, 4, head_dim) * 3
+    got = CpuKernelOps.attention(q, kv, meta, 0.125)
+    torch.testing.assert_close(
+        got, paged_attention_reference(q, kv, meta, 0.125), **TOL[torch.float32]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_write_kv_matches_reference(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, block_size, num_blocks, t = 6, 2, 64, 16, 12, 37
+    cos_sin = cos_sin_cache(RopeConfig(theta=10000.0), head_dim, 512)
+    positions = torch.randint(0, 512, (t,))
+    slots = torch.randperm(num_blocks * block_size)[:t]
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    kv_a = torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    kv_b = kv_a.clone()
+    qkv_a, qkv_b = qkv.clone(), qkv.clone()
+    TorchOps.rope_write_kv(qkv_a, positions, cos_sin, kv_a, slots, heads, kv_heads)
+    CpuKernelOps.rope_write_kv(qkv_b, positions, cos_sin, kv_b, slots, heads, kv_heads)
+    torch.testing.assert_close(qkv_b.float(), qkv_a.float(), **TOL[dtype])
+    torch.testing.assert_close(kv_b.float(), kv_a.float(), **TOL[dtype])
+    assert kv_b.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_and_silu_match_reference(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(5, 576).to(dtype)
+    w = (1 + 0.1 * torch.randn(576)).to(dtype)
+    torch.testing.assert_close(
+        CpuKernelOps.rms_norm(x, w, 1e-6).float(),
+        TorchOps.rms_norm(x, w, 1e-6).float(),
+        **TOL[dtype],
+    )
+    h = torch.randn(5, 576).to(dtype)
+    res_a, res_b = x.clone(), x.clone()
+    out_a = TorchOps.add_rms_norm(h, res_a, w, 1e-6)
+    out_b = CpuKernelOps.add_rms_norm(h, res_b, w, 1e-6)
+    torch.testing.assert_close(res_b.float(), res_a.float(), **TOL[dtype])
+    torch.testing.assert_close(out_b.float(), out_a.float(), **TOL[dtype])
+    gu = (torch.randn(5, 2 * 1000) * 4).to(dtype)
+    torch.testing.assert_close(
+        CpuKernelOps.silu_mul(gu).float(), TorchOps.silu_mul(gu).float(), **TOL[dtype]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8])
+@pytest.mark.parametrize(("n", "k", "bias"), [(576, 576, False), (195, 100, True), (1, 17, True)])
+def test_skinny_gemm_matches_linear(
+    dtype: torch.dtype, rows: int, n: int, k: int, bias: bool
+) -> None:
+    if not kernels.has_avx512():
+        pytest.skip("skinny GEMM is only used with AVX-512")
+    torch.manual_seed(rows * n + k)
+    x = torch.randn(rows, k).to(dtype)
+    w = torch.randn(n, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    got = torch.ops.tokenmill.skinny_gemm(x, w, b)
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.25, rtol=2e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
