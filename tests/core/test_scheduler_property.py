@@ -106,6 +106,17 @@ def run(config: SchedulerConfig, reqs: list[tuple[list[int], int, int, dict]]) -
     return done, sched
 
 
+# Non-default options that change a policy's control flow.
+POLICY_VARIANTS = [
+    ("lpm", {"max_sort_len": 2}),
+    ("dlpm", {"quantum": 4.0}),
+    ("vtc", {"input_weight": 0.0}),
+    ("slo", {"prefill_tokens_per_s": 4.0, "ttft_slo_by_priority": {"0": 3.0}}),
+    ("slo", {"relegate": False}),
+    ("bins", {"bin_edges": [4], "static": True}),
+    ("bins", {"bin_edges": [4, 10], "batch_size": 2}),
+]
+
 prefixes = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8]]
 
 
@@ -137,7 +148,7 @@ def workloads(draw: st.DrawFn) -> list[tuple[list[int], int, int, dict]]:
     max_seqs=st.integers(1, 6),
     decode_steps=st.sampled_from([1, 4]),
     caching=st.booleans(),
-    policy=st.sampled_from(available_policies()),
+    policy=st.sampled_from([(name, {}) for name in available_policies()] + POLICY_VARIANTS),
 )
 def test_greedy_outputs_do_not_depend_on_the_schedule(
     reqs, block_size, spare_blocks, budget, max_seqs, decode_steps, caching, policy
@@ -152,7 +163,8 @@ def test_greedy_outputs_do_not_depend_on_the_schedule(
         max_model_len=MAX_MODEL_LEN,
         enable_prefix_caching=caching,
         max_decode_steps=decode_steps,
-        policy=policy,
+        policy=policy[0],
+        policy_options=policy[1],
         debug_checks=True,
     )
     done, _ = run(cfg, reqs)

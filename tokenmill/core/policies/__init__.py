@@ -1,6 +1,13 @@
 """Scheduling policies, one small file each, registered by name."""
 
-from tokenmill.core.policies import fcfs  # noqa: F401  (registers)
+from tokenmill.core.policies import (  # noqa: F401  (importing registers them)
+    bins,
+    dlpm,
+    fcfs,
+    lpm,
+    slo,
+    vtc,
+)
 from tokenmill.core.policies.base import (
     SchedulingPolicy,
     available_policies,
