@@ -1,0 +1,193 @@
+"""``POST /v1/completions``: one or many prompts, streamed or not.
+
+A batched prompt (a list of strings or of token-id lists) becomes one engine
+request per prompt; choice ``i * n + j`` is sample ``j`` of prompt ``i``, as
+OpenAI numbers them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from tokenmill.outputs import RequestOutput
+from tokenmill.server import streaming
+from tokenmill.server.errors import APIError, error_body
+from tokenmill.server.logprobs import completion_logprobs
+from tokenmill.server.params import (
+    check_token_ids,
+    completion_prompts,
+    reject_unsupported,
+    resolve_max_tokens,
+    sampling_params,
+)
+from tokenmill.server.protocol import CompletionRequest, make_id, now_s
+from tokenmill.server.state import ServerState, collect
+from tokenmill.server.usage import UsageCounter
+
+ABORTED_MESSAGE = "the request was aborted: the server is shutting down"
+
+
+async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
+    model = state.check_model(body.model)
+    reject_unsupported(body)
+    prompts = completion_prompts(state.tokenizer, body.prompt)
+    params = []
+    for text, ids in prompts:
+        if text is None:
+            check_token_ids(ids, state.vocab_size, "prompt")
+        max_tokens = resolve_max_tokens(body.max_tokens, len(ids), state.max_model_len, "prompt")
+        params.append(sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs))
+    request_id = make_id("cmpl")
+    stream, engine_ids = await state.add_all(
+        request_id,
+        [ids for _, ids in prompts],
+        params,
+        arrival_time=state.async_engine.engine.clock(),
+        client_id=state.client_id(request, body.user),
+        priority=body.priority,
+        ttft_slo=body.ttft_slo,
+        tpot_slo=body.tpot_slo,
+        cache_namespace=body.cache_salt or "",
+    )
+    index_of = {rid: i for i, rid in enumerate(engine_ids)}
+    echo = [(text if text is not None else state.tokenizer.decode(ids)) if body.echo else "" for text, ids in prompts]
+    usage = UsageCounter([len(ids) for _, ids in prompts])
+    created = now_s()
+
+    if body.stream:
+        opts = body.stream_options
+        return streaming.sse_response(
+            _events(body, stream, index_of, echo, usage, request_id, created, model,
+                    include_usage=bool(opts and opts.include_usage),
+                    continuous_usage=bool(opts and opts.include_usage and opts.continuous_usage_stats)),
+            lambda: state.abort(stream),
+        )
+
+    final = await collect(state, stream, request)
+    if final is None:
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    choices = []
+    for rid, out in final.items():
+        usage.update(out)
+        i = index_of[rid]
+        for o in out.outputs:
+            if o.finish_reason == "abort":
+                raise APIError(503, ABORTED_MESSAGE, code="aborted")
+            logprobs = None
+            if body.logprobs is not None and o.logprobs is not None:
+                logprobs, _ = completion_logprobs(o.token_ids, o.logprobs, body.logprobs, 0)
+            choices.append(
+                {
+                    "index": i * body.n + o.index,
+                    "text": echo[i] + o.text,
+                    "logprobs": logprobs,
+                    "finish_reason": o.finish_reason,
+                    "stop_reason": o.stop_reason,
+                }
+            )
+    choices.sort(key=lambda c: c["index"])
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage.body(),
+        "system_fingerprint": None,
+    }
+
+
+async def _events(
+    body: CompletionRequest,
+    stream: Any,
+    index_of: dict[str, int],
+    echo: list[str],
+    usage: UsageCounter,
+    request_id: str,
+    created: int,
+    model: str,
+    *,
+    include_usage: bool,
+    continuous_usage: bool,
+) -> AsyncIterator[bytes]:
+    n = body.n
+    want_logprobs = body.logprobs is not None
+    finished: set[int] = set()
+    offsets: dict[int, int] = {}
+
+    def chunk(choice: dict[str, Any]) -> bytes:
+        obj: dict[str, Any] = {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
+        if include_usage:
+            obj["usage"] = usage.body() if continuous_usage else None
+        return streaming.event(obj)
+
+    if body.echo:
+        for i, text in enumerate(echo):
+            for j in range(n):
+                yield chunk({"index": i * n + j, "text": text, "logprobs": None, "finish_reason": None})
+    try:
+        async for out in stream:
+            usage.update(out)
+            yield_list = _chunks_for(out, index_of[out.request_id], n, want_logprobs, body.logprobs or 0, finished, offsets)
+            for choice in yield_list:
+                if choice.get("finish_reason") == "abort":
+                    yield streaming.event(error_body(ABORTED_MESSAGE, "service_unavailable", None, "aborted"))
+                    return
+                yield chunk(choice)
+    except APIError as exc:
+        yield streaming.event(exc.body())
+        return
+    except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+        yield streaming.event(error_body(f"the engine failed: {exc}", "service_unavailable", None, "engine_unavailable"))
+        return
+    if include_usage:
+        yield streaming.event(
+            {"id": request_id, "object": "text_completion", "created": created, "model": model,
+             "choices": [], "usage": usage.body()}
+        )
+
+
+def _chunks_for(
+    out: RequestOutput,
+    prompt_index: int,
+    n: int,
+    want_logprobs: bool,
+    num_top: int,
+    finished: set[int],
+    offsets: dict[int, int],
+) -> list[dict[str, Any]]:
+    choices = []
+    for o in out.outputs:
+        index = prompt_index * n + o.index
+        if index in finished:
+            continue  # a finished sample stays in later snapshots of its request
+        has_logprobs = want_logprobs and bool(o.delta_token_ids) and o.delta_logprobs is not None
+        if not (o.delta_text or o.finish_reason or has_logprobs):
+            continue
+        logprobs = None
+        if has_logprobs:
+            assert o.delta_logprobs is not None
+            logprobs, offsets[index] = completion_logprobs(
+                o.delta_token_ids, o.delta_logprobs, num_top, offsets.get(index, 0)
+            )
+        choice: dict[str, Any] = {
+            "index": index,
+            "text": o.delta_text,
+            "logprobs": logprobs,
+            "finish_reason": o.finish_reason,
+        }
+        if o.finish_reason is not None:
+            finished.add(index)
+            choice["stop_reason"] = o.stop_reason
+        choices.append(choice)
+    return choices

@@ -1,0 +1,167 @@
+"""From a validated OpenAI request to what the engine takes: token ids and ``SamplingParams``.
+
+Everything here that can fail raises ``APIError`` (400) naming the
+parameter, so that bad input never reaches the engine thread as a surprise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tokenmill.core.request import SamplingParams
+from tokenmill.server.errors import APIError, bad_request
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+# What OpenAI and vLLM send in place of -inf logprobs (JSON has no infinity).
+MIN_LOGPROB = -9999.0
+
+
+def clamp_logprob(value: float) -> float:
+    return value if math.isfinite(value) else MIN_LOGPROB
+
+
+def reject_unsupported(body: SamplingFields) -> None:
+    """Refuse OpenAI parameters whose effect tokenmill cannot give, rather than ignore them."""
+    if body.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+    if isinstance(body, CompletionRequest):
+        if body.best_of is not None and body.best_of != body.n:
+            raise bad_request("best_of other than n is not supported", "best_of")
+        if body.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if body.echo and body.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
+    if isinstance(body, ChatCompletionRequest):
+        if body.tools:
+            raise bad_request("tools are not supported", "tools")
+        if body.tool_choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice is not supported", "tool_choice")
+        if body.response_format is not None and body.response_format.type != "text":
+            raise bad_request("only response_format type 'text' is supported", "response_format")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        if body.continue_final_message and body.add_generation_prompt:
+            raise bad_request(
+                "continue_final_message and add_generation_prompt cannot both be true", "continue_final_message"
+            )
+
+
+def check_text(value: str, param: str) -> None:
+    """Refuse strings that are not valid Unicode (lone surrogates): they cannot be tokenized or echoed."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"{param} is not valid Unicode (it contains a lone surrogate)", param) from None
+
+
+def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int, param: str) -> int:
+    """Return the max tokens to generate: ``requested``, or all the room left when None."""
+    room = max_model_len - num_prompt_tokens
+    if room <= 0 or (requested is not None and requested > room):
+        asked = num_prompt_tokens + (requested if requested is not None else 1)
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{asked} tokens ({num_prompt_tokens} in the {param}, {asked - num_prompt_tokens} in the "
+            "completion). Please reduce the length of the prompt or completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return room if requested is None else requested
+
+
+def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    try:
+        return SamplingParams(
+            n=body.n,
+            temperature=pick(body.temperature, 1.0),
+            top_p=pick(body.top_p, 1.0),
+            top_k=pick(body.top_k, 0),
+            min_p=pick(body.min_p, 0.0),
+            repetition_penalty=pick(body.repetition_penalty, 1.0),
+            presence_penalty=pick(body.presence_penalty, 0.0),
+            frequency_penalty=pick(body.frequency_penalty, 0.0),
+            seed=body.seed,
+            max_tokens=max_tokens,
+            min_tokens=body.min_tokens,
+            stop=body.stop,
+            stop_token_ids=body.stop_token_ids,
+            ignore_eos=body.ignore_eos,
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            logprobs=logprobs,
+            skip_special_tokens=body.skip_special_tokens,
+        )
+    except ValueError as exc:
+        # SamplingParams names the parameter first ("min_tokens must be ...").
+        raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from None
+
+
+def tokenize_prompt(tokenizer: Any, prompt: str, param: str) -> list[int]:
+    check_text(prompt, param)
+    try:
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    except Exception as exc:  # noqa: BLE001 - a tokenizer failure is the input's fault here
+        raise bad_request(f"could not tokenize {param}: {exc}", param) from None
+
+
+def completion_prompts(tokenizer: Any, prompt: Any) -> list[tuple[str | None, list[int]]]:
+    """The prompts of a completion request as (text or None, token ids)."""
+    if isinstance(prompt, str):
+        return [(prompt, tokenize_prompt(tokenizer, prompt, "prompt"))]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [(None, list(prompt))]
+    out: list[tuple[str | None, list[int]]] = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            if not p:
+                raise bad_request(f"prompt[{i}] is empty", "prompt")
+            out.append((p, tokenize_prompt(tokenizer, p, f"prompt[{i}]")))
+        else:
+            if not p:
+                raise bad_request(f"prompt[{i}] is empty", "prompt")
+            out.append((None, list(p)))
+    return out
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"{param}: token id {bad} is outside the vocabulary [0, {vocab_size})", param)
+
+
+def chat_prompt(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
+    """Render the messages with the model's chat template and tokenize them."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request("the model has no chat template; use /v1/completions", "messages")
+    messages = []
+    for i, m in enumerate(body.messages):
+        content = m.text()
+        check_text(content, f"messages[{i}].content")
+        messages.append({"role": m.role, "content": content})
+    kwargs = dict(body.chat_template_kwargs or {})
+    kwargs.pop("tokenize", None)
+    kwargs.pop("conversation", None)
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            **kwargs,
+        )
+    except Exception as exc:  # noqa: BLE001 - template errors (e.g. role order) are bad input
+        raise bad_request(f"the chat template failed on these messages: {exc}", "messages") from None
+    if not isinstance(text, str):
+        raise bad_request("the chat template did not render to text", "messages")
+    try:
+        # The template already holds the special tokens it wants (BOS included).
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except Exception as exc:  # noqa: BLE001
+        raise bad_request(f"could not tokenize the messages: {exc}", "messages") from None
+    if not ids:
+        raise bad_request("the messages render to an empty prompt", "messages")
+    return ids
