@@ -19,11 +19,14 @@ def hf_greedy(model_dir, prompts: list[list[int]], max_new: int) -> list[list[in
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # Generate exactly max_new tokens with EOS as an ordinary token (ignore_eos on our side);
+    # min_new_tokens would instead forbid EOS and change the greedy choice.
+    model.generation_config.eos_token_id = None
     out = []
     for p in prompts:
         ids = torch.tensor([p])
         gen = model.generate(
-            ids, do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0,
+            ids, do_sample=False, max_new_tokens=max_new, pad_token_id=0,
             attention_mask=torch.ones_like(ids),
         )  # fmt: skip
         out.append(gen[0, len(p) :].tolist())
