@@ -148,18 +148,22 @@ def test_norms_and_silu_match_reference(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 33, 200])
 @pytest.mark.parametrize(("n", "k", "bias"), [(576, 576, False), (195, 100, True), (1, 17, True)])
-def test_skinny_gemm_matches_linear(
+def test_packed_gemm_matches_linear(
     dtype: torch.dtype, rows: int, n: int, k: int, bias: bool
 ) -> None:
     if not kernels.has_avx512():
-        pytest.skip("skinny GEMM is only used with AVX-512")
+        pytest.skip("the packed GEMM is only used with AVX-512")
     torch.manual_seed(rows * n + k)
     x = torch.randn(rows, k).to(dtype)
     w = torch.randn(n, k).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None
-    got = torch.ops.tokenmill.skinny_gemm(x, w, b)
+    ops = CpuKernelOps(use_packed_gemm=True)
+    lin = ops.prepare_linear(w, b)
+    assert lin.weight is None and lin.packed is not None
+    assert torch.equal(lin.dense_weight(), w)  # the panel layout unpacks losslessly
+    got = ops.linear(x, lin)
     want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
     tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.25, rtol=2e-2)
     torch.testing.assert_close(got.float(), want, **tol)

@@ -3,12 +3,14 @@
 ``TorchOps`` is plain torch and runs anywhere (it is also the numerical
 reference); ``CpuKernelOps`` calls the compiled CPU extension (paged attention
 straight from the blocks, fused RMSNorm / RoPE+KV-write / SiLU-gate, and an
-AVX-512 skinny GEMM for linears with few rows). ``select_ops`` chooses; CUDA
+packed-weight GEMM for every linear). ``select_ops`` chooses; CUDA
 currently runs ``TorchOps`` (a Triton or FlashInfer backend would be added
 here).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +23,29 @@ from tokenmill.model.attention import (
 )
 from tokenmill.model.rope import apply_rope_reference
 
-# Linears with at most this many rows use the skinny GEMM: below it the weights are
-# streamed once at close to memory bandwidth, above it the BLAS GEMM wins.
-SKINNY_MAX_ROWS = 8
+PANEL = 16  # output features per packed panel (one AVX-512 vector of fp32)
+
+
+@dataclass(slots=True)
+class Linear:
+    """A linear layer's weight in the form the active backend wants.
+
+    ``weight`` is the ``[out, in]`` matrix (None once packed away); ``packed`` is
+    the ``[ceil(out / 16), in, 16]`` panel layout of the CPU GEMM kernel.
+    """
+
+    out_features: int
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None = None
+    packed: torch.Tensor | None = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``[out, in]`` weight, unpacking the panel layout if that is all there is."""
+        if self.weight is not None:
+            return self.weight
+        assert self.packed is not None
+        panels, k, _ = self.packed.shape
+        return self.packed.permute(0, 2, 1).reshape(panels * PANEL, k)[: self.out_features]
 
 
 class TorchOps:
@@ -77,8 +99,12 @@ class TorchOps:
         return F.silu(gate) * up
 
     @staticmethod
-    def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, w, b)
+    def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        return Linear(weight.shape[0], weight.contiguous(), bias)
+
+    @staticmethod
+    def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        return F.linear(x, lin.dense_weight(), lin.bias)
 
 
 class CpuKernelOps(TorchOps):
@@ -86,8 +112,8 @@ class CpuKernelOps(TorchOps):
 
     name = "cpu_kernels"
 
-    def __init__(self, use_skinny_gemm: bool) -> None:
-        self.use_skinny_gemm = use_skinny_gemm
+    def __init__(self, use_packed_gemm: bool) -> None:
+        self.use_packed_gemm = use_packed_gemm
 
     @staticmethod
     def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -125,12 +151,17 @@ class CpuKernelOps(TorchOps):
     def silu_mul(x: torch.Tensor) -> torch.Tensor:
         return torch.ops.tokenmill.silu_mul(x)
 
-    def linear(
-        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if self.use_skinny_gemm and x.shape[0] <= SKINNY_MAX_ROWS:
-            return torch.ops.tokenmill.skinny_gemm(x, w, b)
-        return F.linear(x, w, b)
+    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        if not self.use_packed_gemm:
+            return TorchOps.prepare_linear(weight, bias)
+        # the packed copy replaces the dense one: weights are held once
+        packed = torch.ops.tokenmill.pack_weight(weight.contiguous())
+        return Linear(weight.shape[0], None, bias, packed)
+
+    def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        if lin.packed is None:
+            return F.linear(x, lin.dense_weight(), lin.bias)
+        return torch.ops.tokenmill.packed_linear(x, lin.packed, lin.out_features, lin.bias)
 
 
 def select_ops(device: torch.device, dtype: torch.dtype, prefer: str = "auto") -> TorchOps:
@@ -144,7 +175,7 @@ def select_ops(device: torch.device, dtype: torch.dtype, prefer: str = "auto") -
             raise ValueError(f"the CPU kernels support float32 and bfloat16, not {dtype}")
         return TorchOps()
     if kernels.cpu_kernels_available():
-        return CpuKernelOps(use_skinny_gemm=kernels.has_avx512())
+        return CpuKernelOps(use_packed_gemm=kernels.has_avx512())
     if prefer == "cpu_kernels":
         raise RuntimeError("the CPU kernels were requested but could not be built")
     return TorchOps()

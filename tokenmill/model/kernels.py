@@ -1,4 +1,4 @@
-"""Build and load tokenmill's compiled CPU kernels (``csrc/cpu_kernels.cpp``) on first use.
+"""Build and load tokenmill's compiled CPU kernels (``csrc/*.cpp``) on first use.
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` for the host
 CPU (``-march=native``) into ``$TORCH_EXTENSIONS_DIR`` or
@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("kernels.cpp", "attention.cpp", "layer_ops.cpp", "gemm.cpp", "registration.cpp")
+_HEADERS = ("simd.h", "ops.h")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -46,13 +48,14 @@ def _build_dir(name: str) -> Path:
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
-    digest = hashlib.sha256(
-        _SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
-    ).hexdigest()[:12]
+    h = hashlib.sha256(_cpu_flags().encode() + torch.__version__.encode())
+    for name in _SOURCES + _HEADERS:
+        h.update((_CSRC / name).read_bytes())
+    digest = h.hexdigest()[:12]
     name = f"tokenmill_cpu_{digest}"
     load(
         name=name,
-        sources=[str(_SOURCE)],
+        sources=[str(_CSRC / _SOURCES[0])],  # a unity build that includes the others
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(_build_dir(name)),

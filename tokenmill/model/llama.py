@@ -7,135 +7,140 @@ rows belong to which sequence. It returns hidden states ``[T, hidden]``;
 ``compute_logits`` runs the LM head on the rows that sample only.
 
 q/k/v and gate/up projections are fused at load time so each layer runs four
-matrix products; the primitive ops come from ``backend.select_ops``.
+matrix products. The primitive ops come from ``backend.select_ops``, which
+also decides the weights' layout (``Linear``). Weights live in plain
+attributes rather than ``nn.Parameter``s: nothing here trains, and the hot
+loop reads them thirty times a step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import nn
 
 from tokenmill.model.attention import AttentionMetadata
-from tokenmill.model.backend import TorchOps, select_ops
+from tokenmill.model.backend import Linear, TorchOps, select_ops
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.rope import cos_sin_cache
 
 
-def _param(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t, requires_grad=False)
-
-
-class DecoderLayer(nn.Module):
+@dataclass(slots=True)
+class DecoderLayer:
     """Weights of one decoder layer: fused qkv, o, fused gate|up, down, two norms."""
 
-    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.input_norm = _param(weights["input_norm"])
-        self.qkv_weight = _param(weights["qkv_weight"])
-        self.qkv_bias = _param(weights["qkv_bias"]) if "qkv_bias" in weights else None
-        self.o_weight = _param(weights["o_weight"])
-        self.o_bias = _param(weights["o_bias"]) if "o_bias" in weights else None
-        self.post_norm = _param(weights["post_norm"])
-        self.gate_up_weight = _param(weights["gate_up_weight"])
-        self.gate_up_bias = _param(weights["gate_up_bias"]) if "gate_up_bias" in weights else None
-        self.down_weight = _param(weights["down_weight"])
-        self.down_bias = _param(weights["down_bias"]) if "down_bias" in weights else None
+    input_norm: torch.Tensor
+    qkv: Linear
+    o: Linear
+    post_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
 
 
-class LlamaModel(nn.Module):
+class LlamaModel:
     """A Llama-family causal LM over a paged KV cache."""
 
     def __init__(
         self,
         config: ModelConfig,
-        embed: torch.Tensor,
-        layers: list[DecoderLayer],
-        final_norm: torch.Tensor,
-        lm_head: torch.Tensor | None,
+        dense: dict[str, torch.Tensor],
+        device: torch.device,
+        prefer: str = "auto",
     ) -> None:
-        super().__init__()
         self.config = config
-        self.embed_tokens = _param(embed)
-        self.layers = nn.ModuleList(layers)
-        self.final_norm = _param(final_norm)
-        self.lm_head = _param(lm_head) if lm_head is not None else None  # None: tied to embed
-        self.register_buffer(
-            "cos_sin",
-            cos_sin_cache(config.rope, config.head_dim, config.max_model_len).to(embed.device),
-            persistent=False,
-        )
+        self.device = device
+        self.dtype = dense["embed"].dtype
+        self.embed_tokens = dense["embed"]
+        self.final_norm = dense["final_norm"]
+        self.cos_sin = cos_sin_cache(config.rope, config.head_dim, config.max_model_len).to(device)
         self.scale = config.head_dim**-0.5
-        self.ops: TorchOps = select_ops(embed.device, embed.dtype)
+        self._dense = dense  # kept only until _prepare() lays the weights out
+        self._prepare(select_ops(device, self.dtype, prefer))
 
-    @property
-    def device(self) -> torch.device:
-        return self.embed_tokens.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_tokens.dtype
+    def _prepare(self, ops: TorchOps) -> None:
+        d, cfg = self._dense, self.config
+        self.ops = ops
+        self.layers = [
+            DecoderLayer(
+                input_norm=d[f"{i}.input_norm"],
+                qkv=ops.prepare_linear(d[f"{i}.qkv"], d.get(f"{i}.qkv_bias")),
+                o=ops.prepare_linear(d[f"{i}.o"], d.get(f"{i}.o_bias")),
+                post_norm=d[f"{i}.post_norm"],
+                gate_up=ops.prepare_linear(d[f"{i}.gate_up"], d.get(f"{i}.gate_up_bias")),
+                down=ops.prepare_linear(d[f"{i}.down"], d.get(f"{i}.down_bias")),
+            )
+            for i in range(cfg.num_layers)
+        ]
+        self.lm_head = ops.prepare_linear(d.get("lm_head", self.embed_tokens))
+        self._dense = {}
 
     def set_backend(self, prefer: str) -> None:
         """Switch primitive ops: "auto", "torch" (reference) or "cpu_kernels"."""
-        self.ops = select_ops(self.device, self.dtype, prefer)
+        self._dense = self.dense_weights()
+        self._prepare(select_ops(self.device, self.dtype, prefer))
+
+    def dense_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight in plain ``[out, in]`` form, keyed ``"{layer}.{name}"`` (and "embed"...)."""
+        out = {"embed": self.embed_tokens, "final_norm": self.final_norm}
+        if not self.config.tie_word_embeddings:
+            out["lm_head"] = self.lm_head.dense_weight()
+        for i, layer in enumerate(self.layers):
+            out[f"{i}.input_norm"] = layer.input_norm
+            out[f"{i}.post_norm"] = layer.post_norm
+            for name in ("qkv", "o", "gate_up", "down"):
+                lin: Linear = getattr(layer, name)
+                out[f"{i}.{name}"] = lin.dense_weight()
+                if lin.bias is not None:
+                    out[f"{i}.{name}_bias"] = lin.bias
+        return out
 
     @classmethod
     def from_state_dict(
-        cls, config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device
+        cls,
+        config: ModelConfig,
+        state: dict[str, torch.Tensor],
+        device: torch.device,
+        prefer: str = "auto",
     ) -> LlamaModel:
         """Build from Hugging Face parameter names (``model.layers.{i}.self_attn.q_proj.weight``...)."""
 
         def take(name: str) -> torch.Tensor:
             if name not in state:
                 raise KeyError(f"checkpoint is missing tensor {name!r}")
-            return state[name]
+            return state.pop(name)  # pop: each tensor is moved / fused once, then freed
 
-        def maybe(name: str) -> torch.Tensor | None:
-            return state.get(name)
+        def cat(*names: str) -> torch.Tensor:
+            return torch.cat([take(n) for n in names])
 
-        layers = []
+        dense: dict[str, torch.Tensor] = {}
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             a, m = p + "self_attn.", p + "mlp."
-            w = {
-                "input_norm": take(p + "input_layernorm.weight"),
-                "post_norm": take(p + "post_attention_layernorm.weight"),
-                "qkv_weight": torch.cat(
-                    [
-                        take(a + "q_proj.weight"),
-                        take(a + "k_proj.weight"),
-                        take(a + "v_proj.weight"),
-                    ]
-                ),
-                "o_weight": take(a + "o_proj.weight"),
-                "gate_up_weight": torch.cat(
-                    [take(m + "gate_proj.weight"), take(m + "up_proj.weight")]
-                ),
-                "down_weight": take(m + "down_proj.weight"),
-            }
-            if maybe(a + "q_proj.bias") is not None:
-                w["qkv_bias"] = torch.cat(
-                    [take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias")]
+            dense[f"{i}.input_norm"] = take(p + "input_layernorm.weight")
+            dense[f"{i}.post_norm"] = take(p + "post_attention_layernorm.weight")
+            dense[f"{i}.qkv"] = cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
+            dense[f"{i}.o"] = take(a + "o_proj.weight")
+            dense[f"{i}.gate_up"] = cat(m + "gate_proj.weight", m + "up_proj.weight")
+            dense[f"{i}.down"] = take(m + "down_proj.weight")
+            if a + "q_proj.bias" in state:
+                dense[f"{i}.qkv_bias"] = cat(
+                    a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"
                 )
-            if maybe(a + "o_proj.bias") is not None:
-                w["o_bias"] = take(a + "o_proj.bias")
-            if maybe(m + "gate_proj.bias") is not None:
-                w["gate_up_bias"] = torch.cat(
-                    [take(m + "gate_proj.bias"), take(m + "up_proj.bias")]
-                )
-                w["down_bias"] = take(m + "down_proj.bias")
-            layers.append(DecoderLayer({k: v.to(device).contiguous() for k, v in w.items()}))
-
-        embed = take("model.embed_tokens.weight").to(device).contiguous()
-        lm_head = None
+            if a + "o_proj.bias" in state:
+                dense[f"{i}.o_bias"] = take(a + "o_proj.bias")
+            if m + "gate_proj.bias" in state:
+                dense[f"{i}.gate_up_bias"] = cat(m + "gate_proj.bias", m + "up_proj.bias")
+                dense[f"{i}.down_bias"] = take(m + "down_proj.bias")
+        dense["embed"] = take("model.embed_tokens.weight")
+        dense["final_norm"] = take("model.norm.weight")
         if not config.tie_word_embeddings:
             if "lm_head.weight" not in state:
                 raise KeyError(
                     "checkpoint has no 'lm_head.weight' and tie_word_embeddings is false"
                 )
-            lm_head = state["lm_head.weight"].to(device).contiguous()
-        final_norm = take("model.norm.weight").to(device).contiguous()
-        return cls(config, embed, layers, final_norm, lm_head)
+            dense["lm_head"] = take("lm_head.weight")
+        dense = {k: v.to(device).contiguous() for k, v in dense.items()}
+        return cls(config, dense, device, prefer)
 
     @torch.inference_mode()
     def forward(
@@ -150,6 +155,7 @@ class LlamaModel(nn.Module):
         eps = cfg.rms_norm_eps
         t = input_ids.shape[0]
         q_size = cfg.q_size
+        cos_sin, slots, scale = self.cos_sin, meta.slot_mapping, self.scale
         residual = self.embed_tokens.index_select(0, input_ids)
         h: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -157,22 +163,20 @@ class LlamaModel(nn.Module):
                 x = ops.rms_norm(residual, layer.input_norm, eps)
             else:
                 x = ops.add_rms_norm(h, residual, layer.input_norm, eps)
-            qkv = ops.linear(x, layer.qkv_weight, layer.qkv_bias)
+            qkv = ops.linear(x, layer.qkv)
             ops.rope_write_kv(
-                qkv, positions, self.cos_sin, kv_cache, meta.slot_mapping,
-                cfg.num_heads, cfg.num_kv_heads,
-            )  # fmt: skip
+                qkv, positions, cos_sin, kv_cache, slots, cfg.num_heads, cfg.num_kv_heads
+            )
             q = qkv[:, :q_size].view(t, cfg.num_heads, cfg.head_dim)
-            attn = ops.attention(q, kv_cache, meta, self.scale).view(t, q_size)
-            h = ops.linear(attn, layer.o_weight, layer.o_bias)
+            h = ops.linear(ops.attention(q, kv_cache, meta, scale).view(t, q_size), layer.o)
             x = ops.add_rms_norm(h, residual, layer.post_norm, eps)
-            h = ops.linear(ops.silu_mul(ops.linear(x, layer.gate_up_weight, layer.gate_up_bias)),
-                           layer.down_weight, layer.down_bias)  # fmt: skip
+            h = ops.linear(ops.silu_mul(ops.linear(x, layer.gate_up)), layer.down)
         assert h is not None
         return ops.add_rms_norm(h, residual, self.final_norm, eps)
+
+    __call__ = forward
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``[N, vocab]`` for the selected hidden rows ``[N, hidden]``."""
-        head = self.lm_head if self.lm_head is not None else self.embed_tokens
-        return self.ops.linear(hidden.contiguous(), head).float()
+        return self.ops.linear(hidden.contiguous(), self.lm_head).float()

@@ -1,0 +1,186 @@
+// Linear layers: a GEMM over weights pre-packed into 16-wide panels (fp32 / bf16 weights).
+
+#include "ops.h"
+#include "simd.h"
+
+namespace tokenmill {
+
+// ----------------------------------------------------------------------------------------
+// packed-weight GEMM: y [M, N] = x [M, K] @ W^T (+ b) with W pre-packed at load time into
+// panels of 16 output features, [ceil(N / 16), K, 16] (zero padded). A micro-kernel keeps
+// MR x NP accumulators of 16 outputs in registers and, per k, loads NP panel vectors and
+// broadcasts MR x-values: W streams sequentially (memory bound at 1 row) and each W vector
+// feeds MR FMAs (compute bound from ~6 rows). Threads split the output columns.
+// ----------------------------------------------------------------------------------------
+
+namespace {
+
+constexpr int PANEL = 16;
+constexpr int MAX_MR = 6;
+constexpr int64_t M_CHUNK = 96;  // rows per task: keeps the x rows of a task in L2
+
+template <typename T>
+void pack_impl(const T* w, T* out, int64_t N, int64_t K) {
+  const int64_t P = (N + PANEL - 1) / PANEL;
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t k = 0; k < K; ++k)
+      for (int j = 0; j < PANEL; ++j) {
+        const int64_t n = p * PANEL + j;
+        out[(p * K + k) * PANEL + j] = n < N ? w[n * K + k] : from_f<T>(0.f);
+      }
+}
+
+#if TM_AVX512
+template <int MR, int NP, typename T>
+inline void micro_kernel(const float* x, int64_t K, const T* w, const T* bias, T* y, int64_t N,
+                         int64_t n0) {
+  __m512 acc[MR][NP];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_setzero_ps();
+  const int64_t pstride = K * PANEL;
+  int64_t k = 0;
+  if constexpr (MR == 1) {
+    // one row is latency bound on NP FMA chains: a second set of accumulators doubles them
+    __m512 acc2[NP];
+    for (int j = 0; j < NP; ++j) acc2[j] = _mm512_setzero_ps();
+    for (; k + 2 <= K; k += 2) {
+      const __m512 x0 = _mm512_set1_ps(x[k]), x1 = _mm512_set1_ps(x[k + 1]);
+      for (int j = 0; j < NP; ++j) {
+        acc[0][j] = _mm512_fmadd_ps(x0, load16(w + j * pstride + k * PANEL), acc[0][j]);
+        acc2[j] = _mm512_fmadd_ps(x1, load16(w + j * pstride + (k + 1) * PANEL), acc2[j]);
+      }
+    }
+    for (int j = 0; j < NP; ++j) acc[0][j] = _mm512_add_ps(acc[0][j], acc2[j]);
+  }
+  for (; k < K; ++k) {
+    __m512 wv[NP];
+    for (int j = 0; j < NP; ++j) wv[j] = load16(w + j * pstride + k * PANEL);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xb = _mm512_set1_ps(x[m * K + k]);
+      for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_fmadd_ps(xb, wv[j], acc[m][j]);
+    }
+  }
+  for (int j = 0; j < NP; ++j) {
+    const int64_t col = n0 + j * PANEL;
+    if (col >= N) break;
+    const __mmask16 mask = tail_mask(N - col);
+    const __m512 bv = bias ? load16(bias + col, mask) : _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m) store16(y + m * N + col, _mm512_add_ps(acc[m][j], bv), mask);
+  }
+}
+#else
+template <int MR, int NP, typename T>
+inline void micro_kernel(const float* x, int64_t K, const T* w, const T* bias, T* y, int64_t N,
+                         int64_t n0) {
+  float acc[MR][NP * PANEL] = {};
+  const int64_t pstride = K * PANEL;
+  for (int64_t k = 0; k < K; ++k)
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NP; ++j)
+        for (int c = 0; c < PANEL; ++c)
+          acc[m][j * PANEL + c] += x[m * K + k] * to_f(w[j * pstride + k * PANEL + c]);
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NP * PANEL && n0 + c < N; ++c)
+      y[m * N + n0 + c] = from_f<T>(acc[m][c] + (bias ? to_f(bias[n0 + c]) : 0.f));
+}
+#endif
+
+template <int NP, typename T>
+inline void row_block(int mr, const float* x, int64_t K, const T* w, const T* bias, T* y,
+                      int64_t N, int64_t n0) {
+  switch (mr) {
+    case 1: micro_kernel<1, NP, T>(x, K, w, bias, y, N, n0); break;
+    case 2: micro_kernel<2, NP, T>(x, K, w, bias, y, N, n0); break;
+    case 3: micro_kernel<3, NP, T>(x, K, w, bias, y, N, n0); break;
+    case 4: micro_kernel<4, NP, T>(x, K, w, bias, y, N, n0); break;
+    case 5: micro_kernel<5, NP, T>(x, K, w, bias, y, N, n0); break;
+    default: micro_kernel<6, NP, T>(x, K, w, bias, y, N, n0); break;
+  }
+}
+
+template <typename T>
+void packed_linear_impl(const float* x, int64_t M, int64_t K, const T* wp, int64_t N,
+                        const T* bias, T* y) {
+  const int64_t P = (N + PANEL - 1) / PANEL;
+  const int nt_max = num_threads();
+  // columns per task: 4 panels (64 outputs) unless that leaves threads idle
+  const int np = P >= 8 * nt_max ? 4 : (P >= 4 * nt_max ? 2 : 1);
+  const int64_t col_tasks = (P + np - 1) / np;
+  const int64_t row_tasks = (M + M_CHUNK - 1) / M_CHUNK;
+  const int64_t tasks = col_tasks * row_tasks;
+  const int nt = (M * N * K >= (1 << 16) && tasks > 1) ? nt_max : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t rt = t / col_tasks, ct = t % col_tasks;
+    const int64_t p0 = ct * np;
+    const int npp = static_cast<int>(std::min<int64_t>(np, P - p0));
+    const T* w = wp + p0 * K * PANEL;
+    const int64_t n0 = p0 * PANEL;
+    const int64_t m_end = std::min(M, (rt + 1) * M_CHUNK);
+    for (int64_t m0 = rt * M_CHUNK; m0 < m_end; m0 += MAX_MR) {
+      const int mr = static_cast<int>(std::min<int64_t>(MAX_MR, m_end - m0));
+      const float* xm = x + m0 * K;
+      T* ym = y + m0 * N;
+      switch (npp) {
+        case 4: row_block<4, T>(mr, xm, K, w, bias, ym, N, n0); break;
+        case 3: row_block<3, T>(mr, xm, K, w, bias, ym, N, n0); break;
+        case 2: row_block<2, T>(mr, xm, K, w, bias, ym, N, n0); break;
+        default: row_block<1, T>(mr, xm, K, w, bias, ym, N, n0); break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+Tensor pack_weight(const Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "pack_weight: contiguous [N, K] weight");
+  const int64_t N = w.size(0), K = w.size(1);
+  Tensor out = at::empty({(N + PANEL - 1) / PANEL, K, PANEL}, w.options());
+  if (w.scalar_type() == at::kFloat) {
+    pack_impl<float>(w.data_ptr<float>(), out.data_ptr<float>(), N, K);
+  } else if (w.scalar_type() == at::kBFloat16) {
+    pack_impl<BFloat16>(w.data_ptr<BFloat16>(), out.data_ptr<BFloat16>(), N, K);
+  } else {
+    TORCH_CHECK(false, "pack_weight: only float32 and bfloat16");
+  }
+  return out;
+}
+
+Tensor packed_linear(const Tensor& x, const Tensor& packed, int64_t out_features,
+                     const std::optional<Tensor>& b) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "packed_linear: contiguous x [M, K]");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == PANEL && packed.size(1) == x.size(1) &&
+                  packed.size(0) * PANEL >= out_features && packed.is_contiguous(),
+              "packed_linear: packed weight [ceil(N / 16), K, 16] matching x");
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "packed_linear: dtypes differ");
+  TORCH_CHECK(!b || (b->is_contiguous() && b->numel() == out_features &&
+                     b->scalar_type() == x.scalar_type()),
+              "packed_linear: bias [N] of x's dtype");
+  const int64_t M = x.size(0), K = x.size(1);
+  Tensor y = at::empty({M, out_features}, x.options());
+  if (M == 0) return y;
+  if (x.scalar_type() == at::kFloat) {
+    packed_linear_impl<float>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), out_features,
+                              b ? b->data_ptr<float>() : nullptr, y.data_ptr<float>());
+  } else if (x.scalar_type() == at::kBFloat16) {
+    std::vector<float> xf(static_cast<size_t>(M * K));
+    const BFloat16* xp = x.data_ptr<BFloat16>();
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = to_f(xp[i]);
+    packed_linear_impl<BFloat16>(xf.data(), M, K, packed.data_ptr<BFloat16>(), out_features,
+                                 b ? b->data_ptr<BFloat16>() : nullptr, y.data_ptr<BFloat16>());
+  } else {
+    TORCH_CHECK(false, "packed_linear: only float32 and bfloat16");
+  }
+  return y;
+}
+
+bool has_avx512() {
+#if TM_AVX512
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+}  // namespace tokenmill

@@ -1,0 +1,187 @@
+// Small fused layer ops: RoPE + KV-cache write, RMSNorm (+ residual add), SiLU-gated product.
+
+#include "ops.h"
+#include "simd.h"
+
+namespace tokenmill {
+
+// ----------------------------------------------------------------------------------------
+// rope + KV write: rotate q and k of a fused qkv [T, (H + 2 KVH) * D] in place and store
+// k, v into their cache slots.
+// ----------------------------------------------------------------------------------------
+
+template <typename T>
+inline void rotate(T* x, const float* cs, int half) {
+  const float* cosv = cs;
+  const float* sinv = cs + half;
+  for (int d = 0; d < half; ++d) {
+    const float x1 = to_f(x[d]), x2 = to_f(x[d + half]);
+    x[d] = from_f<T>(x1 * cosv[d] - x2 * sinv[d]);
+    x[d + half] = from_f<T>(x2 * cosv[d] + x1 * sinv[d]);
+  }
+}
+
+template <typename T>
+void rope_write_kv_impl(Tensor& qkv, const Tensor& positions, const Tensor& cos_sin,
+                        Tensor& kv_cache, const Tensor& slot_mapping, int64_t num_heads,
+                        int64_t kv_heads) {
+  const int64_t T_ = qkv.size(0);
+  const int64_t D = kv_cache.size(4);
+  const int half = static_cast<int>(D / 2);
+  const int64_t row = qkv.stride(0);
+  const int64_t slots_total = kv_cache.size(1) * kv_cache.size(2);
+  T* base = qkv.data_ptr<T>();
+  T* kc = kv_cache.data_ptr<T>();
+  T* vc = kc + slots_total * kv_heads * D;
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const float* table = cos_sin.data_ptr<float>();
+  const int nt = T_ >= 16 ? num_threads() : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t t = 0; t < T_; ++t) {
+    T* x = base + t * row;
+    const float* cs = table + pos[t] * D;
+    for (int64_t h = 0; h < num_heads + kv_heads; ++h) rotate<T>(x + h * D, cs, half);
+    const int64_t slot = slots[t];
+    if (slot < 0) continue;  // padding token: compute but do not store
+    std::memcpy(kc + slot * kv_heads * D, x + num_heads * D, sizeof(T) * kv_heads * D);
+    std::memcpy(vc + slot * kv_heads * D, x + (num_heads + kv_heads) * D, sizeof(T) * kv_heads * D);
+  }
+}
+
+void rope_write_kv(Tensor qkv, const Tensor& positions, const Tensor& cos_sin, Tensor kv_cache,
+                   const Tensor& slot_mapping, int64_t num_heads, int64_t kv_heads) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be [T, (H + 2 KVH) * D]");
+  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.scalar_type() == qkv.scalar_type(),
+              "kv_cache must be contiguous and match qkv's dtype");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+                  slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "positions and slot_mapping must be contiguous int64");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous(),
+              "cos_sin must be contiguous float32");
+  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * kv_heads) * kv_cache.size(4), "qkv width mismatch");
+  if (qkv.scalar_type() == at::kFloat) {
+    rope_write_kv_impl<float>(qkv, positions, cos_sin, kv_cache, slot_mapping, num_heads, kv_heads);
+  } else if (qkv.scalar_type() == at::kBFloat16) {
+    rope_write_kv_impl<BFloat16>(qkv, positions, cos_sin, kv_cache, slot_mapping, num_heads, kv_heads);
+  } else {
+    TORCH_CHECK(false, "rope_write_kv: only float32 and bfloat16");
+  }
+}
+
+// ----------------------------------------------------------------------------------------
+// RMSNorm, optionally fused with the residual add: residual += x; out = norm(residual) * w
+// ----------------------------------------------------------------------------------------
+
+template <typename T>
+void rms_norm_impl(const T* x, T* residual, const T* w, T* out, int64_t rows, int64_t n,
+                   float eps) {
+  const int nt = rows >= 16 ? num_threads() : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * n;
+    T* rr = residual ? residual + r * n : nullptr;
+    T* o = out + r * n;
+    float ss = 0.f;
+    if (rr) {
+      for (int64_t i = 0; i < n; ++i) {
+        const T v = from_f<T>(to_f(rr[i]) + to_f(xr[i]));  // round like the model dtype
+        rr[i] = v;
+        const float f = to_f(v);
+        ss += f * f;
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const float f = to_f(xr[i]);
+        ss += f * f;
+      }
+    }
+    const T* src = rr ? rr : xr;
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+    for (int64_t i = 0; i < n; ++i) {
+      // normalise in fp32, round to the model dtype, then scale by the weight
+      o[i] = from_f<T>(to_f(w[i]) * to_f(from_f<T>(to_f(src[i]) * inv)));
+    }
+  }
+}
+
+Tensor rms_norm_any(const Tensor& x, const c10::optional<Tensor>& residual, const Tensor& w,
+                    double eps) {
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "rms_norm: contiguous inputs only");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and weight dtypes differ");
+  Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_impl<float>(x.data_ptr<float>(), residual ? residual->data_ptr<float>() : nullptr,
+                         w.data_ptr<float>(), out.data_ptr<float>(), rows, n, eps);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    rms_norm_impl<BFloat16>(x.data_ptr<BFloat16>(),
+                            residual ? residual->data_ptr<BFloat16>() : nullptr,
+                            w.data_ptr<BFloat16>(), out.data_ptr<BFloat16>(), rows, n, eps);
+  } else {
+    TORCH_CHECK(false, "rms_norm: only float32 and bfloat16");
+  }
+  return out;
+}
+
+Tensor rms_norm(const Tensor& x, const Tensor& w, double eps) {
+  return rms_norm_any(x, c10::nullopt, w, eps);
+}
+
+Tensor add_rms_norm(const Tensor& x, Tensor residual, const Tensor& w, double eps) {
+  TORCH_CHECK(residual.is_contiguous() && residual.sizes() == x.sizes() &&
+                  residual.scalar_type() == x.scalar_type(),
+              "add_rms_norm: residual must match x");
+  return rms_norm_any(x, residual, w, eps);
+}
+
+// ----------------------------------------------------------------------------------------
+// SiLU-gated product: x [T, 2I] (gate | up) -> silu(gate) * up  [T, I]
+// ----------------------------------------------------------------------------------------
+
+template <typename T>
+void silu_mul_impl(const T* x, T* out, int64_t rows, int64_t inter) {
+  const int nt = rows * inter >= 65536 ? num_threads() : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = x + r * 2 * inter;
+    const T* u = g + inter;
+    T* o = out + r * inter;
+#if TM_AVX512
+    for (int64_t i = 0; i < inter; i += 16) {
+      __mmask16 m = tail_mask(inter - i);
+      __m512 gv = load16(g + i, m);
+      __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f),
+                                 _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+      __m512 act = _mm512_mul_ps(gv, sig);
+      if constexpr (std::is_same_v<T, BFloat16>) {
+        // the model rounds the activation to bf16 before the product; do the same
+        act = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(act)), 16));
+      }
+      store16(o + i, _mm512_mul_ps(act, load16(u + i, m)), m);
+    }
+#else
+    for (int64_t i = 0; i < inter; ++i) {
+      const float gv = to_f(g[i]);
+      o[i] = from_f<T>(gv / (1.f + std::exp(-gv)) * to_f(u[i]));
+    }
+#endif
+  }
+}
+
+Tensor silu_mul(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, "silu_mul: x [T, 2I]");
+  const int64_t inter = x.size(1) / 2;
+  Tensor out = at::empty({x.size(0), inter}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    silu_mul_impl<float>(x.data_ptr<float>(), out.data_ptr<float>(), x.size(0), inter);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    silu_mul_impl<BFloat16>(x.data_ptr<BFloat16>(), out.data_ptr<BFloat16>(), x.size(0), inter);
+  } else {
+    TORCH_CHECK(false, "silu_mul: only float32 and bfloat16");
+  }
+  return out;
+}
+
+}  // namespace tokenmill

@@ -1,0 +1,25 @@
+// Declarations of tokenmill's CPU ops, registered as torch.ops.tokenmill.* in registration.cpp.
+
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace tokenmill {
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache,
+                           const at::Tensor& block_tables, const at::Tensor& query_start_loc,
+                           const at::Tensor& seq_lens, double scale);
+void rope_write_kv(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& cos_sin,
+                   at::Tensor kv_cache, const at::Tensor& slot_mapping, int64_t num_heads,
+                   int64_t kv_heads);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& w, double eps);
+at::Tensor silu_mul(const at::Tensor& x);
+at::Tensor pack_weight(const at::Tensor& w);
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                         const std::optional<at::Tensor>& b);
+bool has_avx512();
+
+}  // namespace tokenmill

@@ -1,0 +1,24 @@
+// Registers tokenmill's CPU kernels as torch.ops.tokenmill.* (no pybind: loads fast).
+
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(tokenmill, m) {
+  m.def(
+      "paged_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor query_start_loc, "
+      "Tensor seq_lens, float scale) -> Tensor",
+      &tokenmill::paged_attention);
+  m.def(
+      "rope_write_kv(Tensor(a!) qkv, Tensor positions, Tensor cos_sin, Tensor(b!) kv_cache, "
+      "Tensor slot_mapping, int num_heads, int num_kv_heads) -> ()",
+      &tokenmill::rope_write_kv);
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &tokenmill::rms_norm);
+  m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor w, float eps) -> Tensor",
+        &tokenmill::add_rms_norm);
+  m.def("silu_mul(Tensor x) -> Tensor", &tokenmill::silu_mul);
+  m.def("pack_weight(Tensor w) -> Tensor", &tokenmill::pack_weight);
+  m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? b) -> Tensor",
+        &tokenmill::packed_linear);
+  m.def("has_avx512() -> bool", &tokenmill::has_avx512);
+}

@@ -1,0 +1,137 @@
+// Shared helpers of tokenmill's CPU kernels: fp32/bf16 loads and stores, AVX-512 exp.
+//
+// Everything here is inline; each kernel file includes it. AVX-512 paths are used when
+// the compiler targets it (-march=native on a CPU that has it); scalar code otherwise.
+
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define TM_AVX512 1
+#else
+#define TM_AVX512 0
+#endif
+
+using at::BFloat16;
+using at::Tensor;
+
+namespace tokenmill {
+// ----------------------------------------------------------------------------------------
+// small vector helpers
+// ----------------------------------------------------------------------------------------
+
+inline float to_f(float x) { return x; }
+inline float to_f(BFloat16 x) { return static_cast<float>(x); }
+template <typename T>
+inline T from_f(float x) { return static_cast<T>(x); }
+
+inline int num_threads() { return at::get_num_threads(); }
+
+#if TM_AVX512
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const BFloat16* p, __mmask16 m) {
+  __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+// Round-to-nearest-even fp32 -> bf16 (what c10::BFloat16 does), NaNs are not produced here.
+inline __m256i to_bf16(__m512 v) {
+  __m512i x = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  x = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16));
+}
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(BFloat16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, to_bf16(v));
+}
+
+// exp for x <= 0 mostly (softmax) and moderate |x| (SiLU); relative error ~2e-7.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.3f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+#if TM_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    acc = _mm512_fmadd_ps(load16(a + i, m), load16(b + i, m), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+#endif
+}
+
+// y = y * scale + a * x   (x in T)
+template <typename T>
+inline void scale_axpy(float* y, float scale, float a, const T* x, int64_t n) {
+#if TM_AVX512
+  __m512 vs = _mm512_set1_ps(scale), va = _mm512_set1_ps(a);
+  for (int64_t i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    __m512 yv = _mm512_mul_ps(load16(y + i, m), vs);
+    store16(y + i, _mm512_fmadd_ps(va, load16(x + i, m), yv), m);
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) y[i] = y[i] * scale + a * to_f(x[i]);
+#endif
+}
+
+template <typename T>
+inline void to_float_row(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_f(src[i]);
+}
+
+inline void exp_inplace(float* s, int64_t n, float sub) {
+#if TM_AVX512
+  __m512 vsub = _mm512_set1_ps(sub);
+  for (int64_t i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    store16(s + i, exp16(_mm512_sub_ps(load16(s + i, m), vsub)), m);
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) s[i] = std::exp(s[i] - sub);
+#endif
+}
+
+}  // namespace tokenmill
