@@ -22,7 +22,7 @@ BlockKey = tuple[int, ...]
 
 
 class RadixNode:
-    __slots__ = ("keys", "block_ids", "children", "parent", "last_access")
+    __slots__ = ("keys", "block_ids", "children", "parent", "last_access", "dead")
 
     def __init__(self, keys: list[BlockKey], block_ids: list[int], parent: RadixNode | None) -> None:
         self.keys = keys
@@ -30,6 +30,7 @@ class RadixNode:
         self.children: dict[BlockKey, RadixNode] = {}
         self.parent = parent
         self.last_access = 0
+        self.dead = False  # evicted and detached from the tree
 
 
 class PrefixCache:
@@ -40,6 +41,19 @@ class PrefixCache:
         self._tick = itertools.count(1)
         self.num_cached_blocks = 0
         self.num_evicted_blocks = 0
+        # Leaves by (last access, push order), kept up to date incrementally so that
+        # eviction does not walk the whole tree. Entries go stale when a leaf is
+        # touched again (its last access changes), gains a child or is evicted;
+        # stale entries are skipped when popped and dropped when the heap is rebuilt.
+        # Every leaf has a fresh entry, so the pop order is the LRU order of leaves
+        # (last-access ticks are unique among leaves: a tick touches one path).
+        self._leaves: list[tuple[int, int, RadixNode]] = []
+        self._uid = itertools.count()
+
+    def _push_leaf(self, node: RadixNode) -> None:
+        heapq.heappush(self._leaves, (node.last_access, next(self._uid), node))
+        if len(self._leaves) > 2 * self.num_cached_blocks + 4096:
+            self._compact()
 
     def _block_keys(self, token_ids: list[int], num_blocks: int) -> list[BlockKey]:
         bs = self.block_size
@@ -54,11 +68,13 @@ class PrefixCache:
         tick = next(self._tick)
         out: list[int] = []
         i = 0
+        last: RadixNode | None = None
         while i < len(keys):
             child = node.children.get(keys[i])
             if child is None:
                 break
             child.last_access = tick
+            last = child
             j = 0
             ck = child.keys
             while j < len(ck) and i + j < len(keys) and ck[j] == keys[i + j]:
@@ -68,6 +84,8 @@ class PrefixCache:
             if j < len(ck):
                 break
             node = child
+        if last is not None and not last.children:
+            self._push_leaf(last)
         return out
 
     def insert(self, token_ids: list[int], block_ids: list[int], namespace: str = "") -> list[int]:
@@ -97,6 +115,7 @@ class PrefixCache:
                 leaf = RadixNode(keys[i:n], new_ids, node)
                 leaf.last_access = tick
                 node.children[keys[i]] = leaf
+                self._push_leaf(leaf)
                 out.extend(new_ids)
                 break
             j = 0
@@ -109,6 +128,8 @@ class PrefixCache:
             out.extend(child.block_ids)
             i += j
             node = child
+        if i == n and not node.children and node.parent is not None:
+            self._push_leaf(node)  # the insert ended on an existing leaf: its last access changed
         return out
 
     def _split(self, node: RadixNode, j: int) -> RadixNode:
@@ -132,37 +153,49 @@ class PrefixCache:
         self.pool.decref(block_ids)
 
     def evict(self, num_blocks: int) -> int:
-        """Free up to ``num_blocks`` unowned cached blocks, least recently used leaves first."""
+        """Free up to ``num_blocks`` unowned cached blocks, least recently used leaves first.
+
+        A leaf whose last block is owned is not evictable now; it is set
+        aside and goes back into the heap afterwards (it may be released later).
+        """
         refs = self.pool.ref_counts
-        heap: list[tuple[int, int, RadixNode]] = []
-        uid = itertools.count()
-        for root in self.roots.values():
-            stack = list(root.children.values())
-            while stack:
-                nd = stack.pop()
-                if nd.children:
-                    stack.extend(nd.children.values())
-                elif refs[nd.block_ids[-1]] == 0:
-                    heap.append((nd.last_access, next(uid), nd))
-        heapq.heapify(heap)
+        heap = self._leaves
+        pop, push = heapq.heappop, heapq.heappush
+        aside: list[tuple[int, int, RadixNode]] = []
         freed = 0
         while freed < num_blocks and heap:
-            _, _, nd = heapq.heappop(heap)
+            entry = pop(heap)
+            la, _, nd = entry
+            if nd.dead or nd.children or nd.last_access != la:
+                continue  # stale
+            if refs[nd.block_ids[-1]] != 0:
+                aside.append(entry)
+                continue
             first_key = nd.keys[0]
             while nd.block_ids and freed < num_blocks and refs[nd.block_ids[-1]] == 0:
                 self.pool.uncache(nd.block_ids.pop())
                 nd.keys.pop()
                 freed += 1
             if nd.block_ids:
+                aside.append(entry)  # still a leaf (its head is owned, or we have freed enough)
                 continue
+            nd.dead = True
             parent = nd.parent
             assert parent is not None
             del parent.children[first_key]
-            if parent.parent is not None and not parent.children and refs[parent.block_ids[-1]] == 0:
-                heapq.heappush(heap, (parent.last_access, next(uid), parent))
+            if parent.parent is not None and not parent.children:
+                push(heap, (parent.last_access, next(self._uid), parent))
+        for entry in aside:
+            push(heap, entry)
         self.num_cached_blocks -= freed
         self.num_evicted_blocks += freed
         return freed
+
+    def _compact(self) -> None:
+        """Drop stale leaf entries."""
+        live = [e for e in self._leaves if not e[2].dead and not e[2].children and e[2].last_access == e[0]]
+        heapq.heapify(live)
+        self._leaves = live
 
     def cached_prefixes(self) -> dict[str, list[tuple[list[BlockKey], list[int]]]]:
         """Every root-to-node path as (keys, block ids), for tests and debugging."""
