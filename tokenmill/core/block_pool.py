@@ -48,6 +48,19 @@ class BlockPool:
             refs[b] = 1
         return ids
 
+    def unpop(self, block_ids: list[int]) -> None:
+        """Undo ``pop_free``: blocks just taken (ref count 1, uncached) go back to the front, in order.
+
+        Used to give back blocks reserved for sub-steps of a plan that were
+        cut: they were never written, so they are handed out first again.
+        """
+        refs, cached, free = self.ref_counts, self.cached, self._free
+        for b in reversed(block_ids):
+            if refs[b] != 1 or cached[b]:
+                raise RuntimeError(f"block {b} is shared or cached; only a fresh reservation can be undone")
+            refs[b] = 0
+            free.appendleft(b)
+
     def incref(self, block_ids: list[int]) -> None:
         refs, cached = self.ref_counts, self.cached
         for b in block_ids:

@@ -112,6 +112,22 @@ class KVManager:
                 self.pool.decref([table[i]])
                 table[i] = b
 
+    def trim(self, req: Request, num_tokens: int) -> None:
+        """Give back the tail blocks of the request's table beyond what ``num_tokens`` tokens need.
+
+        Only for blocks reserved ahead and never written (the sub-steps of a
+        cut multi-step plan): they return to the front of the free list.
+        """
+        table = self.tables.get(req.request_id)
+        if not table:
+            return
+        keep = self.blocks_for(num_tokens)
+        if keep >= len(table):
+            return
+        extra = table[keep:]
+        del table[keep:]
+        self.pool.unpop(extra)
+
     def free(self, req: Request) -> None:
         """Drop the request's blocks, tail first (so its tail is reused or evicted first)."""
         table = self.tables.pop(req.request_id, None)

@@ -307,6 +307,28 @@ class Scheduler:
             self.kv.allocate_slots(s.request, k)
         return k
 
+    def shorten_plan(self, plan: StepPlan, num_steps: int) -> None:
+        """Cut a multi-step plan, before its ``update``, to its first ``num_steps`` sub-steps.
+
+        The blocks reserved for the dropped sub-steps go back to the front of
+        the free list, so every request holds as many blocks as a plan made
+        with ``max_steps=num_steps`` would have given it and later decisions
+        are the same (block ids may differ; and cached blocks evicted to make
+        the reservation stay evicted). The simulator calls this when a request
+        reaches a replica in the middle of a plan: an engine stepping one
+        decode at a time would admit it at the next sub-step boundary.
+        """
+        if not 1 <= num_steps <= plan.num_steps:
+            raise ValueError(f"a {plan.num_steps}-step plan cannot be cut to {num_steps} steps")
+        if num_steps == plan.num_steps:
+            return
+        # Reservations were made seq by seq in plan order; undo them in reverse.
+        for s in reversed(plan.seqs):
+            self.kv.trim(s.request, s.start_pos + s.num_new_tokens + num_steps - 1)
+        plan.num_steps = num_steps
+        if self.config.debug_checks:
+            self._check()
+
     # --------------------------------------------------------------- update
 
     def update(self, plan: StepPlan, result: StepResult) -> list[SeqUpdate]:
@@ -354,6 +376,22 @@ class Scheduler:
         max_tokens = sp.max_tokens
         max_len = self.config.max_model_len
         out = req.output_token_ids
+        if not (eos or stop_ids) or not any(t in eos or t in stop_ids for t in tokens):  # type: ignore[operator]
+            # No token can stop the request, so only the length limits apply: the
+            # loop below would stop right after the token that reaches the first one.
+            n0 = len(out)
+            room = max_len - len(req.prompt_token_ids) - n0
+            if max_tokens is not None and max_tokens - n0 < room:
+                room = max_tokens - n0
+            if room < 1:
+                room = 1
+            if room <= len(tokens):
+                new = tokens[:room]
+                out.extend(new)
+                return new, FinishReason.LENGTH, None
+            new = list(tokens)
+            out.extend(new)
+            return new, None, None
         new: list[int] = []
         for t in tokens:
             out.append(t)
