@@ -1,8 +1,14 @@
-"""lpm: cached prompts go first; past the visible ``max_sort_len`` cutoff the queue stays FCFS."""
+"""lpm: cached prompts go first, a shared uncached prefix is computed once, and the FCFS cutoff is visible."""
 
 from __future__ import annotations
 
-from tests.core.policies.driver import admission_order, make_request, make_scheduler, warm_cache
+from tests.core.policies.driver import (
+    admission_order,
+    make_request,
+    make_scheduler,
+    step,
+    warm_cache,
+)
 
 SYSTEM = list(range(100, 132))  # 32 tokens = 8 full blocks
 
@@ -33,3 +39,17 @@ def test_cutoff_is_a_visible_option() -> None:
     order = admission_order(sched, now=10.0)
     assert order[:2] == ["cold1", "hot1"]
     assert order[2:] == ["hot2", "cold2"]  # three left: sorted again
+
+
+def test_requests_sharing_an_uncached_prefix_wait_for_the_first_to_compute_it() -> None:
+    hits = {}
+    for check in (None, 32):
+        sched = make_scheduler("lpm", policy_options={"in_batch_prefix_tokens": check})
+        for i in range(4):
+            sched.add_request(make_request(f"q{i}", SYSTEM + [i], arrival=float(i)))
+        first = [s.request_id for s in step(sched, 0.0).seqs]
+        admission_order(sched, now=1.0)
+        hits[check] = (first, sched.stats().prefix_hit_tokens)
+    assert hits[None] == (["q0", "q1", "q2", "q3"], 0)  # all four compute the same 32 tokens
+    assert hits[32] == (["q0"], 3 * 32)  # one computes it, three reuse it a step later
+

@@ -15,7 +15,9 @@ As in deficit round robin, a client with nothing waiting does not bank
 credit (a positive deficit is reset to zero), while its debt for tokens still
 being generated is kept. Recomputing a preempted request is not charged
 again. Preemption takes the latest request of the running client with the
-smallest deficit. ``max_sort_len`` is the visible LPM cutoff (see ``lpm``).
+smallest deficit. ``max_sort_len`` (the visible LPM cutoff) and
+``in_batch_prefix_tokens`` (requests that would recompute a prefix being
+computed in the same step wait a step) work as in ``lpm``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from tokenmill.core.policies.base import SchedulingPolicy, register_policy
-from tokenmill.core.policies.lpm import lpm_order
+from tokenmill.core.policies.lpm import InBatchPrefixCheck, lpm_order
 from tokenmill.core.request import Request
 
 if TYPE_CHECKING:
@@ -40,6 +42,7 @@ class DLPMPolicy(SchedulingPolicy):
         input_weight: float = 1.0,
         output_weight: float = 2.0,
         max_sort_len: int | None = None,
+        in_batch_prefix_tokens: int | None = 32,
     ) -> None:
         if quantum <= 0:
             raise ValueError(f"quantum must be > 0, got {quantum}")
@@ -49,6 +52,7 @@ class DLPMPolicy(SchedulingPolicy):
         self.input_weight = input_weight
         self.output_weight = output_weight
         self.max_sort_len = max_sort_len
+        self.in_batch = InBatchPrefixCheck(in_batch_prefix_tokens)
         self.deficits: dict[str, float] = defaultdict(float)
         self._charged: set[str] = set()
 
@@ -57,7 +61,9 @@ class DLPMPolicy(SchedulingPolicy):
         for c, d in self.deficits.items():
             if d > 0 and c not in clients:
                 self.deficits[c] = 0.0  # no banked credit while idle
-        remaining = lpm_order(waiting, sched, self.max_sort_len)
+        order, hit = lpm_order(waiting, sched, self.max_sort_len)
+        self.in_batch.new_step()
+        remaining = [r for r in order if not self.in_batch.hold_back(r, None if hit is None else hit[id(r)])]
         while remaining:
             pick = next((r for r in remaining if self.deficits[r.client_id] > 0), None)
             if pick is None:
