@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from tokenmill.model import kernels
-from tokenmill.model.attention import AttentionMetadata, paged_attention_reference
+from tokenmill.model.attention import (
+    AttentionMetadata,
+    kv_cache_shape,
+    paged_attention_reference,
+)
 from tokenmill.model.backend import CpuKernelOps, TorchOps
 from tokenmill.model.config import RopeConfig
 from tokenmill.model.rope import cos_sin_cache
@@ -80,7 +84,7 @@ def test_paged_attention_matches_reference(
         rng, num_seqs=7, block_size=block_size, num_blocks=num_blocks, max_ctx=150,
         max_query=max_query,
     )  # fmt: skip
-    kv = torch.randn(2, num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    kv = torch.randn(kv_cache_shape(num_blocks, block_size, kv_heads, head_dim)).to(dtype)
     total = int(meta.query_start_loc[-1])
     # q as a strided view into a wider fused qkv buffer, the way the model passes it
     qkv = torch.randn(total, (num_heads + 2 * kv_heads) * head_dim).to(dtype)
@@ -95,7 +99,7 @@ def test_paged_attention_decode_long_context_is_exact_softmax() -> None:
     # one query over a 1000-token context spread over scattered blocks
     block_size, kv_heads, head_dim = 16, 2, 64
     table = list(range(99, 99 - 63, -1))
-    kv = torch.randn(2, 100, block_size, kv_heads, head_dim) * 3
+    kv = torch.randn(kv_cache_shape(100, block_size, kv_heads, head_dim)) * 3
     meta = AttentionMetadata(
         torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1000], dtype=torch.int32),
         torch.tensor([table], dtype=torch.int32), torch.zeros(1, dtype=torch.long), 1, 1000,
@@ -115,7 +119,7 @@ def test_rope_write_kv_matches_reference(dtype: torch.dtype) -> None:
     positions = torch.randint(0, 512, (t,))
     slots = torch.randperm(num_blocks * block_size)[:t]
     qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim).to(dtype)
-    kv_a = torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    kv_a = torch.zeros(kv_cache_shape(num_blocks, block_size, kv_heads, head_dim), dtype=dtype)
     kv_b = kv_a.clone()
     qkv_a, qkv_b = qkv.clone(), qkv.clone()
     TorchOps.rope_write_kv(qkv_a, positions, cos_sin, kv_a, slots, heads, kv_heads)
@@ -167,3 +171,14 @@ def test_packed_gemm_matches_linear(
     want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
     tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.25, rtol=2e-2)
     torch.testing.assert_close(got.float(), want, **tol)
+
+
+def test_argmax_rows_matches_torch_including_ties() -> None:
+    torch.manual_seed(2)
+    for shape in [(1, 7), (3, 16), (5, 1000), (32, 4099)]:
+        x = torch.randn(shape)
+        assert torch.equal(torch.ops.tokenmill.argmax_rows(x), x.argmax(-1))
+    ties = torch.zeros(2, 100)
+    ties[0, [5, 40, 70]] = 3.0  # first occurrence wins, in the vector lanes and the tail
+    ties[1, [97, 99]] = 1.0
+    assert torch.ops.tokenmill.argmax_rows(ties).tolist() == [5, 97]

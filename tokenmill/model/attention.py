@@ -1,9 +1,12 @@
 """Paged attention: metadata, the KV-cache layout, and the pure-torch reference.
 
 A layer's KV cache is one preallocated tensor
-``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V). Token ``p``
-of a sequence lives in slot ``block_table[p // block_size] * block_size +
-p % block_size``. A step's tokens from all sequences are flattened into one
+``[2, num_blocks, num_kv_heads, block_size * head_dim]`` (K then V). Within a
+block, one head's K is stored transposed, ``[head_dim, block_size]``, so a
+kernel scores 16 keys with one vector FMA per head-dim element; V is
+``[block_size, head_dim]`` (``k_blocks`` / ``v_blocks`` give these views).
+Token ``p`` of a sequence lives in slot ``block_table[p // block_size] *
+block_size + p % block_size``. A step's tokens from all sequences are flattened into one
 ``[T, ...]`` batch; ``AttentionMetadata`` says where each sequence's queries
 start, how long its context is (cached + new) and which blocks hold it.
 
@@ -37,17 +40,43 @@ class AttentionMetadata:
 def kv_cache_shape(
     num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
 ) -> tuple[int, ...]:
-    return (2, num_blocks, block_size, num_kv_heads, head_dim)
+    return (2, num_blocks, num_kv_heads, block_size * head_dim)
+
+
+def k_blocks(kv_cache: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """K as ``[num_blocks, kv_heads, head_dim, block_size]`` (a view)."""
+    _, num_blocks, kv_heads, elems = kv_cache.shape
+    return kv_cache[0].view(num_blocks, kv_heads, head_dim, elems // head_dim)
+
+
+def v_blocks(kv_cache: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """V as ``[num_blocks, kv_heads, block_size, head_dim]`` (a view)."""
+    _, num_blocks, kv_heads, elems = kv_cache.shape
+    return kv_cache[1].view(num_blocks, kv_heads, elems // head_dim, head_dim)
 
 
 def write_kv_reference(
     kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Store ``k, v [T, kv_heads, head_dim]`` into their slots of ``kv_cache``."""
-    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    head_dim = k.shape[-1]
+    kb, vb = k_blocks(kv_cache, head_dim), v_blocks(kv_cache, head_dim)
+    block_size = kb.shape[-1]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    kb[blocks, :, :, offsets] = k.to(kv_cache.dtype)
+    vb[blocks, :, offsets, :] = v.to(kv_cache.dtype)
+
+
+def gather_kv(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, length: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``length`` tokens' K and V of one sequence, each ``[length, kv_heads, head_dim]``."""
+    kb, vb = k_blocks(kv_cache, head_dim), v_blocks(kv_cache, head_dim)
+    block_size = kb.shape[-1]
+    pos = torch.arange(length, device=kv_cache.device)
+    blocks = block_table.to(kv_cache.device).long()[pos // block_size]
+    offsets = pos % block_size
+    return kb[blocks, :, :, offsets], vb[blocks, :, offsets, :]
 
 
 def paged_attention_reference(
@@ -58,10 +87,8 @@ def paged_attention_reference(
     Query ``i`` of a sequence with ``n`` queries and context length ``L`` sits
     at position ``L - n + i`` and sees keys ``0 ..= L - n + i``. Math in fp32.
     """
-    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    num_heads = q.shape[1]
-    group = num_heads // kv_heads
-    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    group = num_heads // kv_cache.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     starts = meta.query_start_loc.tolist()
     lens = meta.seq_lens.tolist()
@@ -70,16 +97,13 @@ def paged_attention_reference(
         n = q_end - q_start
         if n == 0:
             continue
-        pos = torch.arange(ctx_len, device=q.device)
-        blocks = meta.block_tables[b].to(q.device).long()[pos // block_size]
-        slots = blocks * block_size + pos % block_size
-        k = flat[0].index_select(0, slots).float().repeat_interleave(group, dim=1)  # [L, H, D]
-        v = flat[1].index_select(0, slots).float().repeat_interleave(group, dim=1)
+        k, v = gather_kv(kv_cache, meta.block_tables[b], ctx_len, head_dim)
+        k = k.float().repeat_interleave(group, dim=1)  # [L, H, D]
+        v = v.float().repeat_interleave(group, dim=1)
         qs = q[q_start:q_end].float()  # [n, H, D]
         scores = torch.einsum("nhd,lhd->hnl", qs, k) * scale
+        pos = torch.arange(ctx_len, device=q.device)
         q_pos = torch.arange(ctx_len - n, ctx_len, device=q.device)
-        mask = pos[None, :] > q_pos[:, None]  # [n, L]
-        scores.masked_fill_(mask[None], float("-inf"))
-        probs = scores.softmax(dim=-1)
-        out[q_start:q_end] = torch.einsum("hnl,lhd->nhd", probs, v).to(q.dtype)
+        scores.masked_fill_((pos[None, :] > q_pos[:, None])[None], float("-inf"))
+        out[q_start:q_end] = torch.einsum("hnl,lhd->nhd", scores.softmax(dim=-1), v).to(q.dtype)
     return out

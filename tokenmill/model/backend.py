@@ -78,7 +78,7 @@ class TorchOps:
         num_kv_heads: int,
     ) -> None:
         """Rotate q and k inside ``qkv [T, (H + 2 KVH) * D]`` in place and store k, v in the cache."""
-        head_dim = kv_cache.shape[-1]
+        head_dim = cos_sin.shape[-1]
         t = qkv.shape[0]
         heads = qkv.view(t, num_heads + 2 * num_kv_heads, head_dim)
         qk = heads[:, : num_heads + num_kv_heads]
@@ -179,3 +179,16 @@ def select_ops(device: torch.device, dtype: torch.dtype, prefer: str = "auto") -
     if prefer == "cpu_kernels":
         raise RuntimeError("the CPU kernels were requested but could not be built")
     return TorchOps()
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` for a 2-d tensor; the CPU kernel where it is loaded (torch's is slow)."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 2
+        and x.shape[1] > 0
+        and kernels.cpu_kernels_loaded()
+    ):
+        return torch.ops.tokenmill.argmax_rows(x.contiguous())
+    return x.argmax(dim=-1)

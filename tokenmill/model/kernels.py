@@ -82,6 +82,11 @@ def cpu_kernels_available() -> bool:
         return bool(_state["ok"])
 
 
+def cpu_kernels_loaded() -> bool:
+    """True if the extension is already loaded; never starts a build."""
+    return bool(_state.get("ok"))
+
+
 def has_avx512() -> bool:
     """Whether the loaded extension was compiled with AVX-512 and this CPU supports it."""
     return cpu_kernels_available() and bool(torch.ops.tokenmill.has_avx512())

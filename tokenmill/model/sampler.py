@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.core.request import SamplingParams
+from tokenmill.model.backend import argmax_rows
 
 LogprobEntry = tuple[float, list[tuple[int, float]]]
 
@@ -77,7 +78,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """``logits [N, vocab]`` (any float dtype) -> one token (and maybe logprobs) per row."""
         logits = logits.float()
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax_rows(logits)
         special = [i for i, r in enumerate(rows) if not r.is_plain_greedy]
         if not special:
             return SamplerOutput(tokens.tolist())
@@ -88,7 +89,7 @@ class Sampler:
         greedy_local = [j for j, i in enumerate(special) if rows[i].params.greedy]
         random_local = [j for j, i in enumerate(special) if not rows[i].params.greedy]
         if greedy_local:
-            picked = x[greedy_local].argmax(dim=-1).tolist()
+            picked = argmax_rows(x[greedy_local]).tolist()
             for j, tok in zip(greedy_local, picked, strict=True):
                 token_list[special[j]] = tok
         if random_local:
@@ -153,7 +154,7 @@ class Sampler:
                 g = seeded_generator(r.params.seed, len(r.output_token_ids), probs.device)
                 noise[j].exponential_(generator=g)
         noise.clamp_(min=1e-30)  # an exact 0 would turn a masked 0-probability token into NaN
-        return (probs / noise).argmax(dim=-1).tolist()
+        return argmax_rows(probs / noise).tolist()
 
     @staticmethod
     def _logprobs(

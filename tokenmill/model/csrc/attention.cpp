@@ -1,137 +1,190 @@
 // Paged attention over block tables, straight from the KV-cache blocks (fp32 / bf16).
+//
+// Cache layout (see tokenmill/model/attention.py): kv_cache [2, num_blocks, kv_heads,
+// block_size * head_dim]; a K block of one head is stored transposed, [head_dim][block_size],
+// so the scores of 16 keys against one query row are head_dim FMAs into one vector (no
+// horizontal sums); a V block is [block_size][head_dim].
+//
+// Work item = (sequence, kv head, tile of up to QTILE queries). Its rows are (query, head
+// of the group sharing this kv head); they are processed RB rows at a time with their
+// output accumulators in registers, streaming the context in chunks of up to 16 keys with
+// an online (flash-attention style) softmax, so no context is ever copied or materialised.
 
 #include "ops.h"
 #include "simd.h"
 
 namespace tokenmill {
 namespace {
-// ----------------------------------------------------------------------------------------
-// paged attention
-// ----------------------------------------------------------------------------------------
-//
-// Work item = (sequence, kv head, tile of up to QTILE queries). The G query heads that
-// share a kv head and the queries of a tile are processed together, so each K/V row read
-// from its block serves QTILE * G rows. Online softmax (flash-attention style) over the
-// context in chunks of up to 16 keys, never materialising a sequence's whole context.
 
 constexpr int QTILE = 8;
-constexpr int KCHUNK = 16;
+constexpr int MAX_HEAD_DIM = 256;
 
-struct AttnScratch {
-  std::vector<float> q, acc, s, m, l, kv;
+struct Geometry {
+  int64_t block_stride;  // elements between consecutive blocks of one head (kv_heads * bs * D)
+  int block_size;
+  int head_dim;
+  int group;  // query heads per kv head
 };
 
-template <typename T>
-void attention_tile(const T* q, int64_t q_tok_stride, T* out, int64_t out_tok_stride,
-                    const T* k_cache, const T* v_cache, int64_t block_stride, int64_t tok_stride,
-                    const int32_t* block_table, int block_size, int kvh, int group, int head_dim,
-                    int64_t first_pos, int nq, float scale, AttnScratch& sc) {
-  const int rows = nq * group;
-  const int D = head_dim;
-  sc.q.resize(static_cast<size_t>(rows) * D);
-  sc.acc.assign(static_cast<size_t>(rows) * D, 0.f);
-  sc.s.resize(static_cast<size_t>(rows) * KCHUNK);
-  sc.m.assign(rows, -std::numeric_limits<float>::infinity());
-  sc.l.assign(rows, 0.f);
-  sc.kv.resize(static_cast<size_t>(KCHUNK) * D);
+#if TM_AVX512
 
-  // rows are (query i, head-in-group g): r = i * group + g, head = kvh * group + g
-  for (int i = 0; i < nq; ++i) {
-    for (int g = 0; g < group; ++g) {
-      const T* src = q + i * q_tok_stride + static_cast<int64_t>(kvh * group + g) * D;
-      float* dst = sc.q.data() + static_cast<size_t>(i * group + g) * D;
-      for (int d = 0; d < D; ++d) dst[d] = to_f(src[d]) * scale;
+// Rows [row0, row0 + nr) of a tile (row r = query r / group, head r % group); q holds the
+// tile's rows scaled by the softmax scale, fp32 [rows][D]. DV = vectors per head_dim.
+template <typename T, int DV>
+void attend_rows(const float* q, int row0, int nr, int64_t first_pos, const Geometry& g,
+                 const T* k_head, const T* v_head, const int32_t* block_table, T* out,
+                 int64_t out_tok_stride, int out_head0) {
+  constexpr int RB = DV <= 2 ? 8 : (20 / DV > 0 ? 20 / DV : 1);
+  const int D = g.head_dim, bs = g.block_size;
+  const __mmask16 dmask = tail_mask(D - (DV - 1) * 16);  // the last vector may be partial
+  for (int rb = 0; rb < nr; rb += RB) {
+    const int n_rows = std::min(RB, nr - rb);
+    __m512 acc[RB][DV];
+    float m[RB], l[RB];
+    int64_t qpos[RB];
+    for (int r = 0; r < RB; ++r) {
+      for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_setzero_ps();
+      m[r] = -std::numeric_limits<float>::infinity();
+      l[r] = 0.f;
+      qpos[r] = first_pos + (row0 + rb + std::min(r, n_rows - 1)) / g.group;
     }
-  }
-  const int64_t kv_end = first_pos + nq;  // the last query sees keys [0, first_pos + nq)
-  for (int64_t j0 = 0; j0 < kv_end; j0 += block_size) {
-    const int64_t blk = block_table[j0 / block_size];
-    const T* kb = k_cache + blk * block_stride + static_cast<int64_t>(kvh) * D;
-    const T* vb = v_cache + blk * block_stride + static_cast<int64_t>(kvh) * D;
-    for (int t0 = 0; t0 < block_size && j0 + t0 < kv_end; t0 += KCHUNK) {
-      const int n = static_cast<int>(std::min<int64_t>({KCHUNK, block_size - t0, kv_end - j0 - t0}));
-      const int64_t jbase = j0 + t0;
-      // scores s[r][t] for keys jbase + t
-      for (int t = 0; t < n; ++t) {
-        const T* krow = kb + static_cast<int64_t>(t0 + t) * tok_stride;
-        const float* kf;
-        if constexpr (std::is_same_v<T, float>) {
-          kf = krow;
-        } else {
-          to_float_row(krow, sc.kv.data() + static_cast<size_t>(t) * D, D);
-          kf = sc.kv.data() + static_cast<size_t>(t) * D;
+    const float* qr = q + static_cast<int64_t>(row0 + rb) * D;
+    const int64_t kv_end = qpos[n_rows - 1] + 1;  // the last row sees the most keys
+    alignas(64) float p_buf[RB][16];
+    for (int64_t j0 = 0; j0 < kv_end; j0 += bs) {
+      const int64_t blk = block_table[j0 / bs];
+      const T* kt = k_head + blk * g.block_stride;  // [D][bs]
+      const T* vb = v_head + blk * g.block_stride;  // [bs][D]
+      for (int t0 = 0; t0 < bs && j0 + t0 < kv_end; t0 += 16) {
+        const int n = static_cast<int>(std::min<int64_t>({16, bs - t0, kv_end - j0 - t0}));
+        const __mmask16 nmask = tail_mask(n);
+        __m512 s[RB];
+        for (int r = 0; r < RB; ++r) s[r] = _mm512_setzero_ps();
+        for (int d = 0; d < D; ++d) {
+          const __m512 kv = load16(kt + static_cast<int64_t>(d) * bs + t0, nmask);
+          for (int r = 0; r < RB; ++r)
+            if (r < n_rows) s[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r * D + d]), kv, s[r]);
         }
-        for (int r = 0; r < rows; ++r) {
-          sc.s[static_cast<size_t>(r) * KCHUNK + t] = dot_f32(sc.q.data() + static_cast<size_t>(r) * D, kf, D);
+        const int64_t jbase = j0 + t0;
+        for (int r = 0; r < RB; ++r) {
+          if (r >= n_rows) break;
+          const int64_t valid = std::min<int64_t>(n, qpos[r] - jbase + 1);
+          if (valid <= 0) {
+            _mm512_store_ps(p_buf[r], _mm512_setzero_ps());
+            continue;
+          }
+          const __mmask16 vmask = tail_mask(valid);
+          const float cmax = _mm512_mask_reduce_max_ps(vmask, s[r]);
+          const float m_new = std::max(m[r], cmax);
+          const float corr = std::exp(m[r] - m_new);  // 0 on the first chunk (m = -inf)
+          const __m512 p = _mm512_maskz_mov_ps(vmask, exp16(_mm512_sub_ps(s[r], _mm512_set1_ps(m_new))));
+          l[r] = l[r] * corr + _mm512_reduce_add_ps(p);
+          m[r] = m_new;
+          if (corr != 1.f) {
+            const __m512 c = _mm512_set1_ps(corr);
+            for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_mul_ps(acc[r][j], c);
+          }
+          _mm512_store_ps(p_buf[r], p);
         }
-      }
-      for (int r = 0; r < rows; ++r) {
-        const int64_t qpos = first_pos + r / group;
-        const int valid = static_cast<int>(std::min<int64_t>(n, qpos - jbase + 1));
-        float* s = sc.s.data() + static_cast<size_t>(r) * KCHUNK;
-        if (valid <= 0) {
-          for (int t = 0; t < n; ++t) s[t] = 0.f;
-          continue;
-        }
-        float cmax = s[0];
-        for (int t = 1; t < valid; ++t) cmax = std::max(cmax, s[t]);
-        const float m_new = std::max(sc.m[r], cmax);
-        const float corr = std::exp(sc.m[r] - m_new);  // exp(-inf) == 0 on the first chunk
-        exp_inplace(s, valid, m_new);
-        float psum = 0.f;
-        for (int t = 0; t < valid; ++t) psum += s[t];
-        for (int t = valid; t < n; ++t) s[t] = 0.f;
-        sc.l[r] = sc.l[r] * corr + psum;
-        sc.m[r] = m_new;
-        if (corr != 1.f) {
-          float* a = sc.acc.data() + static_cast<size_t>(r) * D;
-          for (int d = 0; d < D; ++d) a[d] *= corr;
-        }
-      }
-      for (int t = 0; t < n; ++t) {
-        const T* vrow = vb + static_cast<int64_t>(t0 + t) * tok_stride;
-        for (int r = 0; r < rows; ++r) {
-          const float p = sc.s[static_cast<size_t>(r) * KCHUNK + t];
-          if (p != 0.f) scale_axpy<T>(sc.acc.data() + static_cast<size_t>(r) * D, 1.f, p, vrow, D);
+        for (int t = 0; t < n; ++t) {
+          const T* vrow = vb + static_cast<int64_t>(t0 + t) * D;
+          __m512 vv[DV];
+          for (int j = 0; j < DV; ++j)
+            vv[j] = j + 1 < DV ? load16(vrow + 16 * j) : load16(vrow + 16 * j, dmask);
+          for (int r = 0; r < RB; ++r) {
+            if (r < n_rows) {
+              const __m512 pb = _mm512_set1_ps(p_buf[r][t]);
+              for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_fmadd_ps(pb, vv[j], acc[r][j]);
+            }
+          }
         }
       }
     }
-  }
-  for (int i = 0; i < nq; ++i) {
-    for (int g = 0; g < group; ++g) {
-      const int r = i * group + g;
-      const float inv = sc.l[r] > 0.f ? 1.f / sc.l[r] : 0.f;
-      const float* a = sc.acc.data() + static_cast<size_t>(r) * D;
-      T* dst = out + i * out_tok_stride + static_cast<int64_t>(kvh * group + g) * D;
-      for (int d = 0; d < D; ++d) dst[d] = from_f<T>(a[d] * inv);
+    for (int r = 0; r < RB; ++r) {
+      if (r >= n_rows) break;
+      const int row = row0 + rb + r;
+      const __m512 inv = _mm512_set1_ps(l[r] > 0.f ? 1.f / l[r] : 0.f);
+      T* dst = out + static_cast<int64_t>(row / g.group) * out_tok_stride +
+               static_cast<int64_t>(out_head0 + row % g.group) * D;
+      for (int j = 0; j < DV; ++j)
+        store16(dst + 16 * j, _mm512_mul_ps(acc[r][j], inv),
+                j + 1 < DV ? static_cast<__mmask16>(0xFFFF) : dmask);
     }
   }
 }
+
+template <typename T>
+void attend_dispatch(const float* q, int nr, int64_t first_pos, const Geometry& g,
+                     const T* k_head, const T* v_head, const int32_t* bt, T* out,
+                     int64_t out_stride, int head0) {
+  switch ((g.head_dim + 15) / 16) {
+#define TM_CASE(DV) \
+  case DV: attend_rows<T, DV>(q, 0, nr, first_pos, g, k_head, v_head, bt, out, out_stride, head0); break;
+    TM_CASE(1) TM_CASE(2) TM_CASE(3) TM_CASE(4) TM_CASE(5) TM_CASE(6) TM_CASE(7) TM_CASE(8)
+    TM_CASE(9) TM_CASE(10) TM_CASE(11) TM_CASE(12) TM_CASE(13) TM_CASE(14) TM_CASE(15) TM_CASE(16)
+#undef TM_CASE
+    default: TORCH_CHECK(false, "paged_attention: head_dim > ", MAX_HEAD_DIM);
+  }
+}
+
+#else  // scalar fallback: same math, one row at a time
+
+template <typename T>
+void attend_dispatch(const float* q, int nr, int64_t first_pos, const Geometry& g,
+                     const T* k_head, const T* v_head, const int32_t* bt, T* out,
+                     int64_t out_stride, int head0) {
+  const int D = g.head_dim, bs = g.block_size;
+  std::vector<float> acc(D), s;
+  for (int r = 0; r < nr; ++r) {
+    const int64_t qpos = first_pos + r / g.group;
+    s.assign(qpos + 1, 0.f);
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j <= qpos; ++j) {
+      const T* kt = k_head + bt[j / bs] * g.block_stride + j % bs;
+      float dot = 0.f;
+      for (int d = 0; d < D; ++d) dot += q[r * D + d] * to_f(kt[static_cast<int64_t>(d) * bs]);
+      s[j] = dot;
+      mx = std::max(mx, dot);
+    }
+    float sum = 0.f;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t j = 0; j <= qpos; ++j) {
+      const float p = std::exp(s[j] - mx);
+      sum += p;
+      const T* vrow = v_head + bt[j / bs] * g.block_stride + (j % bs) * D;
+      for (int d = 0; d < D; ++d) acc[d] += p * to_f(vrow[d]);
+    }
+    T* dst = out + (r / g.group) * out_stride + static_cast<int64_t>(head0 + r % g.group) * D;
+    for (int d = 0; d < D; ++d) dst[d] = from_f<T>(acc[d] / sum);
+  }
+}
+
+#endif
 
 template <typename T>
 void paged_attention_impl(const Tensor& q, const Tensor& kv_cache, const Tensor& block_tables,
                           const Tensor& query_start_loc, const Tensor& seq_lens, double scale,
                           Tensor& out) {
   const int64_t num_heads = q.size(1);
-  const int64_t head_dim = q.size(2);
+  const int D = static_cast<int>(q.size(2));
   const int64_t num_blocks = kv_cache.size(1);
-  const int64_t block_size = kv_cache.size(2);
-  const int64_t kv_heads = kv_cache.size(3);
-  const int group = static_cast<int>(num_heads / kv_heads);
+  const int64_t kv_heads = kv_cache.size(2);
+  const int64_t block_elems = kv_cache.size(3);
+  const Geometry g{kv_heads * block_elems, static_cast<int>(block_elems / D), D,
+                   static_cast<int>(num_heads / kv_heads)};
   const int64_t num_seqs = seq_lens.size(0);
   const int64_t bt_stride = block_tables.stride(0);
-  const int64_t tok_stride = kv_heads * head_dim;
-  const int64_t block_stride = block_size * tok_stride;
 
   const T* qp = q.data_ptr<T>();
   const T* kc = kv_cache.data_ptr<T>();
-  const T* vc = kc + num_blocks * block_stride;
+  const T* vc = kc + num_blocks * kv_heads * block_elems;
   T* op = out.data_ptr<T>();
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* sl = seq_lens.data_ptr<int32_t>();
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int64_t q_stride = q.stride(0);
   const int64_t o_stride = out.stride(0);
+  const float fscale = static_cast<float>(scale);
 
   struct Item {
     int32_t seq, kvh, q0, nq;
@@ -140,28 +193,33 @@ void paged_attention_impl(const Tensor& q, const Tensor& kv_cache, const Tensor&
   int64_t work = 0;
   for (int64_t b = 0; b < num_seqs; ++b) {
     const int32_t nq_total = qsl[b + 1] - qsl[b];
-    for (int32_t q0 = 0; q0 < nq_total; q0 += QTILE) {
-      for (int32_t h = 0; h < kv_heads; ++h) {
+    for (int32_t q0 = 0; q0 < nq_total; q0 += QTILE)
+      for (int32_t h = 0; h < kv_heads; ++h)
         items.push_back({static_cast<int32_t>(b), h, q0, std::min<int32_t>(QTILE, nq_total - q0)});
-      }
-    }
     work += static_cast<int64_t>(nq_total) * sl[b];
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
-  const int nt = (work * num_heads * head_dim > 32768 && n_items > 1) ? num_threads() : 1;
+  const int nt = (work * num_heads * D > 65536 && n_items > 1) ? num_threads() : 1;
 #pragma omp parallel num_threads(nt)
   {
-    AttnScratch sc;
+    std::vector<float> qbuf(static_cast<size_t>(QTILE) * g.group * D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < n_items; ++w) {
       const Item& it = items[w];
       const int64_t nq_total = qsl[it.seq + 1] - qsl[it.seq];
       const int64_t first_pos = sl[it.seq] - nq_total + it.q0;
       const int64_t tok = qsl[it.seq] + it.q0;
-      attention_tile<T>(qp + tok * q_stride, q_stride, op + tok * o_stride, o_stride, kc, vc,
-                        block_stride, tok_stride, bt + it.seq * bt_stride,
-                        static_cast<int>(block_size), it.kvh, group, static_cast<int>(head_dim),
-                        first_pos, it.nq, static_cast<float>(scale), sc);
+      const int head0 = it.kvh * g.group;
+      // rows (query i, head-in-group h) -> scaled fp32 [i * group + h][D]
+      for (int i = 0; i < it.nq; ++i)
+        for (int h = 0; h < g.group; ++h) {
+          const T* src = qp + (tok + i) * q_stride + static_cast<int64_t>(head0 + h) * D;
+          float* dst = qbuf.data() + static_cast<size_t>(i * g.group + h) * D;
+          for (int d = 0; d < D; ++d) dst[d] = to_f(src[d]) * fscale;
+        }
+      attend_dispatch<T>(qbuf.data(), it.nq * g.group, first_pos, g, kc + it.kvh * block_elems,
+                         vc + it.kvh * block_elems, bt + it.seq * bt_stride, op + tok * o_stride,
+                         o_stride, head0);
     }
   }
 }
@@ -172,7 +230,11 @@ Tensor paged_attention(const Tensor& q, const Tensor& kv_cache, const Tensor& bl
                        const Tensor& query_start_loc, const Tensor& seq_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
               "q must be [T, heads, head_dim] with contiguous heads");
-  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous(), "kv_cache must be contiguous 5-d");
+  TORCH_CHECK(q.size(2) <= MAX_HEAD_DIM, "paged_attention: head_dim > ", MAX_HEAD_DIM);
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && kv_cache.size(0) == 2 &&
+                  kv_cache.size(3) % q.size(2) == 0,
+              "kv_cache must be contiguous [2, num_blocks, kv_heads, block_size * head_dim]");
+  TORCH_CHECK(q.size(1) % kv_cache.size(2) == 0, "heads must be a multiple of kv heads");
   TORCH_CHECK(kv_cache.scalar_type() == q.scalar_type(), "q and kv_cache dtypes differ");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.stride(1) == 1,
               "block_tables must be int32 with contiguous rows");

@@ -26,13 +26,15 @@ void rope_write_kv_impl(Tensor& qkv, const Tensor& positions, const Tensor& cos_
                         Tensor& kv_cache, const Tensor& slot_mapping, int64_t num_heads,
                         int64_t kv_heads) {
   const int64_t T_ = qkv.size(0);
-  const int64_t D = kv_cache.size(4);
+  const int64_t D = cos_sin.size(1);
   const int half = static_cast<int>(D / 2);
   const int64_t row = qkv.stride(0);
-  const int64_t slots_total = kv_cache.size(1) * kv_cache.size(2);
+  const int64_t num_blocks = kv_cache.size(1);
+  const int64_t block_elems = kv_cache.size(3);
+  const int64_t bs = block_elems / D;
   T* base = qkv.data_ptr<T>();
   T* kc = kv_cache.data_ptr<T>();
-  T* vc = kc + slots_total * kv_heads * D;
+  T* vc = kc + num_blocks * kv_heads * block_elems;
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const float* table = cos_sin.data_ptr<float>();
@@ -44,22 +46,32 @@ void rope_write_kv_impl(Tensor& qkv, const Tensor& positions, const Tensor& cos_
     for (int64_t h = 0; h < num_heads + kv_heads; ++h) rotate<T>(x + h * D, cs, half);
     const int64_t slot = slots[t];
     if (slot < 0) continue;  // padding token: compute but do not store
-    std::memcpy(kc + slot * kv_heads * D, x + num_heads * D, sizeof(T) * kv_heads * D);
-    std::memcpy(vc + slot * kv_heads * D, x + (num_heads + kv_heads) * D, sizeof(T) * kv_heads * D);
+    const int64_t blk = slot / bs, off = slot % bs;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t head_block = (blk * kv_heads + h) * block_elems;
+      const T* k = x + (num_heads + h) * D;
+      T* kdst = kc + head_block + off;  // K blocks are [D][bs]
+      for (int64_t d = 0; d < D; ++d) kdst[d * bs] = k[d];
+      std::memcpy(vc + head_block + off * D, x + (num_heads + kv_heads + h) * D, sizeof(T) * D);
+    }
   }
 }
 
 void rope_write_kv(Tensor qkv, const Tensor& positions, const Tensor& cos_sin, Tensor kv_cache,
                    const Tensor& slot_mapping, int64_t num_heads, int64_t kv_heads) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be [T, (H + 2 KVH) * D]");
-  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.scalar_type() == qkv.scalar_type(),
-              "kv_cache must be contiguous and match qkv's dtype");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() &&
+                  kv_cache.scalar_type() == qkv.scalar_type() && kv_cache.size(2) == kv_heads,
+              "kv_cache must be contiguous [2, num_blocks, kv_heads, block_size * head_dim] "
+              "of qkv's dtype");
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
                   slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
               "positions and slot_mapping must be contiguous int64");
-  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous(),
-              "cos_sin must be contiguous float32");
-  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * kv_heads) * kv_cache.size(4), "qkv width mismatch");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() && cos_sin.dim() == 2,
+              "cos_sin must be contiguous float32 [max_len, head_dim]");
+  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * kv_heads) * cos_sin.size(1) &&
+                  kv_cache.size(3) % cos_sin.size(1) == 0,
+              "qkv / kv_cache width does not match head_dim");
   if (qkv.scalar_type() == at::kFloat) {
     rope_write_kv_impl<float>(qkv, positions, cos_sin, kv_cache, slot_mapping, num_heads, kv_heads);
   } else if (qkv.scalar_type() == at::kBFloat16) {
@@ -181,6 +193,64 @@ Tensor silu_mul(const Tensor& x) {
   } else {
     TORCH_CHECK(false, "silu_mul: only float32 and bfloat16");
   }
+  return out;
+}
+
+}  // namespace tokenmill
+
+// ----------------------------------------------------------------------------------------
+// argmax over the last dim of fp32 rows (greedy sampling); first index wins ties, like torch
+// ----------------------------------------------------------------------------------------
+
+namespace tokenmill {
+
+namespace {
+
+int64_t argmax_row(const float* x, int64_t n) {
+  int64_t best = 0;
+  float best_v = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+#if TM_AVX512
+  if (n >= 16) {
+    __m512 vmax = _mm512_loadu_ps(x);
+    __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i cur = vidx;
+    const __m512i step = _mm512_set1_epi32(16);
+    for (i = 16; i + 16 <= n && i < (int64_t{1} << 31) - 16; i += 16) {
+      cur = _mm512_add_epi32(cur, step);
+      const __m512 v = _mm512_loadu_ps(x + i);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
+      vmax = _mm512_mask_mov_ps(vmax, gt, v);
+      vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
+    }
+    alignas(64) float mv[16];
+    alignas(64) int32_t mi[16];
+    _mm512_store_ps(mv, vmax);
+    _mm512_store_si512(mi, vidx);
+    best = mi[0];
+    best_v = mv[0];
+    for (int j = 1; j < 16; ++j)
+      if (mv[j] > best_v || (mv[j] == best_v && mi[j] < best)) best_v = mv[j], best = mi[j];
+  }
+#endif
+  for (; i < n; ++i)
+    if (x[i] > best_v) best_v = x[i], best = i;
+  return best;
+}
+
+}  // namespace
+
+Tensor argmax_rows(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat &&
+                  x.size(1) > 0,
+              "argmax_rows: contiguous float32 [rows, n]");
+  const int64_t rows = x.size(0), n = x.size(1);
+  Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int nt = rows > 1 && rows * n >= (1 << 18) ? num_threads() : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) op[r] = argmax_row(xp + r * n, n);
   return out;
 }
 

@@ -20,6 +20,7 @@ at::Tensor silu_mul(const at::Tensor& x);
 at::Tensor pack_weight(const at::Tensor& w);
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                          const std::optional<at::Tensor>& b);
+at::Tensor argmax_rows(const at::Tensor& x);
 bool has_avx512();
 
 }  // namespace tokenmill

@@ -20,5 +20,6 @@ TORCH_LIBRARY(tokenmill, m) {
   m.def("pack_weight(Tensor w) -> Tensor", &tokenmill::pack_weight);
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? b) -> Tensor",
         &tokenmill::packed_linear);
+  m.def("argmax_rows(Tensor x) -> Tensor", &tokenmill::argmax_rows);
   m.def("has_avx512() -> bool", &tokenmill::has_avx512);
 }
