@@ -182,3 +182,11 @@ class PrefixCache:
                 stack.extend((c, keys, ids) for c in nd.children.values())
             out[ns] = paths
         return out
+
+    # Adapters for the keyed calls the KV manager makes today (same semantics).
+    def match_keys(self, keys: list[BlockKey], namespace: str = "") -> list[int]:
+        return self.match([t for k in keys for t in k], namespace)
+
+    def insert_keys(self, keys: list[BlockKey], block_ids: list[int], namespace: str = "") -> list[int]:
+        n = min(len(keys), len(block_ids))
+        return self.insert([t for k in keys[:n] for t in k], block_ids[:n], namespace)

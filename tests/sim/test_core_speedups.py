@@ -26,7 +26,7 @@ from tokenmill.core.scheduler import Scheduler, SchedulerConfig
 
 
 def _pool_state(pool: BlockPool) -> tuple:
-    return (list(pool._free), list(pool.ref_counts), list(pool.cached), pool.num_evictable)
+    return (pool.free_ids(), list(pool.ref_counts), list(pool.cached), pool.num_evictable)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -110,7 +110,7 @@ def _run_scheduler(use_reference: bool, seed: int, stop_tokens: bool, max_decode
                 for s in plan.seqs if s.samples}  # fmt: skip
         ups = sched.update(plan, StepResult(toks, duration=0.01))
         trace.append((plan.summary(), [(u.request_id, u.new_token_ids, u.finish_reason) for u in ups],
-                      list(sched.kv.pool._free)))  # fmt: skip
+                      sched.kv.pool.free_ids()))  # fmt: skip
         now += 0.01
     return trace
 

@@ -13,8 +13,6 @@ cached blocks with no owners, so "how many blocks could I get" is O(1).
 
 from __future__ import annotations
 
-from collections import deque
-
 
 class BlockPool:
     def __init__(self, num_blocks: int) -> None:
@@ -24,25 +22,36 @@ class BlockPool:
         self.ref_counts = [0] * num_blocks
         self.cached = [False] * num_blocks
         # Freed blocks go to the back; allocation takes from the front, so the
-        # most recently freed block is reused last.
-        self._free: deque[int] = deque(range(num_blocks))
+        # most recently freed block is reused last. The queue is a list read from
+        # ``_head`` on, so that taking n blocks is one slice rather than n pops.
+        self._free: list[int] = list(range(num_blocks))
+        self._head = 0
         self.num_evictable = 0  # cached blocks with ref count 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) - self._head
 
     @property
     def num_used(self) -> int:
         """Blocks owned by at least one request."""
-        return self.num_blocks - len(self._free) - self.num_evictable
+        return self.num_blocks - (len(self._free) - self._head) - self.num_evictable
+
+    def free_ids(self) -> list[int]:
+        """The free blocks, in the order they will be handed out."""
+        return self._free[self._head :]
 
     def pop_free(self, n: int) -> list[int]:
         """Take ``n`` free blocks, each with ref count 1. The caller checked ``num_free``."""
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} free blocks, {len(self._free)} free")
-        free = self._free
-        ids = [free.popleft() for _ in range(n)]
+        free, head = self._free, self._head
+        if n > len(free) - head:
+            raise RuntimeError(f"asked for {n} free blocks, {len(free) - head} free")
+        ids = free[head : head + n]
+        head += n
+        if head > 4096 and 2 * head > len(free):
+            del free[:head]  # drop the consumed front now and then (amortised O(1))
+            head = 0
+        self._head = head
         refs = self.ref_counts
         for b in ids:
             refs[b] = 1
@@ -55,11 +64,16 @@ class BlockPool:
         cut: they were never written, so they are handed out first again.
         """
         refs, cached, free = self.ref_counts, self.cached, self._free
-        for b in reversed(block_ids):
+        for b in block_ids:
             if refs[b] != 1 or cached[b]:
                 raise RuntimeError(f"block {b} is shared or cached; only a fresh reservation can be undone")
             refs[b] = 0
-            free.appendleft(b)
+        k = len(block_ids)
+        if self._head >= k:
+            self._head -= k
+            free[self._head : self._head + k] = block_ids
+        else:
+            free[self._head : self._head] = block_ids
 
     def incref(self, block_ids: list[int]) -> None:
         refs, cached = self.ref_counts, self.cached
@@ -92,6 +106,16 @@ class BlockPool:
             raise RuntimeError(f"block {block_id} must be owned when it enters the cache")
         self.cached[block_id] = True
 
+    def mark_cached_many(self, block_ids: list[int]) -> None:
+        """``mark_cached`` for each block (one call for a whole new leaf of the tree)."""
+        cached, refs = self.cached, self.ref_counts
+        for b in block_ids:
+            if cached[b]:
+                raise RuntimeError(f"block {b} is cached already")
+            if refs[b] == 0:
+                raise RuntimeError(f"block {b} must be owned when it enters the cache")
+            cached[b] = True
+
     def uncache(self, block_id: int) -> None:
         """The prefix cache lets go of an unowned block (eviction): it becomes free."""
         if not self.cached[block_id] or self.ref_counts[block_id] != 0:
@@ -102,8 +126,9 @@ class BlockPool:
 
     def check_invariants(self) -> None:
         """Every block in exactly one state; counts add up to the pool size."""
-        free_set = set(self._free)
-        if len(free_set) != len(self._free):
+        free_list = self.free_ids()
+        free_set = set(free_list)
+        if len(free_set) != len(free_list):
             raise AssertionError("a block is in the free list twice")
         n_owned = n_evictable = 0
         for b in range(self.num_blocks):

@@ -20,6 +20,9 @@ class KVManager:
         self.pool = BlockPool(num_blocks)
         self.cache = PrefixCache(self.pool, block_size) if enable_prefix_caching else None
         self.tables: dict[str, list[int]] = {}
+        # Each live request's block keys (token tuples of its full blocks), cut once:
+        # a request's tokens only grow, so its keys only grow too.
+        self._keys: dict[str, list[tuple[int, ...]]] = {}
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -43,6 +46,19 @@ class KVManager:
     def block_table(self, request_id: str) -> list[int]:
         return self.tables.get(request_id, [])
 
+    def _block_keys(self, req: Request, num_blocks: int) -> list[tuple[int, ...]]:
+        """The request's first ``num_blocks`` block keys (cut on first use, then reused)."""
+        keys = self._keys.get(req.request_id)
+        if keys is None:
+            keys = self._keys[req.request_id] = []
+        have = len(keys)
+        if have < num_blocks:
+            assert self.cache is not None
+            bs = self.block_size
+            keys.extend(self.cache._block_keys(req.token_ids_slice(have * bs, num_blocks * bs), num_blocks - have))
+            return keys
+        return keys if have == num_blocks else keys[:num_blocks]
+
     def get_computed_blocks(self, req: Request) -> list[int]:
         """Cached blocks holding a prefix of the request's tokens (not yet owned).
 
@@ -54,7 +70,9 @@ class KVManager:
         max_blocks = (req.num_tokens - 1) // self.block_size
         if max_blocks == 0:
             return []
-        return self.cache.match(req.token_ids_slice(0, max_blocks * self.block_size), req.cache_namespace)
+        if req.cache_namespace not in self.cache.roots:
+            return []
+        return self.cache.match_keys(self._block_keys(req, max_blocks), req.cache_namespace)
 
     def record_prefix_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_query_tokens += num_prompt_tokens
@@ -71,7 +89,7 @@ class KVManager:
         table = self.tables.get(req.request_id)
         held = len(table) if table is not None else 0
         num_tokens = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
-        need = self.blocks_for(num_tokens) - held - len(computed)
+        need = -(-num_tokens // self.block_size) - held - len(computed)
         if need <= 0 and not computed:
             return True
         pool = self.pool
@@ -103,7 +121,9 @@ class KVManager:
         n_full = min(num_tokens // self.block_size, len(table))
         if n_full == 0:
             return
-        tree_ids = self.cache.insert(req.token_ids_slice(0, n_full * self.block_size), table[:n_full], req.cache_namespace)
+        tree_ids = self.cache.insert_keys(self._block_keys(req, n_full), table, req.cache_namespace)
+        if tree_ids == table[:n_full]:
+            return
         # Where the tree already held these tokens, use its blocks and let our
         # duplicates go, so that holding a cached block implies holding its ancestors.
         for i, b in enumerate(tree_ids):
@@ -130,6 +150,7 @@ class KVManager:
 
     def free(self, req: Request) -> None:
         """Drop the request's blocks, tail first (so its tail is reused or evicted first)."""
+        self._keys.pop(req.request_id, None)
         table = self.tables.pop(req.request_id, None)
         if table:
             self.pool.decref(table[::-1])

@@ -57,14 +57,21 @@ class PrefixCache:
 
     def _block_keys(self, token_ids: list[int], num_blocks: int) -> list[BlockKey]:
         bs = self.block_size
-        return [tuple(token_ids[i * bs : (i + 1) * bs]) for i in range(num_blocks)]
+        # zip over one iterator taken bs at a time cuts the tuples in C.
+        it = iter(token_ids[: num_blocks * bs])
+        return list(zip(*([it] * bs), strict=True)) if bs > 1 else [(t,) for t in it]
 
     def match(self, token_ids: list[int], namespace: str = "") -> list[int]:
         """Block ids of the longest cached full-block prefix of ``token_ids`` (not locked)."""
+        if namespace not in self.roots:
+            return []
+        return self.match_keys(self._block_keys(token_ids, len(token_ids) // self.block_size), namespace)
+
+    def match_keys(self, keys: list[BlockKey], namespace: str = "") -> list[int]:
+        """``match`` for block keys already cut (the KV manager keeps each request's)."""
         node = self.roots.get(namespace)
         if node is None:
             return []
-        keys = self._block_keys(token_ids, len(token_ids) // self.block_size)
         tick = next(self._tick)
         out: list[int] = []
         i = 0
@@ -98,7 +105,13 @@ class PrefixCache:
         n = min(len(token_ids) // self.block_size, len(block_ids))
         if n == 0:
             return []
-        keys = self._block_keys(token_ids, n)
+        return self.insert_keys(self._block_keys(token_ids, n), block_ids, namespace)
+
+    def insert_keys(self, keys: list[BlockKey], block_ids: list[int], namespace: str = "") -> list[int]:
+        """``insert`` for block keys already cut: the first ``min(len(keys), len(block_ids))`` blocks."""
+        n = min(len(keys), len(block_ids))
+        if n == 0:
+            return []
         node = self.roots.get(namespace)
         if node is None:
             node = self.roots[namespace] = RadixNode([], [], None)
@@ -109,8 +122,7 @@ class PrefixCache:
             child = node.children.get(keys[i])
             if child is None:
                 new_ids = list(block_ids[i:n])
-                for b in new_ids:
-                    self.pool.mark_cached(b)
+                self.pool.mark_cached_many(new_ids)
                 self.num_cached_blocks += len(new_ids)
                 leaf = RadixNode(keys[i:n], new_ids, node)
                 leaf.last_access = tick

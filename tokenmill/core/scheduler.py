@@ -184,24 +184,32 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         preempted: list[Request] = []
-        scheduled_ids: set[str] = set()
+        running = self.running
+        kv = self.kv
+        tables = kv.tables
+        bs = cfg.block_size
 
-        # 1. Running requests, in admission order.
+        # 1. Running requests, in admission order. running[:i] are the ones scheduled so far.
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(req, n):
-                candidates = [r for r in self.running if r.request_id not in scheduled_ids]
-                victim = self.policy.choose_victim(candidates, now, self)
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is req:
-                    break
-            if req.status is not RequestStatus.RUNNING:
-                continue  # preempted itself; self.running shifted left
-            seqs.append(self._plan_seq(req, n))
-            scheduled_ids.add(req.request_id)
+        while i < len(running) and budget > 0:
+            req = running[i]
+            nc = req.num_computed_tokens
+            total = len(req.prompt_token_ids) + len(req.output_token_ids)
+            n = total - nc
+            if n > budget:
+                n = budget
+            table = tables.get(req.request_id)
+            if table is None or len(table) * bs < nc + n:  # else the blocks are held already
+                while not kv.allocate_slots(req, n):
+                    victim = self.policy.choose_victim(running[i:], now, self)
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is req:
+                        break
+                if req.status is not RequestStatus.RUNNING:
+                    continue  # preempted itself; self.running shifted left
+                table = tables[req.request_id]
+            seqs.append(ScheduledSeq(req, nc, n, table, nc + n == total))
             budget -= n
             i += 1
 
@@ -292,18 +300,26 @@ class Scheduler:
             if s.num_new_tokens != 1 or not s.samples:
                 return 1
             r = s.request
+            n_out = len(r.output_token_ids)
             mt = r.sampling_params.max_tokens
-            if mt is not None:
-                k = min(k, mt - r.num_output_tokens)
-            k = min(k, max_len - r.num_tokens)
+            if mt is not None and mt - n_out < k:
+                k = mt - n_out
+            room = max_len - len(r.prompt_token_ids) - n_out
+            if room < k:
+                k = room
         if k <= 1:
             return 1
-        need = sum(
-            max(0, self.kv.blocks_for(s.request.num_computed_tokens + k) - len(s.block_ids)) for s in seqs
-        )
+        bs = self.kv.block_size
+        short: list[ScheduledSeq] = []
+        need = 0
+        for s in seqs:
+            extra = -(-(s.request.num_computed_tokens + k) // bs) - len(s.block_ids)
+            if extra > 0:
+                need += extra
+                short.append(s)
         if need > self.kv.num_available:
             return 1
-        for s in seqs:
+        for s in short:  # the others hold their blocks already
             self.kv.allocate_slots(s.request, k)
         return k
 
@@ -337,33 +353,35 @@ class Scheduler:
         updates: list[SeqUpdate] = []
         sampled = result.sampled_token_ids
         logprobs = result.logprobs
+        policy = self.policy
+        on_generated = policy.on_generated
+        append_tokens = self._append_tokens
+        running_status = RequestStatus.RUNNING
+        t_plan = plan.now
         for s in plan.seqs:
             req = s.request
-            if req.status is not RequestStatus.RUNNING:
+            if req.status is not running_status:
                 continue  # aborted or finished from outside since the plan was made
             if not s.samples:
                 req.num_computed_tokens += s.num_new_tokens
-                self.policy.on_computed(req, s.num_new_tokens, plan.now)
+                policy.on_computed(req, s.num_new_tokens, t_plan)
                 continue
             if s.num_new_tokens > 1:
-                self.policy.on_computed(req, s.num_new_tokens, plan.now)
-            tokens = sampled[req.request_id]
-            lps = logprobs.get(req.request_id) if logprobs else None
-            new, reason, stop_reason = self._append_tokens(req, tokens)
-            was_prefill = req.first_token_time is None
-            if was_prefill and new:
+                policy.on_computed(req, s.num_new_tokens, t_plan)
+            rid = req.request_id
+            new, reason, stop_reason = append_tokens(req, sampled[rid])
+            if req.first_token_time is None and new:
                 req.first_token_time = now
-            req.num_computed_tokens = req.num_tokens - 1
-            self.policy.on_generated(req, len(new), plan.now)
+            req.num_computed_tokens = len(req.prompt_token_ids) + len(req.output_token_ids) - 1
+            on_generated(req, len(new), t_plan)
             if reason is not None:
                 self.running.remove(req)
                 self._finish(req, reason, stop_reason, now)
             elif s.num_new_tokens > 1:
                 # Share the prompt with later requests as soon as its KV exists.
                 self.kv.cache_blocks(req, req.num_computed_tokens)
-            updates.append(
-                SeqUpdate(req, new, lps[: len(new)] if lps else None, reason is not None, reason)
-            )
+            lps = logprobs.get(rid) if logprobs else None
+            updates.append(SeqUpdate(req, new, lps[: len(new)] if lps else None, reason is not None, reason))
         if self.config.debug_checks:
             self._check()
         return updates
