@@ -103,8 +103,17 @@ void packed_linear_impl(const float* x, int64_t M, int64_t K, const T* wp, int64
                         const T* bias, T* y) {
   const int64_t P = (N + PANEL - 1) / PANEL;
   const int nt_max = num_threads();
-  // columns per task: 4 panels (64 outputs) unless that leaves threads idle
-  const int np = P >= 8 * nt_max ? 4 : (P >= 4 * nt_max ? 2 : 1);
+  // columns per task: the widest of 4 / 2 / 1 panels that still spreads evenly over the
+  // threads (at one row the GEMM is memory bound and an idle thread is lost bandwidth)
+  int np = 1;
+  for (int cand : {4, 2}) {
+    const int64_t tasks = (P + cand - 1) / cand;
+    const int64_t per_thread = (tasks + nt_max - 1) / nt_max;
+    if (tasks >= nt_max && static_cast<double>(tasks) / (per_thread * nt_max) >= 0.9) {
+      np = cand;
+      break;
+    }
+  }
   const int64_t col_tasks = (P + np - 1) / np;
   const int64_t row_tasks = (M + M_CHUNK - 1) / M_CHUNK;
   const int64_t tasks = col_tasks * row_tasks;
@@ -117,8 +126,12 @@ void packed_linear_impl(const float* x, int64_t M, int64_t K, const T* wp, int64
     const T* w = wp + p0 * K * PANEL;
     const int64_t n0 = p0 * PANEL;
     const int64_t m_end = std::min(M, (rt + 1) * M_CHUNK);
-    for (int64_t m0 = rt * M_CHUNK; m0 < m_end; m0 += MAX_MR) {
-      const int mr = static_cast<int>(std::min<int64_t>(MAX_MR, m_end - m0));
+    // split the chunk's rows evenly into blocks of at most MAX_MR (32 -> 6,6,5,5,5,5, not
+    // 6,6,6,6,6,2: a 2-row block runs at a third of the FMA rate)
+    const int64_t m_begin = rt * M_CHUNK, rows = m_end - m_begin;
+    const int64_t n_blocks = (rows + MAX_MR - 1) / MAX_MR;
+    for (int64_t blk = 0, m0 = m_begin; blk < n_blocks; ++blk) {
+      const int mr = static_cast<int>(rows / n_blocks + (blk < rows % n_blocks ? 1 : 0));
       const float* xm = x + m0 * K;
       T* ym = y + m0 * N;
       switch (npp) {
@@ -127,6 +140,7 @@ void packed_linear_impl(const float* x, int64_t M, int64_t K, const T* wp, int64
         case 2: row_block<2, T>(mr, xm, K, w, bias, ym, N, n0); break;
         default: row_block<1, T>(mr, xm, K, w, bias, ym, N, n0); break;
       }
+      m0 += mr;
     }
   }
 }
