@@ -58,7 +58,11 @@ class PromptMaker:
         self._ids: list[int] = []
         if tokenizer is not None:
             special = set(getattr(tokenizer, "all_special_ids", []) or [])
-            self._ids = [i for i in range(len(tokenizer)) if i not in special]
+            pool = [i for i in range(len(tokenizer)) if i not in special]
+            pool = rng.sample(pool, min(len(pool), 4000))
+            # Keep tokens that are whole text on their own (no partial UTF-8
+            # bytes, which decode to U+FFFD and re-encode as several tokens).
+            self._ids = [i for i in pool if _clean(tokenizer, i)] or pool
 
     def text(self, n: int) -> str:
         n = max(1, n)
@@ -66,14 +70,21 @@ class PromptMaker:
             return " ".join(self.rng.choice(_WORDS) for _ in range(n))
         tok = self.tokenizer
         ids = [self.rng.choice(self._ids) for _ in range(n)]
-        # Decoding and re-encoding may merge tokens: trim or top up to n.
-        for _ in range(4):
-            text = tok.decode(ids, skip_special_tokens=True)
+        text = tok.decode(ids, skip_special_tokens=True)
+        # Decoding and re-encoding may merge or split tokens: trim or top up
+        # until the text encodes to exactly n tokens (or give up close to it).
+        for _ in range(10):
             ids = tok.encode(text, add_special_tokens=False)
             if len(ids) == n:
                 break
             ids = ids[:n] if len(ids) > n else ids + [self.rng.choice(self._ids) for _ in range(n - len(ids))]
-        return tok.decode(ids[:n], skip_special_tokens=True)
+            text = tok.decode(ids, skip_special_tokens=True)
+        return text
+
+
+def _clean(tokenizer: Any, token_id: int) -> bool:
+    text = tokenizer.decode([token_id])
+    return bool(text) and "\ufffd" not in text and tokenizer.encode(text, add_special_tokens=False) == [token_id]
 
 
 def _clip(prompt_len: int, output_len: int, max_model_len: int | None) -> tuple[int, int]:

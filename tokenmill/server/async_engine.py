@@ -242,6 +242,7 @@ class AsyncEngine:
     def _loop_forever(self) -> None:
         engine = self.engine
         stalled = False
+        self._publish(_Delivery())  # gauges (KV blocks ...) from the start, not the first request
         while True:
             cmds: list[_Add | _Abort | _Stop] = []
             if not engine.has_unfinished():
