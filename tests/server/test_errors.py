@@ -180,6 +180,48 @@ def test_queue_full_is_429_with_retry_after(server_model_dir: Path) -> None:
         assert sorted(results) == [200, 200]
 
 
+def test_engine_failure_is_503_not_a_hang(server_model_dir: Path) -> None:
+    from starlette.testclient import TestClient
+
+    app, state = _app(server_model_dir)
+
+    def broken_step() -> Any:
+        raise RuntimeError("simulated executor failure")
+
+    state.async_engine.engine.step = broken_step
+    body = {"prompt": "hi", "max_tokens": 2}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert_error_shape(client.post("/v1/completions", json=body), 503, code="engine_unavailable")
+        events = client.post("/v1/completions", json={**body, "stream": True})
+        assert events.status_code == 503  # the engine is known dead before the stream starts
+        assert_error_shape(client.get("/health"), 503, code="engine_unavailable")
+
+
+def test_engine_failure_mid_stream_sends_an_error_event(server_model_dir: Path) -> None:
+    from starlette.testclient import TestClient
+
+    app, state = _app(server_model_dir, max_decode_steps=1)
+    engine = state.async_engine.engine
+    real_step, calls = engine.step, []
+
+    def failing_step() -> Any:
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("simulated executor failure")
+        return real_step()
+
+    engine.step = failing_step
+    body = {"prompt": "hi", "max_tokens": 20, "ignore_eos": True, "stream": True}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.post("/v1/completions", json=body)
+        assert resp.status_code == 200
+        events = [e[6:] for e in resp.text.split("\n\n") if e]
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert last["error"]["code"] == "engine_unavailable"
+        assert any(json.loads(e).get("choices") for e in events[:-2])  # text came before the failure
+
+
 def _wait(cond: Any, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():

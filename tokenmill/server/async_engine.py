@@ -259,6 +259,11 @@ class AsyncEngine:
                     break
             delivery = _Delivery()
             stop = self._apply(cmds, delivery)
+            if delivery.added:
+                # Answer the adds before the step: a handler can start its
+                # response now, and a step that fails cannot strand it.
+                self._post(self._deliver, _Delivery(added=delivery.added))
+                delivery.added = []
             if stop:
                 for request_id in list(self._live):
                     out = engine.abort_request(request_id)
