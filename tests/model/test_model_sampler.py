@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from tokenmill.core.request import SamplingParams
+from tokenmill.model import kernels
 from tokenmill.model.sampler import Sampler, SamplingRow
+
+BACKEND = "auto"
+
+
+@pytest.fixture(autouse=True, params=["torch", "kernel"])
+def sampler_backend(request: pytest.FixtureRequest):
+    """Run every test on the torch path and on the fused CPU kernel."""
+    global BACKEND
+    if request.param == "kernel" and not kernels.cpu_kernels_available():
+        pytest.skip("CPU kernels could not be built here")
+    BACKEND = "torch" if request.param == "torch" else "auto"
+    yield
+    BACKEND = "auto"
+
 
 V = 50
 
@@ -17,14 +33,14 @@ def row(output=(), prompt=(), eos=(2,), **params) -> SamplingRow:
 
 
 def sample_many(logits: torch.Tensor, r: SamplingRow, n: int = 400) -> set[int]:
-    sampler = Sampler(seed=0)
+    sampler = Sampler(backend=BACKEND, seed=0)
     out = sampler(logits.expand(n, -1).contiguous(), [r] * n)
     return set(out.token_ids)
 
 
 def test_greedy_is_argmax_and_cheap_path_has_no_logprobs() -> None:
     logits = torch.randn(6, V, generator=torch.Generator().manual_seed(0))
-    out = Sampler()(logits, [row(temperature=0.0)] * 3 + [row(top_k=1)] * 3)
+    out = Sampler(backend=BACKEND)(logits, [row(temperature=0.0)] * 3 + [row(top_k=1)] * 3)
     assert out.token_ids == logits.argmax(-1).tolist()
     assert out.logprobs is None
 
@@ -33,7 +49,7 @@ def test_seeded_rows_do_not_depend_on_the_batch() -> None:
     g = torch.Generator().manual_seed(1)
     target = torch.randn(V, generator=g)
     seeded = row(temperature=1.0, seed=42, output=[1, 2, 3])
-    alone = Sampler(seed=1)(target[None], [seeded]).token_ids[0]
+    alone = Sampler(backend=BACKEND, seed=1)(target[None], [seeded]).token_ids[0]
     for trial in range(5):
         others = torch.randn(7, V, generator=g)
         batch = torch.cat([others[:trial], target[None], others[trial:]])
@@ -42,10 +58,12 @@ def test_seeded_rows_do_not_depend_on_the_batch() -> None:
             + [seeded]
             + [row(temperature=0.7, seed=trial)] * (7 - trial)
         )
-        assert Sampler(seed=100 + trial)(batch, rows).token_ids[trial] == alone
+        assert Sampler(backend=BACKEND, seed=100 + trial)(batch, rows).token_ids[trial] == alone
     # the draw moves with the output position, so a seeded request does not repeat itself
     draws = {
-        Sampler()(target[None], [row(temperature=1.0, seed=42, output=[0] * k)]).token_ids[0]
+        Sampler(backend=BACKEND)(
+            target[None], [row(temperature=1.0, seed=42, output=[0] * k)]
+        ).token_ids[0]
         for k in range(30)
     }
     assert len(draws) > 3
@@ -55,7 +73,7 @@ def test_seeded_sampling_follows_the_distribution() -> None:
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
     probs = logits.softmax(-1)
     counts = torch.zeros(4)
-    sampler = Sampler()
+    sampler = Sampler(backend=BACKEND)
     for pos in range(2000):
         counts[
             sampler(logits[None], [row(temperature=1.0, seed=7, output=[0] * pos)]).token_ids[0]
@@ -82,13 +100,15 @@ def test_top_k_top_p_min_p_masks() -> None:
 def test_repetition_penalty_hf_semantics() -> None:
     logits = torch.tensor([[3.0, 2.9, -1.0, -1.1] + [-10.0] * (V - 4)])
     # token 0 (positive, seen in the prompt) is divided: 3.0 / 2 = 1.5 < 2.9
-    assert Sampler()(
+    assert Sampler(backend=BACKEND)(
         logits, [row(prompt=[0], temperature=0.0, repetition_penalty=2.0)]
     ).token_ids == [1]
     # a negative logit is multiplied: -1.0 * 2 < -1.1, so token 3 wins over 2
     masked = logits.clone()
     masked[0, :2] = -100.0
-    out = Sampler()(masked, [row(output=[2], temperature=0.0, repetition_penalty=2.0)])
+    out = Sampler(backend=BACKEND)(
+        masked, [row(output=[2], temperature=0.0, repetition_penalty=2.0)]
+    )
     assert out.token_ids == [3]
 
 
@@ -96,17 +116,19 @@ def test_presence_and_frequency_penalties_openai_semantics() -> None:
     logits = torch.zeros(1, V)
     logits[0, :3] = torch.tensor([5.0, 4.5, 4.0])
     # token 0 generated three times: 5 - 3 * 0.3 = 4.1 < 4.5
-    out = Sampler()(logits, [row(output=[0, 0, 0], temperature=0.0, frequency_penalty=0.3)])
+    out = Sampler(backend=BACKEND)(
+        logits, [row(output=[0, 0, 0], temperature=0.0, frequency_penalty=0.3)]
+    )
     assert out.token_ids == [1]
     # presence counts once: 5 - 0.4 = 4.6 > 4.5 still wins; 5 - 0.6 = 4.4 does not
-    assert Sampler()(
+    assert Sampler(backend=BACKEND)(
         logits, [row(output=[0, 0, 0], temperature=0.0, presence_penalty=0.4)]
     ).token_ids == [0]
-    assert Sampler()(
+    assert Sampler(backend=BACKEND)(
         logits, [row(output=[0, 0], temperature=0.0, presence_penalty=0.6)]
     ).token_ids == [1]
     # prompt tokens do not count for presence / frequency
-    assert Sampler()(
+    assert Sampler(backend=BACKEND)(
         logits, [row(prompt=[0] * 9, temperature=0.0, presence_penalty=2.0)]
     ).token_ids == [0]
 
@@ -117,12 +139,12 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached() -> None:
     logits[0, 5] = 8.0  # a stop token id
     logits[0, 7] = 7.0
     r = row(output=[1], eos=(2,), temperature=0.0, min_tokens=3, stop_token_ids=[5])
-    assert Sampler()(logits, [r]).token_ids == [7]
+    assert Sampler(backend=BACKEND)(logits, [r]).token_ids == [7]
     done = row(output=[1, 1, 1], eos=(2,), temperature=0.0, min_tokens=3, stop_token_ids=[5])
-    assert Sampler()(logits, [done]).token_ids == [2]
+    assert Sampler(backend=BACKEND)(logits, [done]).token_ids == [2]
     # with ignore_eos the EOS id is not a stop, so min_tokens leaves it alone
     free = row(output=[1], eos=(2,), temperature=0.0, min_tokens=3, ignore_eos=True)
-    assert Sampler()(logits, [free]).token_ids == [2]
+    assert Sampler(backend=BACKEND)(logits, [free]).token_ids == [2]
 
 
 def test_logprobs_are_raw_log_softmax_with_top_n() -> None:
@@ -132,7 +154,7 @@ def test_logprobs_are_raw_log_softmax_with_top_n() -> None:
         row(temperature=0.0),
         row(temperature=1.0, seed=1, logprobs=0),
     ]
-    out = Sampler()(logits, rows)
+    out = Sampler(backend=BACKEND)(logits, rows)
     assert out.logprobs is not None and out.logprobs[1] is None
     ref = logits.log_softmax(-1)
     lp0, top0 = out.logprobs[0]
@@ -144,3 +166,54 @@ def test_logprobs_are_raw_log_softmax_with_top_n() -> None:
     assert out.token_ids[0] != int(logits[0].argmax())
     lp2, top2 = out.logprobs[2]
     assert top2 == [] and math.isclose(lp2, ref[2, out.token_ids[2]].item(), rel_tol=1e-5)
+
+
+def test_top_p_candidates_equal_a_full_sort() -> None:
+    from tokenmill.model import sampler as sampler_mod
+
+    g = torch.Generator().manual_seed(4)
+    vocab = 300
+    # peaked rows (the nucleus is in the first candidate set) and flat rows (full sort)
+    logits = torch.cat(
+        [torch.randn(4, vocab, generator=g) * 6, torch.randn(4, vocab, generator=g) * 0.01]
+    )
+    probs = logits.softmax(-1)
+    rows = [row(top_p=0.9), row(top_k=5, top_p=0.8), row(top_k=20), row(top_p=0.5)] * 2
+
+    def brute(p: torch.Tensor, r: SamplingRow) -> torch.Tensor:
+        k = r.params.top_k or vocab
+        v, ids = p.sort(descending=True)
+        v = v.masked_fill(torch.arange(vocab) >= k, 0.0)
+        before = v.cumsum(-1) - v
+        v = v.masked_fill(before >= r.params.top_p * v.sum(), 0.0)
+        return torch.zeros(vocab).scatter_(0, ids, v)
+
+    got = sampler_mod._top_k_top_p(probs, rows)
+    for i, (vals, ids) in enumerate(got):
+        dense = torch.zeros(vocab).scatter_(0, ids, vals)
+        torch.testing.assert_close(dense, brute(probs[i], rows[i]))
+    sizes = [int((vals > 0).sum()) for vals, _ in got]
+    assert sizes[4] > 200 and sizes[7] > 100  # flat rows: nuclei wider than the candidates
+    assert sizes[1] <= 5 and sizes[2] == 20 and sizes[5] <= 5
+
+
+def test_kernel_and_torch_paths_draw_the_same_tokens() -> None:
+    if BACKEND == "torch":
+        pytest.skip("compares the two backends once")
+    from tokenmill.model.backend import sample_rows_kernel
+
+    g = torch.Generator().manual_seed(9)
+    n, vocab = 64, 3000
+    logits = torch.randn(n, vocab, generator=g) * torch.linspace(0.1, 8, n)[:, None]
+    combos = [
+        dict(temperature=1.0), dict(temperature=0.5, top_k=40), dict(top_p=0.8),
+        dict(temperature=1.3, top_k=100, top_p=0.9), dict(min_p=0.05), dict(top_p=0.95, min_p=0.1),
+    ]  # fmt: skip
+    rows = [row(**combos[i % len(combos)]) for i in range(n)]
+    u = torch.rand(n, generator=g)
+    want = Sampler._sample_torch(logits, rows, u)
+    got = sample_rows_kernel(
+        logits, [r.params.temperature for r in rows], [r.params.top_k for r in rows],
+        [r.params.top_p for r in rows], [r.params.min_p for r in rows], u,
+    ).tolist()  # fmt: skip
+    assert got == want

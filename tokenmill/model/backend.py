@@ -192,3 +192,27 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     ):
         return torch.ops.tokenmill.argmax_rows(x.contiguous())
     return x.argmax(dim=-1)
+
+
+def sampling_kernel_applies(x: torch.Tensor) -> bool:
+    """Whether ``sample_rows_kernel`` can sample these logits (fp32 rows on CPU, kernels loaded)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and kernels.cpu_kernels_loaded()
+
+
+def sample_rows_kernel(
+    x: torch.Tensor,
+    temperature: list[float],
+    top_k: list[int],
+    top_p: list[float],
+    min_p: list[float],
+    u: torch.Tensor,
+) -> torch.Tensor:
+    """One token per row of ``x`` drawn with uniforms ``u`` by the fused CPU kernel."""
+    return torch.ops.tokenmill.sample_rows(
+        x.contiguous(),
+        torch.tensor(temperature, dtype=torch.float32),
+        torch.tensor(top_k, dtype=torch.long),
+        torch.tensor(top_p, dtype=torch.float32),
+        torch.tensor(min_p, dtype=torch.float32),
+        u.float().contiguous(),
+    )

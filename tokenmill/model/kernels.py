@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("kernels.cpp", "attention.cpp", "layer_ops.cpp", "gemm.cpp", "registration.cpp")
+_SOURCES = (
+    "kernels.cpp",
+    "attention.cpp",
+    "layer_ops.cpp",
+    "gemm.cpp",
+    "sampling.cpp",
+    "registration.cpp",
+)
 _HEADERS = ("simd.h", "ops.h")
 _lock = threading.Lock()
 _state: dict[str, object] = {}

@@ -5,10 +5,11 @@ over prompt + output, divide positive logits, multiply negative ones),
 presence / frequency penalties (OpenAI: over output tokens only), then greedy
 argmax, or temperature -> top-k -> top-p -> min-p -> sample.
 
-Sampling draws ``argmax(p / E)`` with ``E ~ Exp(1)`` noise (an exact sample of
-``p``). A row with a ``seed`` draws its noise from a generator seeded by
-``(seed, output position)`` alone, so its tokens do not depend on what else is
-in the batch, on sub-step boundaries, or on the run. Logprobs are the
+Sampling inverts the CDF of the surviving probabilities, in token-id order,
+with one uniform draw per row. A row with a ``seed`` draws it from a generator seeded by ``(seed,
+output position)`` alone, so its tokens do not depend on what else is in the
+batch, on sub-step boundaries, or on the run. top-k / top-p work on the top
+``TOP_P_CANDIDATES`` tokens (a full sort only when a nucleus is wider). Logprobs are the
 log-softmax of the raw logits (before penalties and temperature). Rows that
 are plain greedy cost one batched argmax.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.core.request import SamplingParams
-from tokenmill.model.backend import argmax_rows
+from tokenmill.model.backend import argmax_rows, sample_rows_kernel, sampling_kernel_applies
 
 LogprobEntry = tuple[float, list[tuple[int, float]]]
 
@@ -65,10 +66,17 @@ def seeded_generator(seed: int, position: int, device: torch.device) -> torch.Ge
 
 
 class Sampler:
-    """Samples one token per logits row; holds the generator for unseeded rows."""
+    """Samples one token per logits row; holds the generator for unseeded rows.
 
-    def __init__(self, device: torch.device | str = "cpu", seed: int | None = None) -> None:
+    ``backend="auto"`` uses the fused CPU sampling kernel where it is loaded (fp32 rows on
+    CPU); ``"torch"`` forces the torch path, which is the kernel's reference.
+    """
+
+    def __init__(
+        self, device: torch.device | str = "cpu", seed: int | None = None, backend: str = "auto"
+    ) -> None:
         self.device = torch.device(device)
+        self.backend = backend
         self._generator = torch.Generator(device=self.device)
         if seed is None:
             self._generator.seed()
@@ -78,28 +86,36 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """``logits [N, vocab]`` (any float dtype) -> one token (and maybe logprobs) per row."""
         logits = logits.float()
-        tokens = argmax_rows(logits)
         special = [i for i, r in enumerate(rows) if not r.is_plain_greedy]
         if not special:
-            return SamplerOutput(tokens.tolist())
-        token_list = tokens.tolist()
-        x = logits[special].clone()
-        self._apply_min_tokens(x, [rows[i] for i in special])
-        self._apply_penalties(x, [rows[i] for i in special])
-        greedy_local = [j for j, i in enumerate(special) if rows[i].params.greedy]
-        random_local = [j for j, i in enumerate(special) if not rows[i].params.greedy]
+            return SamplerOutput(argmax_rows(logits).tolist())
+        if len(special) == len(rows):
+            token_list = [0] * len(rows)
+            x = logits
+        else:
+            token_list = argmax_rows(logits).tolist()
+            x = logits[special]
+        special_rows = [rows[i] for i in special]
+        x = self._apply_min_tokens(x, special_rows, copied=x is not logits)
+        x = self._apply_penalties(x, special_rows, copied=x is not logits)
+        greedy_local = [j for j, r in enumerate(special_rows) if r.params.greedy]
+        random_local = [j for j, r in enumerate(special_rows) if not r.params.greedy]
         if greedy_local:
-            picked = argmax_rows(x[greedy_local]).tolist()
-            for j, tok in zip(greedy_local, picked, strict=True):
+            g = x if len(greedy_local) == len(special) else x[greedy_local]
+            for j, tok in zip(greedy_local, argmax_rows(g).tolist(), strict=True):
                 token_list[special[j]] = tok
         if random_local:
-            picked = self._sample(x[random_local], [rows[special[j]] for j in random_local])
+            r = x if len(random_local) == len(special) else x[random_local]
+            picked = self._sample(r, [special_rows[j] for j in random_local])
             for j, tok in zip(random_local, picked, strict=True):
                 token_list[special[j]] = tok
         return SamplerOutput(token_list, self._logprobs(logits, rows, token_list))
 
     @staticmethod
-    def _apply_min_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    def _apply_min_tokens(
+        x: torch.Tensor, rows: Sequence[SamplingRow], copied: bool
+    ) -> torch.Tensor:
+        """Mask EOS / stop ids of rows short of ``min_tokens`` (copies x before its first edit)."""
         vocab = x.shape[1]
         for j, row in enumerate(rows):
             p = row.params
@@ -110,13 +126,27 @@ class Sampler:
                 banned += list(row.eos_token_ids)
             banned = [t for t in banned if 0 <= t < vocab]
             if banned:
+                if not copied:
+                    x, copied = x.clone(), True
                 x[j, banned] = float("-inf")
+        return x
 
-    def _apply_penalties(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-        vocab = x.shape[1]
+    @staticmethod
+    def _apply_penalties(
+        x: torch.Tensor, rows: Sequence[SamplingRow], copied: bool
+    ) -> torch.Tensor:
+        """Repetition (HF), presence and frequency (OpenAI) penalties; touches seen tokens only."""
         for j, row in enumerate(rows):
             p = row.params
-            if p.repetition_penalty != 1.0:
+            rep = p.repetition_penalty != 1.0
+            pres_freq = (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and bool(
+                row.output_token_ids
+            )
+            if not (rep or pres_freq):
+                continue
+            if not copied:
+                x, copied = x.clone(), True
+            if rep:
                 seen = torch.tensor(
                     [*row.prompt_token_ids, *row.output_token_ids],
                     dtype=torch.long,
@@ -128,33 +158,59 @@ class Sampler:
                     x[j, seen] = torch.where(
                         vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
                     )
-            if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and row.output_token_ids:
+            if pres_freq:
                 out = torch.tensor(list(row.output_token_ids), dtype=torch.long, device=x.device)
-                counts = torch.bincount(out, minlength=vocab)[:vocab].to(x.dtype)
-                x[j] -= counts * p.frequency_penalty + (counts > 0).to(x.dtype) * p.presence_penalty
+                ids, counts = out.unique(return_counts=True)
+                x[j, ids] -= counts.to(x.dtype) * p.frequency_penalty + p.presence_penalty
+        return x
 
     def _sample(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
+        u = self._uniforms(rows, x.device)
+        if self.backend != "torch" and sampling_kernel_applies(x):
+            return sample_rows_kernel(
+                x,
+                [r.params.temperature for r in rows],
+                [r.params.top_k for r in rows],
+                [r.params.top_p for r in rows],
+                [r.params.min_p for r in rows],
+                u,
+            ).tolist()
+        return self._sample_torch(x, rows, u)
+
+    @staticmethod
+    def _sample_torch(x: torch.Tensor, rows: Sequence[SamplingRow], u: torch.Tensor) -> list[int]:
         temps = torch.tensor([r.params.temperature for r in rows], dtype=x.dtype, device=x.device)
-        x = x / temps[:, None]
-        x = _top_k_top_p(x, rows)
-        probs = x.softmax(dim=-1)
-        min_ps = [r.params.min_p for r in rows]
-        if any(m > 0 for m in min_ps):
-            mp = torch.tensor(min_ps, dtype=probs.dtype, device=probs.device)
-            threshold = probs.amax(dim=-1, keepdim=True) * mp[:, None]
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        noise = torch.empty_like(probs)
+        probs = (x / temps[:, None]).softmax(dim=-1)
+        vocab = probs.shape[1]
+        restricted = [
+            j for j, r in enumerate(rows) if 0 < r.params.top_k < vocab or r.params.top_p < 1.0
+        ]
+        plain = sorted(set(range(len(rows))) - set(restricted))
+        tokens = [0] * len(rows)
+        if plain:
+            p = _apply_min_p(probs[plain], [rows[j].params.min_p for j in plain])
+            for j, tok in zip(plain, _inverse_cdf(p, u[plain]).tolist(), strict=True):
+                tokens[j] = tok
+        if restricted:
+            survivors = _top_k_top_p(probs[restricted], [rows[j] for j in restricted])
+            for j, (vals, ids) in zip(restricted, survivors, strict=True):
+                # draw in token-id order, like the plain rows (and the CPU kernel)
+                dense = torch.zeros_like(probs[j]).scatter_(0, ids, vals)
+                dense = _apply_min_p(dense[None], [rows[j].params.min_p])
+                tokens[j] = int(_inverse_cdf(dense, u[j : j + 1])[0])
+        return tokens
+
+    def _uniforms(self, rows: Sequence[SamplingRow], device: torch.device) -> torch.Tensor:
+        """One U[0, 1) draw per row: seeded rows from their own (seed, position) generator."""
+        u = torch.empty(len(rows), device=device)
         unseeded = [j for j, r in enumerate(rows) if r.params.seed is None]
         if unseeded:
-            noise[unseeded] = torch.empty(
-                (len(unseeded), probs.shape[1]), dtype=probs.dtype, device=probs.device
-            ).exponential_(generator=self._generator)
+            u[unseeded] = torch.rand(len(unseeded), device=device, generator=self._generator)
         for j, r in enumerate(rows):
             if r.params.seed is not None:
-                g = seeded_generator(r.params.seed, len(r.output_token_ids), probs.device)
-                noise[j].exponential_(generator=g)
-        noise.clamp_(min=1e-30)  # an exact 0 would turn a masked 0-probability token into NaN
-        return argmax_rows(probs / noise).tolist()
+                g = seeded_generator(r.params.seed, len(r.output_token_ids), device)
+                u[j] = torch.rand(1, device=device, generator=g)[0]
+        return u
 
     @staticmethod
     def _logprobs(
@@ -180,21 +236,73 @@ class Sampler:
         return result
 
 
-def _top_k_top_p(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Mask logits outside each row's top-k and top-p nucleus to -inf."""
-    vocab = x.shape[1]
-    ks = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
-    ps = [r.params.top_p for r in rows]
-    if all(k == vocab for k in ks) and all(p >= 1.0 for p in ps):
-        return x
-    sorted_x, order = x.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab, device=x.device)[None, :]
-    k_t = torch.tensor(ks, device=x.device)[:, None]
-    sorted_x = sorted_x.masked_fill(rank >= k_t, float("-inf"))
-    if any(p < 1.0 for p in ps):
-        p_t = torch.tensor(ps, dtype=x.dtype, device=x.device)[:, None]
-        probs = sorted_x.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
-        # keep the smallest prefix whose mass reaches top_p (always the first token)
-        sorted_x = sorted_x.masked_fill(before >= p_t, float("-inf"))
-    return torch.empty_like(x).scatter_(1, order, sorted_x)
+# top-p looks first at the tokens within these factors of the row's most likely one: a
+# set that already holds ``top_p`` of the mass contains the whole nucleus (every token
+# outside it is less likely than every token inside), and sorting it is far cheaper than
+# sorting the vocabulary. The last resort is the full sort.
+TOP_P_THRESHOLDS = (1e-3, 1e-6)
+
+
+def _top_k_top_p(
+    probs: torch.Tensor, rows: Sequence[SamplingRow]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each row's top-k / top-p survivors as ``(probs, token ids)``, most likely first.
+
+    top-p keeps the smallest prefix whose mass reaches ``top_p`` of the mass left after
+    top-k (so the first token always survives).
+    """
+    vocab = probs.shape[1]
+    out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(rows)  # type: ignore[list-item]
+    ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows]
+    with_k = [j for j, k in enumerate(ks) if k]
+    if with_k:
+        vals, ids = probs[with_k].topk(max(ks[j] for j in with_k), dim=-1, sorted=True)
+        for i, j in enumerate(with_k):
+            v = vals[i, : ks[j]]
+            out[j] = (_nucleus(v, rows[j].params.top_p, float(v.sum())), ids[i, : ks[j]])
+    only_p = [j for j, k in enumerate(ks) if not k]
+    if only_p:
+        sub = probs[only_p]
+        peak = sub.amax(dim=-1, keepdim=True)
+        masks = [sub >= peak * f for f in TOP_P_THRESHOLDS]
+        for i, j in enumerate(only_p):
+            top_p = rows[j].params.top_p
+            for mask in masks:
+                cand = mask[i].nonzero()[:, 0]
+                if float(sub[i, cand].sum()) >= top_p:
+                    break
+            else:
+                cand = torch.arange(vocab, device=probs.device)
+            v, order = sub[i, cand].sort(descending=True)
+            out[j] = (_nucleus(v, top_p, 1.0), cand[order])
+    return out
+
+
+def _nucleus(sorted_probs: torch.Tensor, top_p: float, mass: float) -> torch.Tensor:
+    """Zero the tail of descending ``sorted_probs`` beyond ``top_p`` of ``mass``."""
+    if top_p >= 1.0:
+        return sorted_probs
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
+    return sorted_probs.masked_fill(before >= top_p * mass, 0.0)
+
+
+def _apply_min_p(probs: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
+    """Zero tokens below ``min_p`` times their row's most likely token."""
+    if not any(m > 0 for m in min_ps):
+        return probs
+    mp = torch.tensor(min_ps, dtype=probs.dtype, device=probs.device)
+    threshold = probs.amax(dim=-1, keepdim=True) * mp[:, None]
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Column index drawn from each row of non-negative ``weights`` with uniforms ``u``.
+
+    The index is the number of cumulative sums at or below ``u * total``: one whose
+    weight is 0 adds nothing to the sum, so it is never returned.
+    """
+    cdf = weights.float().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # strictly below the total, so some cumulative sum lies above it even after rounding
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return (cdf <= target).sum(dim=-1)

@@ -4,4 +4,5 @@
 #include "attention.cpp"
 #include "gemm.cpp"
 #include "layer_ops.cpp"
+#include "sampling.cpp"
 #include "registration.cpp"

@@ -21,5 +21,9 @@ TORCH_LIBRARY(tokenmill, m) {
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? b) -> Tensor",
         &tokenmill::packed_linear);
   m.def("argmax_rows(Tensor x) -> Tensor", &tokenmill::argmax_rows);
+  m.def(
+      "sample_rows(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
+      "Tensor u) -> Tensor",
+      &tokenmill::sample_rows);
   m.def("has_avx512() -> bool", &tokenmill::has_avx512);
 }
