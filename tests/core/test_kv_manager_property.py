@@ -13,7 +13,8 @@ write it) and each request's expected block table, and checks:
 - blocks served by the prefix cache hold exactly the request's tokens;
 - ``allocate_slots`` fails exactly when the pool (free + evictable, minus the
   matched blocks it would take) is short, and then changes nothing;
-- a finished, aborted or preempted request owns no blocks.
+- a finished, aborted or preempted request owns no blocks;
+- slots reserved for a multi-step plan and cut before use go back whole.
 """
 
 from __future__ import annotations
@@ -127,6 +128,21 @@ class KVModel(RuleBasedStateMachine):
         self.write(req, req.num_computed_tokens, req.num_computed_tokens + 1)
         req.num_computed_tokens += 1
         req.output_token_ids.append(tok)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data(), k=st.integers(2, 6), keep=st.integers(1, 6))
+    def reserve_and_cut(self, data: st.DataObject, k: int, keep: int) -> None:
+        """A multi-step plan reserves ``k`` decode slots, then is cut to ``keep`` sub-steps before any write."""
+        req = self.running[data.draw(st.sampled_from(sorted(self.running)))]
+        table = self.kv.block_table(req.request_id)
+        held = len(table)
+        if not self.kv.allocate_slots(req, k):
+            assert len(self.kv.block_table(req.request_id)) == held
+            return
+        assert len(table) == max(held, self.kv.blocks_for(req.num_computed_tokens + k))
+        keep = min(keep, k)
+        self.kv.trim(req, req.num_computed_tokens + keep)
+        assert len(table) == self.kv.blocks_for(req.num_computed_tokens + keep)
 
     @precondition(lambda self: self.running)
     @rule(data=st.data())
