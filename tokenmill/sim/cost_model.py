@@ -1,0 +1,153 @@
+"""The cost-model interface: how long a ``StepPlan`` takes, from a few numbers that describe it.
+
+A plan is reduced to ``StepFeatures`` (tokens, sampling rows, decode context,
+prefill attention work); a cost model maps them to seconds. A multi-step plan
+(``num_steps`` one-token decodes of the same sequences) costs the sum of its
+sub-steps, where each sub-step's context is one token longer per sequence than
+the one before; ``decode_time`` prices that sum directly so that the simulator
+can also ask "how many sub-steps fit before the next arrival?" without
+building a plan.
+
+``ReplayCostModel`` returns recorded durations in order; it is how the twin
+replays a real engine run to check that both make the same decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.core.plan import StepPlan
+
+
+@dataclass(slots=True)
+class StepFeatures:
+    """What one (sub-)step computes, as the cost models see it."""
+
+    num_seqs: int = 0
+    num_tokens: int = 0  # new tokens (rows of every GEMM)
+    num_samples: int = 0  # rows that go through the LM head and the sampler
+    num_decode: int = 0  # one-token sampling sequences
+    decode_context: int = 0  # sum over decode sequences of the KV length they attend to (incl. the new token)
+    prefill_tokens: int = 0  # new tokens of the other (prompt or recompute) sequences
+    prefill_pairs: int = 0  # causal query-key pairs of those sequences
+    prefill_kv: int = 0  # KV tokens those sequences read (prior context + their own)
+    prefill_context: int = 0  # prior context of those sequences (KV computed in earlier steps)
+
+
+def plan_features(plan: StepPlan) -> StepFeatures:
+    """The features of a plan's first sub-step."""
+    f = StepFeatures(num_seqs=len(plan.seqs))
+    for s in plan.seqs:
+        q = s.num_new_tokens
+        c0 = s.start_pos
+        f.num_tokens += q
+        if s.samples:
+            f.num_samples += 1
+            if q == 1:
+                f.num_decode += 1
+                f.decode_context += c0 + 1
+                continue
+        f.prefill_tokens += q
+        f.prefill_pairs += q * c0 + q * (q + 1) // 2
+        f.prefill_kv += c0 + q
+        f.prefill_context += c0
+    return f
+
+
+class CostModel:
+    """Base class: subclasses price one step (``step_time``); the rest follows."""
+
+    name = "base"
+
+    def step_time(self, f: StepFeatures) -> float:
+        raise NotImplementedError
+
+    def decode_time(self, num_seqs: int, context: int, num_steps: int) -> float:
+        """Seconds for ``num_steps`` decode sub-steps of ``num_seqs`` sequences.
+
+        ``context`` is the total KV length attended in the first sub-step
+        (each sequence's prior tokens plus its new one); it grows by
+        ``num_seqs`` per sub-step. Subclasses replace this loop with a closed form.
+        """
+        total = 0.0
+        f = StepFeatures(num_seqs=num_seqs, num_tokens=num_seqs, num_samples=num_seqs, num_decode=num_seqs)
+        for j in range(num_steps):
+            f.decode_context = context + j * num_seqs
+            total += self.step_time(f)
+        return total
+
+    def plan_time(self, plan: StepPlan) -> float:
+        """Seconds for the whole plan (all its sub-steps)."""
+        k = plan.num_steps
+        if k > 1:
+            # Multi-step plans hold one-token decodes only (the scheduler guarantees it).
+            ctx = 0
+            for s in plan.seqs:
+                ctx += s.start_pos
+            n = len(plan.seqs)
+            return self.decode_time(n, ctx + n, k)
+        return self.step_time(plan_features(plan))
+
+    def on_plan_done(self, plan: StepPlan) -> None:
+        """The simulator finished ``plan`` (stateful models, such as a replay, advance here)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+class ReplayCostModel(CostModel):
+    """Recorded step durations, in order: sub-step ``i`` of the run costs ``durations[i]``.
+
+    Durations are per *single* step; a k-step plan costs the next k of them,
+    so a twin that plans multi-step can replay a single-stepping engine. For an
+    engine that itself planned multi-step, pass ``per_plan=True`` and one
+    duration per plan.
+    """
+
+    name = "replay"
+
+    def __init__(self, durations: Sequence[float], per_plan: bool = False) -> None:
+        self.durations = list(durations)
+        self.per_plan = per_plan
+        self.cursor = 0
+
+    def _take(self, k: int) -> float:
+        if self.per_plan:
+            k = 1
+        end = self.cursor + k
+        if end > len(self.durations):
+            raise IndexError(f"the replay ran past its {len(self.durations)} recorded steps")
+        return sum(self.durations[self.cursor : end])
+
+    def step_time(self, f: StepFeatures) -> float:
+        return self._take(1)
+
+    def decode_time(self, num_seqs: int, context: int, num_steps: int) -> float:
+        return self._take(num_steps)
+
+    def plan_time(self, plan: StepPlan) -> float:
+        return self._take(plan.num_steps)
+
+    def on_plan_done(self, plan: StepPlan) -> None:
+        self.cursor += 1 if self.per_plan else plan.num_steps
+
+
+class ConstantCostModel(CostModel):
+    """Every sub-step costs ``per_step`` plus ``per_token`` per new token (tests and quick looks)."""
+
+    name = "constant"
+
+    def __init__(self, per_step: float = 0.01, per_token: float = 0.0) -> None:
+        self.per_step = per_step
+        self.per_token = per_token
+
+    def step_time(self, f: StepFeatures) -> float:
+        return self.per_step + self.per_token * f.num_tokens
+
+    def decode_time(self, num_seqs: int, context: int, num_steps: int) -> float:
+        return num_steps * (self.per_step + self.per_token * num_seqs)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "per_step": self.per_step, "per_token": self.per_token}

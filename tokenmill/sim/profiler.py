@@ -1,0 +1,225 @@
+"""``tokenmill profile``: measure the real executor's step time on a grid, for the profiled cost model.
+
+The profiler builds ``StepPlan``s itself (requests with random prompt tokens,
+block tables from a simple allocator over the executor's KV cache) and times
+``ModelExecutor.execute`` at every point of a grid of
+
+- prefill tokens in the step (one prompt chunk),
+- decode sequences in the step (one token each),
+- mean context per decode sequence (or, without decodes, the prior context
+  of the prefill chunk),
+
+taking the median of a few repeats after a warm-up. It then runs the real
+``Engine`` on a small batch to measure what a step costs outside the executor
+(scheduling, updates, detokenisation) as ``per_step + per_seq * sequences``,
+and times this CPU's matmul FLOP/s and memory bandwidth for the roofline
+model's ``cpu`` hardware. Everything goes into one JSON table
+(``tokenmill-profile/1``) that ``ProfiledCostModel`` reads.
+
+KV blocks are distinct per sequence while the cache holds them and are
+reused round-robin beyond that; timings do not depend on what the KV holds.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tokenmill.core.plan import ScheduledSeq, StepPlan
+from tokenmill.core.request import Request, SamplingParams
+from tokenmill.sim.profiled import FORMAT
+
+GRIDS: dict[str, dict[str, list[int]]] = {
+    "quick": {"prefill_tokens": [0, 32, 128, 512, 2048], "decode_seqs": [0, 1, 4, 16, 64],
+              "context_tokens": [16, 256, 1024, 4096]},
+    "full": {"prefill_tokens": [0, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
+             "decode_seqs": [0, 1, 2, 4, 8, 16, 32, 64, 128, 256],
+             "context_tokens": [16, 128, 512, 1024, 2048, 4096, 8192]},
+}  # fmt: skip
+
+
+class _Blocks:
+    """Hands out block ids round-robin over the cache; distinct while they last."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.next = 0
+
+    def table(self, num_tokens: int) -> list[int]:
+        n = -(-num_tokens // self.block_size)
+        ids = [(self.next + i) % self.num_blocks for i in range(n)]
+        self.next = (self.next + n) % self.num_blocks
+        return ids
+
+
+def build_plan(prefill: int, decode: int, context: int, blocks: _Blocks, vocab: int, seed: int = 0) -> StepPlan:
+    """A one-step plan with one prefill chunk of ``prefill`` tokens and ``decode`` one-token decodes."""
+    import random
+
+    rng = random.Random(seed)
+    greedy = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
+    seqs = []
+    blocks.next = 0
+    if prefill:
+        prior = context if decode == 0 else 0
+        total = prior + prefill
+        req = Request("p", [rng.randrange(vocab) for _ in range(total)], greedy)
+        seqs.append(ScheduledSeq(req, prior, prefill, blocks.table(total), True))
+    for i in range(decode):
+        req = Request(f"d{i}", [rng.randrange(vocab) for _ in range(context)], greedy)
+        seqs.append(ScheduledSeq(req, context - 1, 1, blocks.table(context), True))
+    return StepPlan(step_id=0, now=0.0, seqs=seqs, num_batched_tokens=prefill + decode)
+
+
+def time_executor(executor: Any, plan: StepPlan, repeats: int, warmup: int, stat: str = "mean") -> float:
+    """Seconds per ``execute``: the mean over ``repeats`` (or their median).
+
+    The mean is the default because the engine's latencies average over
+    the same stalls (other processes, allocator hiccups) that a median hides.
+    """
+    for _ in range(warmup):
+        executor.execute(plan)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        executor.execute(plan)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) if stat == "median" else statistics.fmean(times)
+
+
+def measure_grid(executor: Any, axes: dict[str, list[int]], vocab: int, max_len: int, repeats: int = 3,
+                 warmup: int = 1, progress: Callable[[int, int], None] | None = None,
+                 stat: str = "mean") -> list[list[list[float]]]:  # fmt: skip
+    """Median executor seconds at every grid point; the empty point (0, 0, c) is extrapolated."""
+    P, D, C = axes["prefill_tokens"], axes["decode_seqs"], axes["context_tokens"]
+    blocks = _Blocks(executor.num_blocks, executor.block_size)
+    times = [[[0.0 for _ in C] for _ in D] for _ in P]
+    total = len(P) * len(D) * len(C)
+    done = 0
+    for i, p in enumerate(P):
+        for j, d in enumerate(D):
+            for k, c in enumerate(C):
+                done += 1
+                if p == 0 and d == 0:
+                    continue
+                ctx = max(1, min(c, max_len - max(p, 1)))
+                plan = build_plan(p, d, ctx, blocks, vocab, seed=done)
+                times[i][j][k] = time_executor(executor, plan, repeats, warmup, stat)
+                if progress is not None:
+                    progress(done, total)
+    # A step with nothing in it never happens; give the grid a value there by extending the
+    # prefill axis linearly down to zero, so that small prefills interpolate sensibly.
+    if P[0] == 0 and D[0] == 0 and len(P) > 2:
+        for k in range(len(C)):
+            t1, t2 = times[1][0][k], times[2][0][k]
+            slope = (t2 - t1) / (P[2] - P[1])
+            times[0][0][k] = max(0.0, t1 - slope * P[1])
+    return times
+
+
+def measure_engine_overhead(engine: Any, num_requests: int = 8, prompt_len: int = 32, output_len: int = 24,
+                            vocab: int = 256) -> dict[str, float]:  # fmt: skip
+    """Seconds a step costs outside ``execute``: fit ``per_step + per_token * tokens sampled`` by least squares.
+
+    Output processing (detokenisation, stop checks) is per sampled token, so
+    a multi-step plan pays the per-token part once per sub-step.
+    """
+    import random
+
+    rng = random.Random(0)
+    xs: list[float] = []
+    ys: list[float] = []
+    for wave in range(2):
+        for i in range(num_requests):
+            prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+            engine.add_request(f"overhead-{wave}-{i}", prompt,
+                               SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0))  # fmt: skip
+        start = len(engine.step_log)
+        while engine.has_unfinished():
+            t0 = time.perf_counter()
+            engine.step()
+            wall = time.perf_counter() - t0
+            if len(engine.step_log) > start:
+                rec = engine.step_log[-1]
+                xs.append(float(sum(1 for s in rec.summary[1] if s[3]) * rec.summary[0]))
+                ys.append(max(0.0, wall - rec.duration))
+    if not xs:
+        return {"per_step_s": 0.0, "per_token_s": 0.0}
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var > 0 else 0.0
+    b = max(b, 0.0)
+    a = max(my - b * mx, 0.0)
+    return {"per_step_s": a, "per_token_s": b, "samples": float(n)}
+
+
+def profile_model(
+    model_path: str | None = None,
+    grid: str | dict[str, list[int]] = "quick",
+    dtype: str = "auto",
+    block_size: int = 16,
+    max_num_batched_tokens: int = 2048,
+    max_num_seqs: int = 64,
+    kv_cache_memory: int = 512 << 20,
+    repeats: int = 5,
+    warmup: int = 1,
+    stat: str = "mean",
+    measure_overhead: bool = True,
+    measure_hardware: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Profile a checkpoint (default: the bundled model) and return the table."""
+    import torch
+
+    from tokenmill.engine import Engine, EngineConfig, resolve_model_path
+    from tokenmill.executor.model_executor import ModelExecutor
+
+    path = resolve_model_path(model_path)
+    axes = {k: list(v) for k, v in (GRIDS[grid] if isinstance(grid, str) else grid).items()}
+    axes["prefill_tokens"] = [p for p in axes["prefill_tokens"] if p <= max_num_batched_tokens]
+    axes["decode_seqs"] = [d for d in axes["decode_seqs"] if d <= max_num_seqs]
+    executor = ModelExecutor(path, dtype=dtype, kv_cache_memory=kv_cache_memory, block_size=block_size,
+                             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)  # fmt: skip
+    mc = executor.model_config
+    axes["context_tokens"] = sorted({min(c, mc.max_model_len - 1) for c in axes["context_tokens"]})
+    t0 = time.perf_counter()
+    times = measure_grid(executor, axes, mc.vocab_size, mc.max_model_len, repeats, warmup, progress, stat)
+    grid_s = time.perf_counter() - t0
+    del executor
+    overhead = {"per_step_s": 0.0, "per_token_s": 0.0}
+    if measure_overhead:
+        engine = Engine(EngineConfig(model=path, dtype=dtype, kv_cache_memory=64 << 20, block_size=block_size,
+                                     max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                     max_decode_steps=1, record_steps=True))  # fmt: skip
+        overhead = measure_engine_overhead(engine, vocab=mc.vocab_size)
+        del engine
+    config = json.loads((Path(path) / "config.json").read_text())
+    table: dict[str, Any] = {
+        "format": FORMAT,
+        "model": {"name": Path(path).name, "path": str(path), "config": config},
+        "dtype": str(mc.dtype).replace("torch.", ""),
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "grid_seconds": grid_s,
+        "repeats": repeats,
+        "statistic": stat,
+        "axes": axes,
+        "times": times,
+        "engine_overhead": overhead,
+        "engine": {"block_size": block_size, "max_num_batched_tokens": max_num_batched_tokens,
+                   "max_num_seqs": max_num_seqs, "max_model_len": mc.max_model_len},  # fmt: skip
+    }
+    if measure_hardware:
+        from tokenmill.sim.hardware import measure_cpu
+
+        table["hardware"] = measure_cpu().to_dict()
+    return table

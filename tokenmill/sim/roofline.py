@@ -1,0 +1,251 @@
+"""Roofline cost model: per-operator FLOPs and bytes of a model shape on named hardware.
+
+Each operator of a step costs ``max(FLOPs / achievable FLOP/s, bytes /
+achievable bandwidth)``; a step is the sum of its operators, plus tensor-
+parallel all-reduces and a fixed per-step overhead:
+
+- per layer, four GEMMs (QKV, O, gate+up, down) over all new tokens: weight
+  bytes once per step plus activation bytes per token;
+- per layer, element-wise work (norms, rotary, SiLU-and-mul, residuals): bytes only;
+- per layer, attention split in two operators, because they sit on different
+  sides of the ridge: prefill attention (causal query-key pairs, compute
+  bound when long) and decode attention (one query over its whole context,
+  bound by reading the KV cache);
+- the LM head only for rows that sample;
+- with tensor parallelism ``tp``, weights, heads and KV heads are split over
+  ``tp`` devices (KV heads are replicated when there are fewer than ``tp``),
+  and each layer adds two ring all-reduces of the hidden states
+  (``2 (tp - 1) / tp`` of the message over the link, plus a latency floor).
+
+The dense part of a step depends only on (new tokens, sampling rows), so it
+is memoised; a multi-step decode plan is priced in closed form (attention
+grows linearly with the sub-step index), so a 200-step plan costs the same
+few operations as a single step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenmill.sim.cost_model import CostModel, StepFeatures
+from tokenmill.sim.hardware import Hardware
+from tokenmill.sim.model_spec import DTYPE_BYTES, ModelShape
+
+
+def sum_max_affine(p: float, q: float, r: float, s: float, k: int) -> float:
+    """``sum(max(p + q*j, r + s*j) for j in range(k))`` in closed form."""
+    if k <= 0:
+        return 0.0
+
+    def seg(a: float, b: float, lo: int, hi: int) -> float:  # sum of a + b*j, lo <= j < hi
+        n = hi - lo
+        return a * n + b * (lo + hi - 1) * n / 2 if n > 0 else 0.0
+
+    d0, dq = p - r, q - s  # (f - g)(j) = d0 + dq * j
+    if d0 >= 0 and dq >= 0:
+        return seg(p, q, 0, k)  # f wins throughout
+    if d0 <= 0 and dq <= 0:
+        return seg(r, s, 0, k)
+    # One flip, after the crossing point -d0/dq > 0.
+    j = min(int(-d0 / dq) + 1, k)
+    if d0 > 0:  # f wins up to the crossing
+        return seg(p, q, 0, j) + seg(r, s, j, k)
+    return seg(r, s, 0, j) + seg(p, q, j, k)
+
+
+class RooflineCostModel(CostModel):
+    name = "roofline"
+
+    def __init__(
+        self,
+        model: ModelShape,
+        hardware: Hardware,
+        tp: int = 1,
+        dtype: str = "bf16",
+        kv_dtype: str | None = None,
+        step_overhead: float | None = None,
+    ) -> None:
+        if tp < 1:
+            raise ValueError(f"tensor parallelism must be >= 1, got {tp}")
+        if model.num_heads % tp:
+            raise ValueError(f"{model.num_heads} attention heads do not split over tp={tp}")
+        self.model = model
+        self.hw = hardware
+        self.tp = tp
+        self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype
+        self.overhead = hardware.step_overhead if step_overhead is None else step_overhead
+        wb = DTYPE_BYTES[dtype]
+        ab = 4 if wb == 4 else 2  # activations stay in 16 bits unless the model runs in fp32
+        kb = DTYPE_BYTES[self.kv_dtype]
+        self.F = hardware.flops(dtype)
+        self.B = hardware.bandwidth
+        m = model
+        h, L = m.hidden_size, m.num_layers
+        heads = m.num_heads // tp
+        q = heads * m.head_dim
+        kv = -(-m.num_kv_heads // tp) * m.head_dim  # replicated when fewer KV heads than ranks
+        inter = m.intermediate_size // tp
+        # GEMMs per layer: (weight bytes, FLOPs per token, activation bytes per token).
+        self._gemms = [
+            (h * (q + 2 * kv) * wb, 2 * h * (q + 2 * kv), (h + q + 2 * kv) * ab),  # QKV
+            (q * h * wb, 2 * q * h, (q + h) * ab),  # O
+            (h * 2 * inter * wb, 2 * h * 2 * inter, (h + 2 * inter) * ab),  # gate + up
+            (inter * h * wb, 2 * inter * h, (inter + h) * ab),  # down
+        ]
+        self._elementwise_per_token = (10 * h + 3 * inter + 2 * (q + kv)) * ab
+        self._layers = L
+        # Attention: FLOPs per query-key pair (QK^T and PV), KV bytes per token, Q/O bytes per query.
+        self._att_flops_per_pair = 4 * m.head_dim * heads
+        self._kv_bytes_per_token = 2 * kv * kb
+        self._qo_bytes_per_query = (2 * q + 2 * kv) * ab
+        self._vocab = m.vocab_size // tp if m.vocab_size % tp == 0 else -(-m.vocab_size // tp)
+        self._lm_weight_bytes = h * self._vocab * wb
+        self._h, self._ab = h, ab
+        self._dense_cache: dict[tuple[int, int], float] = {}
+
+    # ----------------------------------------------------------- operators
+
+    def _gemm_time(self, tokens: int) -> tuple[float, float]:
+        """Per-layer (time, of which compute-bound share) of the four GEMMs over ``tokens`` rows."""
+        F, B = self.F, self.B
+        total = 0.0
+        compute = 0.0
+        for w, fl, act in self._gemms:
+            c = tokens * fl / F
+            mem = (w + tokens * act) / B
+            if c >= mem:
+                total += c
+                compute += c
+            else:
+                total += mem
+        return total, compute
+
+    def _allreduce_time(self, tokens: int, samples: int) -> float:
+        tp = self.tp
+        if tp == 1:
+            return 0.0
+        link, lat = self.hw.link_bandwidth, self.hw.allreduce_latency
+        msg = tokens * self._h * self._ab
+        per_layer = 2 * (lat + 2 * (tp - 1) / tp * msg / link)
+        logits = lat + (tp - 1) / tp * samples * self._vocab * tp * 4 / link
+        return self._layers * per_layer + logits
+
+    def _lm_head_time(self, samples: int) -> float:
+        if samples == 0:
+            return 0.0
+        c = 2 * samples * self._h * self._vocab / self.F
+        mem = (self._lm_weight_bytes + samples * (self._h * self._ab + self._vocab * 4)) / self.B
+        return max(c, mem)
+
+    def dense_time(self, tokens: int, samples: int) -> float:
+        """Everything but attention: GEMMs, element-wise, LM head, all-reduces, overhead."""
+        key = (tokens, samples)
+        t = self._dense_cache.get(key)
+        if t is None:
+            gemm, _ = self._gemm_time(tokens)
+            elem = tokens * self._elementwise_per_token / self.B
+            t = (
+                self._layers * (gemm + elem)
+                + self._lm_head_time(samples)
+                + self._allreduce_time(tokens, samples)
+                + self.overhead
+            )
+            self._dense_cache[key] = t
+        return t
+
+    def _prefill_attention_time(self, f: StepFeatures) -> float:
+        if f.prefill_tokens == 0:
+            return 0.0
+        c = f.prefill_pairs * self._att_flops_per_pair / self.F
+        mem = (f.prefill_kv * self._kv_bytes_per_token + f.prefill_tokens * self._qo_bytes_per_query) / self.B
+        return self._layers * max(c, mem)
+
+    def _decode_attention_time(self, num_decode: int, context: int) -> float:
+        if num_decode == 0:
+            return 0.0
+        c = context * self._att_flops_per_pair / self.F
+        mem = (context * self._kv_bytes_per_token + num_decode * self._qo_bytes_per_query) / self.B
+        return self._layers * max(c, mem)
+
+    # ------------------------------------------------------------ interface
+
+    def step_time(self, f: StepFeatures) -> float:
+        return (
+            self.dense_time(f.num_tokens, f.num_samples)
+            + self._prefill_attention_time(f)
+            + self._decode_attention_time(f.num_decode, f.decode_context)
+        )
+
+    def decode_time(self, num_seqs: int, context: int, num_steps: int) -> float:
+        if num_steps == 1:
+            return self.dense_time(num_seqs, num_seqs) + self._decode_attention_time(num_seqs, context)
+        dense = self.dense_time(num_seqs, num_seqs)
+        L, F, B = self._layers, self.F, self.B
+        # Decode attention at sub-step j: max(ctx_j * a / F, (ctx_j * kvb + n * qo) / B), ctx_j = context + j * n.
+        a, kvb = self._att_flops_per_pair, self._kv_bytes_per_token
+        qo = num_seqs * self._qo_bytes_per_query
+        att = sum_max_affine(
+            context * a / F, num_seqs * a / F, (context * kvb + qo) / B, num_seqs * kvb / B, num_steps
+        )
+        return num_steps * dense + L * att
+
+    def breakdown(self, f: StepFeatures) -> dict[str, dict[str, float]]:
+        """Per operator: compute time, memory time, and the time charged (their max); for tests and reports."""
+        F, B, L = self.F, self.B, self._layers
+        out: dict[str, dict[str, float]] = {}
+        names = ("qkv", "o_proj", "gate_up", "down")
+        for name, (w, fl, act) in zip(names, self._gemms, strict=True):
+            c, m = L * f.num_tokens * fl / F, L * (w + f.num_tokens * act) / B
+            out[name] = {"compute": c, "memory": m, "time": max(c, m)}
+        m = L * f.num_tokens * self._elementwise_per_token / B
+        out["elementwise"] = {"compute": 0.0, "memory": m, "time": m}
+        c = L * f.prefill_pairs * self._att_flops_per_pair / F
+        m = L * (f.prefill_kv * self._kv_bytes_per_token + f.prefill_tokens * self._qo_bytes_per_query) / B
+        out["attention_prefill"] = {"compute": c, "memory": m, "time": max(c, m) if f.prefill_tokens else 0.0}
+        c = L * f.decode_context * self._att_flops_per_pair / F
+        m = L * (f.decode_context * self._kv_bytes_per_token + f.num_decode * self._qo_bytes_per_query) / B
+        out["attention_decode"] = {"compute": c, "memory": m, "time": max(c, m) if f.num_decode else 0.0}
+        lm = self._lm_head_time(f.num_samples)
+        c = 2 * f.num_samples * self._h * self._vocab / F
+        out["lm_head"] = {"compute": c, "memory": lm if lm > c else 0.0, "time": lm}
+        ar = self._allreduce_time(f.num_tokens, f.num_samples)
+        out["allreduce"] = {"compute": 0.0, "memory": 0.0, "time": ar}
+        out["overhead"] = {"compute": 0.0, "memory": 0.0, "time": self.overhead}
+        return out
+
+    def weight_bytes_per_device(self) -> float:
+        wb = DTYPE_BYTES[self.dtype]
+        m = self.model
+        per_layer = sum(w for w, _, _ in self._gemms) + 2 * m.hidden_size * wb
+        emb = m.vocab_size * m.hidden_size * wb / self.tp
+        head = 0 if m.tie_word_embeddings else emb
+        return m.num_layers * per_layer + emb + head
+
+    def kv_bytes_per_token_per_device(self) -> int:
+        return self._layers * self._kv_bytes_per_token
+
+    def num_kv_blocks(self, block_size: int, memory_utilization: float = 0.9, activation_reserve: float = 0.02) -> int:
+        """KV blocks that fit per replica: device memory minus weights and an activation reserve."""
+        free = self.hw.mem_capacity * (memory_utilization - activation_reserve) - self.weight_bytes_per_device()
+        per_block = self.kv_bytes_per_token_per_device() * block_size
+        n = int(free // per_block)
+        if n < 1:
+            raise ValueError(
+                f"{self.model.name} does not fit on {self.hw.name} with tp={self.tp}: "
+                f"{self.weight_bytes_per_device() / 2**30:.1f} GiB of weights per device"
+            )
+        return n
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.model.name,
+            "hardware": self.hw.name,
+            "tp": self.tp,
+            "dtype": self.dtype,
+            "kv_dtype": self.kv_dtype,
+            "step_overhead_s": self.overhead,
+            "flops_efficiency": self.hw.flops_efficiency,
+            "bandwidth_efficiency": self.hw.bandwidth_efficiency,
+        }

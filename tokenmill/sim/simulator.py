@@ -1,0 +1,600 @@
+"""The event-driven twin: the core's schedulers and router in virtual time.
+
+Each replica is a real ``tokenmill.core.scheduler.Scheduler`` with a
+``SimExecutor``; a cluster puts ``core.router`` in front of them. Time jumps
+from event to event (a heap of plan ends and KV-transfer completions, merged
+with the sorted arrivals); nothing happens in between.
+
+Multi-step plans and arrivals. The scheduler may plan many decode steps at
+once when nothing can change; the simulator uses this to skip over long runs
+of decodes. Two modes decide how arrivals cut such runs:
+
+- ``ideal`` (default): the twin of an engine that admits a new request at the
+  next step boundary. When the replica's next arrival is known in advance
+  (one replica, or round-robin routing), the plan is capped with
+  ``max_steps`` so that it ends at the first sub-step boundary at or after
+  the arrival. When the router decides at arrival time, an arrival that lands
+  inside a plan cuts it there (``Scheduler.shorten_plan``). Tokens are
+  timestamped at their own sub-step's end.
+- ``engine``: the twin of an engine configured with ``max_decode_steps``,
+  which runs each plan to its end whatever arrives meanwhile and delivers its
+  tokens when the plan returns.
+
+Prefill/decode disaggregation (DistServe, Splitwise): a prefill pool runs
+each prompt with ``max_tokens=1``; its KV then travels to a decode replica
+(chosen by the decode pool's router) for ``latency + prompt_tokens *
+kv_bytes_per_token / bandwidth`` seconds, lands there as cached blocks in the
+replica's prefix cache, and the request joins the decode replica's queue with
+its first token appended; admission matches the landed blocks, so only the
+last partial block is recomputed. Link contention is not modelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.core.plan import SeqUpdate, StepPlan, StepResult
+from tokenmill.core.request import Request, SamplingParams
+from tokenmill.core.router import RoundRobinRouter, Router, make_router
+from tokenmill.core.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from tokenmill.executor.sim_executor import SimExecutor
+from tokenmill.sim.cost_model import CostModel
+from tokenmill.sim.metrics import LogHistogram, RequestRecords, summarize
+from tokenmill.sim.workload import RequestSpec, Workload
+
+_NAN = float("nan")
+_INF = float("inf")
+_REPLICA, _TRANSFER = 0, 1
+
+
+@dataclass
+class PoolConfig:
+    """A set of identical replicas: their scheduler, cost model, size and router."""
+
+    scheduler: SchedulerConfig
+    cost_model: CostModel
+    num_replicas: int = 1
+    router: str = "round_robin"
+    router_options: dict[str, Any] = field(default_factory=dict)
+    gpus_per_replica: int = 1
+
+
+@dataclass
+class SimConfig:
+    pool: PoolConfig  # colocated replicas, or the decode pool when ``prefill_pool`` is set
+    prefill_pool: PoolConfig | None = None
+    mode: str = "ideal"  # ideal | engine (see the module docstring)
+    kv_transfer_bandwidth: float = 50e9  # bytes/s per transfer (e.g. 400 Gb/s InfiniBand per GPU)
+    kv_transfer_latency: float = 1e-3  # seconds per transfer
+    kv_bytes_per_token: float = 0.0  # bytes of KV per prompt token that a transfer moves
+    ttft_slo: float | None = None  # run-wide SLOs (else each request's own)
+    tpot_slo: float | None = None
+    num_samples: int = 400  # points of the KV-usage and queue-depth time series per replica
+    token_id: int = 0  # the token the simulated executor samples
+    record_plans: bool = False  # keep (replica, plan summary) per completed plan, for replay checks
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("ideal", "engine"):
+            raise ValueError(f"mode must be 'ideal' or 'engine', got {self.mode!r}")
+
+
+class _Track:
+    """A request's progress, for its metrics."""
+
+    __slots__ = ("index", "spec", "first", "last", "n_out", "preemptions", "cached")
+
+    def __init__(self, index: int, spec: RequestSpec) -> None:
+        self.index = index
+        self.spec = spec
+        self.first = -1.0
+        self.last = 0.0
+        self.n_out = 0
+        self.preemptions = 0
+        self.cached = 0
+
+
+class Replica:
+    __slots__ = ("index", "role", "sched", "executor", "cm", "plan", "result", "t0", "end", "version",
+                 "active", "known", "arr_pos", "next_sample", "series", "busy_time", "num_plans",
+                 "num_steps", "num_cuts", "gpus", "_kmax", "_budget", "_max_seqs")  # fmt: skip
+
+    def __init__(self, index: int, role: str, pool: PoolConfig, token_id: int) -> None:
+        self.index = index
+        self.role = role
+        self.sched = Scheduler(dataclasses.replace(pool.scheduler, policy_options=dict(pool.scheduler.policy_options)))
+        self.cm = pool.cost_model
+        self.executor = SimExecutor(pool.cost_model, token_id)
+        self.plan: StepPlan | None = None
+        self.result: StepResult | None = None
+        self.t0 = 0.0
+        self.end = 0.0
+        self.version = 0
+        self.active = False
+        self.known: list[float] | None = None  # this replica's arrival times, when known in advance
+        self.arr_pos = 0
+        self.next_sample = 0.0
+        self.series: list[tuple[float, float, int, int]] = []  # (t, kv usage, waiting, running)
+        self.busy_time = 0.0
+        self.num_plans = 0
+        self.num_steps = 0
+        self.num_cuts = 0
+        self.gpus = pool.gpus_per_replica
+        cfg = self.sched.config
+        self._kmax = cfg.max_decode_steps
+        self._budget = cfg.max_num_batched_tokens
+        self._max_seqs = cfg.max_num_seqs
+
+
+@dataclass
+class SimResult:
+    summary: dict[str, Any]
+    records: RequestRecords
+    itl: LogHistogram
+    replicas: list[dict[str, Any]]
+    series: dict[str, list[float]]
+    throughput_series: dict[str, list[float]]
+    wall_time: float
+    num_plans: int
+    num_steps: int
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "summary": self.summary,
+            "config": self.config,
+            "replicas": self.replicas,
+            "series": self.series,
+            "throughput_series": self.throughput_series,
+            "sim": {"wall_time_s": self.wall_time, "num_plans": self.num_plans, "num_steps": self.num_steps,
+                    "requests_per_wall_s": self.summary.get("completed", 0) / max(self.wall_time, 1e-9),
+                    "steps_per_wall_s": self.num_steps / max(self.wall_time, 1e-9)},  # fmt: skip
+        }
+
+
+def steps_until(cm: CostModel, num_seqs: int, context: int, horizon: float, kmax: int) -> int:
+    """Smallest k <= kmax with ``decode_time(k) >= horizon`` (kmax when none is)."""
+    dt = cm.decode_time
+    d1 = dt(num_seqs, context, 1)
+    if d1 >= horizon or kmax <= 1:
+        return 1
+    k = min(int(horizon / d1) + 1, kmax)
+    # Sub-steps only get slower as context grows, so D(k) >= k * d1 >= horizon usually holds here;
+    # a noisy profiled table may break that, hence the doubling.
+    while dt(num_seqs, context, k) < horizon:
+        if k >= kmax:
+            return kmax
+        k = min(2 * k, kmax)
+    if dt(num_seqs, context, k - 1) < horizon:
+        return k
+    lo, hi = 1, k - 1  # D(lo) < horizon <= D(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if dt(num_seqs, context, mid) >= horizon:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+class Simulator:
+    def __init__(self, workload: Workload, config: SimConfig, progress: Callable[[int, int], None] | None = None) -> None:
+        self.workload = workload
+        self.config = config
+        self.ideal = config.mode == "ideal"
+        self.disagg = config.prefill_pool is not None
+        dpool = config.pool
+        self.replicas = [Replica(i, "decode" if self.disagg else "both", dpool, config.token_id)
+                         for i in range(dpool.num_replicas)]  # fmt: skip
+        self.router = make_router(dpool.router, dpool.num_replicas, **dpool.router_options)
+        self.prefill: list[Replica] = []
+        self.prefill_router: Router | None = None
+        if config.prefill_pool is not None:
+            pp = config.prefill_pool
+            base = len(self.replicas)
+            self.prefill = [Replica(base + i, "prefill", pp, config.token_id) for i in range(pp.num_replicas)]
+            self.prefill_router = make_router(pp.router, pp.num_replicas, **pp.router_options)
+            for r in self.replicas:
+                if r.sched.kv.cache is None:
+                    raise ValueError("disaggregated decode replicas need prefix caching: transferred KV lands in it")
+        self.entry = self.prefill if self.disagg else self.replicas
+        self.entry_router = self.prefill_router if self.prefill_router is not None else self.router
+        self.heap: list[tuple[float, int, int, Any, int]] = []
+        self._seq = itertools.count()
+        self.tracks: dict[str, _Track] = {}
+        self.records = RequestRecords()
+        self.itl = LogHistogram()
+        self.num_rejected = 0
+        self.num_import_failures = 0
+        self.num_transfers = 0
+        self.progress = progress
+        self.plan_log: list[tuple[int, tuple]] = []
+        self._record = config.record_plans
+        self._params: dict[int, SamplingParams] = {}
+        self._prefill_params = SamplingParams(max_tokens=1, ignore_eos=True)
+        horizon = max(workload.duration, 1e-3)
+        self.sample_interval = horizon / max(config.num_samples, 1)
+        self.bin_width = horizon / 200
+        self.token_bins: dict[int, int] = {}
+        self._plan_known_arrivals()
+
+    def _plan_known_arrivals(self) -> None:
+        # Routing that depends only on arrival order can be done ahead, which lets
+        # each replica cap its plans at its own next arrival instead of being cut.
+        if not self.ideal:
+            return
+        pool, router = self.entry, self.entry_router
+        if isinstance(router, RoundRobinRouter) or len(pool) == 1:
+            n = len(pool)
+            times = [s.arrival for s in self.workload.requests]
+            for r, rep in enumerate(pool):
+                rep.known = times[r::n]
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> SimResult:
+        # A long run holds millions of small objects (requests, radix-tree nodes,
+        # block keys) that the cyclic collector would rescan over and over, for a
+        # third of the run time; the simulator's objects are freed by reference
+        # counting, so the collector is paused for the run and restored after.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run()
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _run(self) -> SimResult:
+        wall0 = time.perf_counter()
+        specs = self.workload.requests
+        n = len(specs)
+        heap = self.heap
+        pop = heapq.heappop
+        on_replica = self._on_replica
+        i = 0
+        next_arr = specs[0].arrival if n else _INF
+        while True:
+            if heap and heap[0][0] < next_arr:
+                t, _, kind, obj, version = pop(heap)
+                if kind == _REPLICA:
+                    if version == obj.version:
+                        on_replica(obj, t)
+                else:
+                    self._on_transfer(t, *obj)
+                continue
+            if i >= n:
+                break
+            self._arrive(i, specs[i], next_arr)
+            i += 1
+            next_arr = specs[i].arrival if i < n else _INF
+        return self._result(time.perf_counter() - wall0)
+
+    # -------------------------------------------------------------- arrivals
+
+    def _params_for(self, output_len: int) -> SamplingParams:
+        p = self._params.get(output_len)
+        if p is None:
+            p = self._params[output_len] = SamplingParams(max_tokens=output_len, ignore_eos=True)
+        return p
+
+    def _arrive(self, index: int, spec: RequestSpec, t: float) -> None:
+        rid = str(index)
+        params = self._prefill_params if self.disagg else self._params_for(spec.output_len)
+        req = Request(rid, self.workload.prompt_tokens(index, spec), params, arrival_time=t,
+                      client_id=spec.client, cache_namespace=spec.namespace, ttft_slo=spec.ttft_slo,
+                      tpot_slo=spec.tpot_slo, predicted_output_len=spec.output_len)  # fmt: skip
+        router = self.entry_router
+        assert router is not None
+        rep = self.entry[router.route(req)]
+        rep.arr_pos += 1
+        try:
+            rep.sched.add_request(req, t)
+        except (ValueError, QueueFullError):
+            router.on_finished(req)
+            self.num_rejected += 1
+            return
+        self.tracks[rid] = _Track(index, spec)
+        self._wake(rep, t)
+
+    def _wake(self, rep: Replica, t: float) -> None:
+        """A request reached ``rep`` at ``t``: start it if idle, or cut its plan at the next boundary."""
+        if not rep.active:
+            rep.active = True
+            heapq.heappush(self.heap, (t, next(self._seq), _REPLICA, rep, rep.version))
+            return
+        plan = rep.plan
+        if plan is None or plan.num_steps == 1 or not self.ideal or rep.end <= t or rep.known is not None:
+            return
+        n = len(plan.seqs)
+        ctx = n
+        for s in plan.seqs:
+            ctx += s.start_pos
+        k = steps_until(rep.cm, n, ctx, t - rep.t0, plan.num_steps)
+        if k < plan.num_steps:
+            self._cut(rep, plan, k)
+
+    def _cut(self, rep: Replica, plan: StepPlan, k: int) -> None:
+        rep.sched.shorten_plan(plan, k)
+        result = rep.executor.execute(plan)
+        rep.result = result
+        rep.end = rep.t0 + (result.duration or 0.0)
+        rep.version += 1
+        rep.num_cuts += 1
+        heapq.heappush(self.heap, (rep.end, next(self._seq), _REPLICA, rep, rep.version))
+
+    # ---------------------------------------------------------------- plans
+
+    def _on_replica(self, rep: Replica, t: float) -> None:
+        plan = rep.plan
+        if plan is not None:
+            result = rep.result
+            assert result is not None
+            if self._record:
+                self.plan_log.append((rep.index, plan.summary()))
+            updates = rep.sched.update(plan, result)
+            rep.cm.on_plan_done(plan)
+            self._account(rep, plan, result.duration or 0.0, updates)
+            rep.plan = None
+        self._start(rep, t)
+
+    def _start(self, rep: Replica, t: float) -> None:
+        sched = rep.sched
+        if not sched.requests:
+            rep.active = False
+            return
+        if t >= rep.next_sample:
+            rep.series.append((t, sched.kv.usage, len(sched.waiting), len(sched.running)))
+            rep.next_sample = t + self.sample_interval
+        cap = None
+        m = 0
+        known = rep.known
+        if known is not None and rep.arr_pos < len(known):
+            cap, m = self._cap(rep, t, known[rep.arr_pos])
+        plan = sched.schedule(t, cap)
+        if plan.is_empty:
+            rep.active = False  # nothing can run until something arrives
+            return
+        result = rep.executor.execute(plan)
+        if plan.num_steps > 1 and cap is not None and len(plan.seqs) != m:
+            # Someone was admitted into a multi-step plan, so the cap was priced on the
+            # wrong batch: re-check it on the real one.
+            ctx = len(plan.seqs) + sum(s.start_pos for s in plan.seqs)
+            k = steps_until(rep.cm, len(plan.seqs), ctx, known[rep.arr_pos] - t, plan.num_steps)  # type: ignore[index]
+            if k < plan.num_steps:
+                sched.shorten_plan(plan, k)
+                result = rep.executor.execute(plan)
+        rep.plan = plan
+        rep.result = result
+        rep.t0 = t
+        rep.end = end = t + (result.duration or 0.0)
+        heapq.heappush(self.heap, (end, next(self._seq), _REPLICA, rep, rep.version))
+
+    def _cap(self, rep: Replica, t: float, t_next: float) -> tuple[int, int]:
+        """``max_steps`` so that a decode run ends at the first boundary at or after ``t_next``.
+
+        A multi-step plan can only consist of the running requests' decodes
+        (any prefill chunk, preemption or admission forces a single step), so
+        it is priced on them before scheduling. Returns (cap, batch size priced).
+        """
+        sched = rep.sched
+        running = sched.running
+        if not running or (sched.waiting and len(running) < rep._max_seqs):
+            return 1, 0
+        m = len(running)
+        if m > rep._budget:
+            m = rep._budget
+            running = running[:m]
+        ctx = 0
+        for r in running:
+            nt = len(r.prompt_token_ids) + len(r.output_token_ids)
+            if r.num_computed_tokens != nt - 1:
+                return 1, 0
+            ctx += nt
+        return steps_until(rep.cm, m, ctx, t_next - t, rep._kmax), m
+
+    def _account(self, rep: Replica, plan: StepPlan, dur: float, updates: list[SeqUpdate]) -> None:
+        """Token timestamps, ITL, finishes for a completed plan."""
+        k = plan.num_steps
+        t0 = rep.t0
+        end = t0 + dur
+        rep.busy_time += dur
+        rep.num_plans += 1
+        rep.num_steps += k
+        if self.ideal:
+            sub = dur / k
+        else:
+            sub = 0.0
+        tracks = self.tracks
+        itl = self.itl
+        same = 0  # gaps equal to one sub-step, added to the histogram in one go
+        n_tokens = 0
+        for u in updates:
+            n_new = len(u.new_token_ids)
+            if not n_new:
+                continue
+            n_tokens += n_new
+            req = u.request
+            tr = tracks[req.request_id]
+            if self.ideal:
+                t_first = t0 + sub
+                t_last = t0 + sub * n_new
+            else:
+                t_first = t_last = end
+            if tr.first < 0:
+                tr.first = t_first
+                tr.cached = max(req.num_cached_tokens, 0)
+            else:
+                gap = t_first - tr.last
+                if abs(gap - sub) <= 1e-12 * (1.0 + sub):
+                    same += 1
+                else:
+                    itl.add(gap)
+            same += n_new - 1
+            tr.last = t_last
+            tr.n_out += n_new
+            if u.finished:
+                tr.preemptions += req.num_preemptions
+                self._finished(rep, tr, req, t_last)
+        if same:
+            itl.add(sub, same)
+        if n_tokens:
+            b = int(end / self.bin_width)
+            self.token_bins[b] = self.token_bins.get(b, 0) + n_tokens
+
+    def _finished(self, rep: Replica, tr: _Track, req: Request, t: float) -> None:
+        rid = req.request_id
+        if rep.role == "prefill":
+            assert self.prefill_router is not None
+            self.prefill_router.on_finished(req)
+            if tr.spec.output_len > 1:
+                self._start_transfer(tr, req, t)
+                return
+        else:
+            self.router.on_finished(req)
+        del self.tracks[rid]
+        spec = tr.spec
+        rec = self.records
+        rec.index.append(tr.index)
+        rec.arrival.append(spec.arrival)
+        rec.first_token.append(tr.first)
+        rec.finish.append(t)
+        rec.prompt_len.append(spec.prompt_len)
+        rec.output_len.append(tr.n_out)
+        rec.ttft_slo.append(_NAN if spec.ttft_slo is None else spec.ttft_slo)
+        rec.tpot_slo.append(_NAN if spec.tpot_slo is None else spec.tpot_slo)
+        rec.client.append(spec.client)
+        rec.slo_class.append(spec.slo_class)
+        rec.preemptions.append(tr.preemptions)
+        rec.cached_tokens.append(tr.cached)
+        if self.progress is not None:
+            self.progress(len(rec), self.num_rejected)
+
+    # ------------------------------------------------------ disaggregation
+
+    def _start_transfer(self, tr: _Track, req: Request, t: float) -> None:
+        spec = tr.spec
+        tokens = req.prompt_token_ids + req.output_token_ids
+        dreq = Request(req.request_id, tokens, self._params_for(spec.output_len - 1), arrival_time=t,
+                       client_id=spec.client, cache_namespace=spec.namespace, ttft_slo=spec.ttft_slo,
+                       tpot_slo=spec.tpot_slo, predicted_output_len=spec.output_len - 1)  # fmt: skip
+        d = self.router.route(dreq)
+        cfg = self.config
+        delay = cfg.kv_transfer_latency + spec.prompt_len * cfg.kv_bytes_per_token / cfg.kv_transfer_bandwidth
+        self.num_transfers += 1
+        heapq.heappush(self.heap, (t + delay, next(self._seq), _TRANSFER, (tr, dreq, self.replicas[d]), 0))
+
+    def _on_transfer(self, t: float, tr: _Track, req: Request, rep: Replica) -> None:
+        kv = rep.sched.kv
+        bs = kv.block_size
+        n_full = (req.num_prompt_tokens - 1) // bs * bs  # what admission can match
+        if n_full:
+            tmp = Request("\x00kv-import", req.prompt_token_ids[:n_full], self._prefill_params,
+                          cache_namespace=req.cache_namespace)  # fmt: skip
+            if kv.allocate_slots(tmp, n_full):
+                kv.cache_blocks(tmp, n_full)
+                kv.free(tmp)
+            else:
+                self.num_import_failures += 1  # no room: the decode replica recomputes the prompt
+        req.arrival_time = t
+        try:
+            rep.sched.add_request(req, t)
+        except (ValueError, QueueFullError):
+            self.router.on_finished(req)
+            self.num_rejected += 1
+            del self.tracks[req.request_id]
+            return
+        self._wake(rep, t)
+
+    # --------------------------------------------------------------- result
+
+    def _result(self, wall: float) -> SimResult:
+        cfg = self.config
+        summary = summarize(self.records, self.itl, cfg.ttft_slo, cfg.tpot_slo, self.num_rejected)
+        everyone = self.replicas + self.prefill
+        gpus = sum(r.gpus for r in everyone)
+        duration = summary.get("duration_s") or 0.0
+        summary["num_gpus"] = gpus
+        summary["goodput_per_gpu"] = summary.get("goodput", 0.0) / gpus if gpus else 0.0
+        summary["unfinished"] = len(self.tracks)
+        if self.disagg:
+            summary["kv_transfers"] = self.num_transfers
+            summary["kv_import_failures"] = self.num_import_failures
+        reps = []
+        for r in everyone:
+            st = r.sched.stats()
+            reps.append({
+                "index": r.index, "role": r.role, "plans": r.num_plans, "steps": r.num_steps,
+                "cut_plans": r.num_cuts, "busy_fraction": r.busy_time / duration if duration else 0.0,
+                "preemptions": st.num_preemptions, "num_blocks": st.num_blocks,
+                "prefix_hit_rate": st.prefix_hit_tokens / st.prefix_query_tokens if st.prefix_query_tokens else 0.0,
+                "evicted_blocks": st.num_evicted_blocks,
+            })  # fmt: skip
+        series = self._merge_series(everyone)
+        width = self.bin_width
+        tb = sorted(self.token_bins.items())
+        throughput = {"t": [b * width for b, _ in tb], "output_tokens_per_s": [c / width for _, c in tb]}
+        num_plans = sum(r.num_plans for r in everyone)
+        num_steps = sum(r.num_steps for r in everyone)
+        config = {
+            "mode": cfg.mode,
+            "pool": _pool_desc(cfg.pool),
+            "prefill_pool": _pool_desc(cfg.prefill_pool) if cfg.prefill_pool else None,
+            "kv_transfer_bandwidth": cfg.kv_transfer_bandwidth if self.disagg else None,
+            "workload": self.workload.summary(),
+        }
+        return SimResult(summary, self.records, self.itl, reps, series, throughput, wall, num_plans, num_steps, config)
+
+    def _merge_series(self, reps: list[Replica]) -> dict[str, list[float]]:
+        """Cluster-wide time series on a common grid: mean KV usage, total waiting and running."""
+        width = self.sample_interval
+        if not any(r.series for r in reps):
+            return {"t": [], "kv_usage": [], "waiting": [], "running": []}
+        end = max(r.series[-1][0] for r in reps if r.series)
+        nb = int(end / width) + 1
+        kv = [0.0] * nb
+        waiting = [0.0] * nb
+        running = [0.0] * nb
+        for r in reps:
+            # Carry each replica's last sample forward, so idle stretches count.
+            last = (0.0, 0, 0)
+            pts = iter(r.series)
+            nxt = next(pts, None)
+            for b in range(nb):
+                tb = (b + 1) * width
+                while nxt is not None and nxt[0] < tb:
+                    last = nxt[1:]
+                    nxt = next(pts, None)
+                kv[b] += last[0]
+                waiting[b] += last[1]
+                running[b] += last[2]
+        nr = len(reps)
+        return {"t": [b * width for b in range(nb)], "kv_usage": [x / nr for x in kv],
+                "waiting": waiting, "running": running}  # fmt: skip
+
+
+def _pool_desc(p: PoolConfig | None) -> dict[str, Any] | None:
+    if p is None:
+        return None
+    s = p.scheduler
+    return {
+        "num_replicas": p.num_replicas,
+        "router": p.router,
+        "gpus_per_replica": p.gpus_per_replica,
+        "cost_model": p.cost_model.describe(),
+        "scheduler": {"num_blocks": s.num_blocks, "block_size": s.block_size, "max_num_seqs": s.max_num_seqs,
+                      "max_num_batched_tokens": s.max_num_batched_tokens, "max_model_len": s.max_model_len,
+                      "enable_prefix_caching": s.enable_prefix_caching, "enable_chunked_prefill": s.enable_chunked_prefill,
+                      "max_decode_steps": s.max_decode_steps, "policy": s.policy},  # fmt: skip
+    }
+
+
+def simulate(workload: Workload, config: SimConfig, progress: Callable[[int, int], None] | None = None) -> SimResult:
+    return Simulator(workload, config, progress).run()
+

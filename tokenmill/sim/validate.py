@@ -1,0 +1,160 @@
+"""``tokenmill sim validate``: the twin against the real engine on the same workload.
+
+1. Profile the model's executor on a grid (or load a profile) for the
+   profiled cost model.
+2. Run a Poisson workload on the real ``Engine`` with the wall clock: each
+   request is added when its arrival time comes, the loop steps while there
+   is work and sleeps until the next arrival when there is none; TTFT and
+   TPOT come from the times at which ``step()`` returns each request's tokens.
+3. Run the same workload in the twin, with the engine's own scheduler
+   configuration (same KV blocks) and the profiled cost model, in ``engine``
+   mode (the engine plans up to ``max_decode_steps`` decodes blind to arrivals
+   and hands tokens out when a plan returns).
+4. Report mean and p90 TTFT and TPOT and output throughput from both, and
+   the twin's relative error on each.
+
+Timings on a shared CPU are noisy; torch runs with ``threads`` threads
+(default 1, which keeps step times stable when other processes compete for
+the cores) in both the profile and the real run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from tokenmill.core.request import SamplingParams
+from tokenmill.sim import workload as W
+from tokenmill.sim.profiled import ProfiledCostModel
+from tokenmill.sim.simulator import PoolConfig, SimConfig, simulate
+
+
+def run_engine(engine: Any, wl: W.Workload, clock: Callable[[], float] = time.perf_counter) -> dict[str, np.ndarray]:
+    """Serve ``wl`` on a real engine in wall time; per-request arrival, first-token and finish times."""
+    n = len(wl.requests)
+    arrival = np.array([r.arrival for r in wl.requests])
+    first = np.full(n, np.nan)
+    finish = np.full(n, np.nan)
+    n_out = np.zeros(n, dtype=np.int64)
+    start = clock()
+    i = 0
+    while i < n or engine.has_unfinished():
+        now = clock() - start
+        while i < n and arrival[i] <= now:
+            spec = wl.requests[i]
+            engine.add_request(str(i), wl.prompt_tokens(i, spec),
+                               SamplingParams(max_tokens=spec.output_len, ignore_eos=True, temperature=0.0))  # fmt: skip
+            i += 1
+        if not engine.has_unfinished():
+            if i < n:
+                time.sleep(max(0.0, arrival[i] - (clock() - start)))
+            continue
+        outputs = engine.step()
+        t = clock() - start
+        for out in outputs:
+            k = int(out.request_id)
+            c = out.outputs[0]
+            if c.token_ids and np.isnan(first[k]):
+                first[k] = t
+            n_out[k] = len(c.token_ids)
+            if out.finished:
+                finish[k] = t
+    return {"arrival": arrival, "first": first, "finish": finish, "n_out": n_out}
+
+
+def metrics_from_times(arrival: np.ndarray, first: np.ndarray, finish: np.ndarray, n_out: np.ndarray) -> dict[str, float]:
+    ttft = first - arrival
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(n_out > 1, (finish - first) / np.maximum(n_out - 1, 1), np.nan)
+    tpot = tpot[~np.isnan(tpot)]
+    duration = float(np.nanmax(finish) - arrival.min())
+    return {
+        "ttft_mean_ms": float(np.nanmean(ttft)) * 1000,
+        "ttft_p90_ms": float(np.nanpercentile(ttft, 90)) * 1000,
+        "tpot_mean_ms": float(tpot.mean()) * 1000 if tpot.size else float("nan"),
+        "tpot_p90_ms": float(np.percentile(tpot, 90)) * 1000 if tpot.size else float("nan"),
+        "output_throughput": float(n_out.sum()) / duration,
+        "request_throughput": len(arrival) / duration,
+        "duration_s": duration,
+    }
+
+
+def compare(real: dict[str, float], twin: dict[str, float]) -> dict[str, float]:
+    """Relative error of the twin on each metric, in percent."""
+    return {k: 100.0 * (twin[k] - real[k]) / real[k] for k in real if real[k] and np.isfinite(real[k])}
+
+
+def validate(
+    model: str | None = None,
+    profile: str | dict[str, Any] | None = None,
+    num_requests: int = 60,
+    rate: float = 2.0,
+    prompt_len: str = "lognormal:96,0.5",
+    output_len: str = "lognormal:48,0.5",
+    kv_cache_memory: int = 256 << 20,
+    block_size: int = 16,
+    max_num_batched_tokens: int = 512,
+    max_num_seqs: int = 32,
+    max_decode_steps: int = 8,
+    dtype: str = "float32",
+    threads: int = 1,
+    seed: int = 0,
+    grid: str | dict[str, list[int]] = "quick",
+    repeats: int = 3,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the real engine and the twin on the same workload; return both metric sets and the errors."""
+    import torch
+
+    from tokenmill.engine import Engine, EngineConfig, resolve_model_path
+
+    torch.set_num_threads(threads)
+    path = resolve_model_path(model)
+    if profile is None:
+        from tokenmill.sim.profiler import profile_model
+
+        log(f"profiling {path} ({grid} grid)...")
+        table = profile_model(path, grid=grid, dtype=dtype, block_size=block_size,
+                              max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                              repeats=repeats)  # fmt: skip
+    elif isinstance(profile, dict):
+        table = profile
+    else:
+        import json
+        from pathlib import Path
+
+        table = json.loads(Path(profile).read_text())
+    cm = ProfiledCostModel(table)
+    engine = Engine(EngineConfig(model=path, dtype=dtype, kv_cache_memory=kv_cache_memory, block_size=block_size,
+                                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                 max_decode_steps=max_decode_steps))  # fmt: skip
+    wl = W.synthetic(num_requests, rate, prompt_len, output_len, vocab_size=engine.vocab_size, seed=seed)
+    wl.clip(engine.max_model_len - 1)
+    log(f"real engine: {num_requests} requests at {rate} req/s...")
+    t0 = time.perf_counter()
+    times = run_engine(engine, wl)
+    real_wall = time.perf_counter() - t0
+    real = metrics_from_times(times["arrival"], times["first"], times["finish"], times["n_out"])
+    sched_cfg = dataclasses.replace(engine.scheduler.config)
+    res = simulate(wl, SimConfig(PoolConfig(sched_cfg, cm), mode="engine"))
+    rec = res.records
+    order = np.argsort(np.array(rec.index))
+    twin = metrics_from_times(np.array(rec.arrival)[order], np.array(rec.first_token)[order],
+                              np.array(rec.finish)[order], np.array(rec.output_len)[order])  # fmt: skip
+    return {
+        "model": str(path),
+        "workload": wl.summary(),
+        "engine": {"kv_cache_memory": kv_cache_memory, "num_blocks": sched_cfg.num_blocks, "block_size": block_size,
+                   "max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": max_num_seqs,
+                   "max_decode_steps": max_decode_steps, "dtype": dtype, "threads": threads},  # fmt: skip
+        "real": real,
+        "twin": twin,
+        "error_pct": compare(real, twin),
+        "real_wall_s": real_wall,
+        "twin_wall_s": res.wall_time,
+        "profile": cm.describe(),
+    }
