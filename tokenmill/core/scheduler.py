@@ -213,8 +213,10 @@ class Scheduler:
             budget -= n
             i += 1
 
-        # 2. Waiting requests, in policy order (none while we are preempting).
-        if not preempted and self.waiting:
+        # 2. Waiting requests, in policy order (none while we are preempting). When
+        # nothing could be admitted, do not ask the policy to order the queue: for
+        # cache-aware policies that costs a prefix match per waiting request.
+        if not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             admitted = self._admit(now, budget, seqs)
             if admitted:
                 admitted_set = set(map(id, admitted))
