@@ -61,12 +61,11 @@ class DLPMPolicy(SchedulingPolicy):
         for c, d in self.deficits.items():
             if d > 0 and c not in clients:
                 self.deficits[c] = 0.0  # no banked credit while idle
-        order, hit = lpm_order(waiting, sched, self.max_sort_len)
+        remaining, hit = lpm_order(waiting, sched, self.max_sort_len)
         self.in_batch.new_step()
-        remaining = [r for r in order if not self.in_batch.hold_back(r, None if hit is None else hit[id(r)])]
         while remaining:
-            pick = next((r for r in remaining if self.deficits[r.client_id] > 0), None)
-            if pick is None:
+            i = next((i for i, r in enumerate(remaining) if self.deficits[r.client_id] > 0), None)
+            if i is None:
                 # Every waiting client is out of credit: refill all of them by
                 # the quantum, as many rounds as the least indebted one needs.
                 waiting_clients = {r.client_id for r in remaining}
@@ -74,7 +73,9 @@ class DLPMPolicy(SchedulingPolicy):
                 for c in waiting_clients:
                     self.deficits[c] += rounds * self.quantum
                 continue
-            remaining.remove(pick)
+            pick = remaining.pop(i)
+            if self.in_batch.hold_back(pick, None if hit is None else hit[id(pick)]):
+                continue  # its prefix is being computed in this step: it waits a step
             yield pick  # on_admitted charges the client before we pick again
 
     def on_admitted(self, req: Request, now: float) -> None:
