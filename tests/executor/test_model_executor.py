@@ -153,3 +153,12 @@ def test_multi_step_penalties_seeds_and_logprobs_equal_single_steps(model_dir: P
 def test_empty_plan(model_dir: Path) -> None:
     result = make_executor(model_dir).execute(StepPlan(0, 0.0, []))
     assert result.sampled_token_ids == {} and result.duration is not None
+
+
+def test_bad_block_tables_are_refused(model_dir: Path) -> None:
+    ex = make_executor(model_dir)
+    req = new_request("a")
+    with pytest.raises(ValueError, match="blocks"):
+        ex.execute(StepPlan(0, 0.0, [ScheduledSeq(req, 0, 11, [1, 2], True)]))  # needs 3
+    with pytest.raises(ValueError, match="blocks"):
+        ex.execute(StepPlan(0, 0.0, [ScheduledSeq(req, 0, 11, [1, 2, ex.num_blocks], True)]))

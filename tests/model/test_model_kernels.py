@@ -182,3 +182,18 @@ def test_argmax_rows_matches_torch_including_ties() -> None:
     ties[0, [5, 40, 70]] = 3.0  # first occurrence wins, in the vector lanes and the tail
     ties[1, [97, 99]] = 1.0
     assert torch.ops.tokenmill.argmax_rows(ties).tolist() == [5, 97]
+
+
+def test_kernels_refuse_out_of_range_blocks_and_slots() -> None:
+    kv = torch.zeros(kv_cache_shape(4, 16, 1, 16))
+    q = torch.randn(1, 2, 16)
+    meta = AttentionMetadata(
+        torch.tensor([0, 1], dtype=torch.int32), torch.tensor([20], dtype=torch.int32),
+        torch.tensor([[0, 4]], dtype=torch.int32), torch.zeros(1, dtype=torch.long), 1, 20,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        CpuKernelOps.attention(q, kv, meta, 0.25)
+    cos_sin = cos_sin_cache(RopeConfig(), 16, 64)
+    qkv = torch.randn(1, 4 * 16)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        CpuKernelOps.rope_write_kv(qkv, torch.tensor([3]), cos_sin, kv, torch.tensor([64]), 2, 1)

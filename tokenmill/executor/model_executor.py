@@ -131,7 +131,6 @@ class ModelExecutor:
 
     def _first_batch(self, seqs: list[ScheduledSeq]) -> _Batch:
         b = _Batch()
-        bs = self.block_size
         for s in seqs:
             n = s.num_new_tokens
             end = s.start_pos + n
@@ -139,24 +138,34 @@ class ModelExecutor:
             b.positions.extend(range(s.start_pos, end))
             b.query_start.append(b.query_start[-1] + n)
             b.seq_lens.append(end)
-            b.block_rows.append(s.block_ids[: (end + bs - 1) // bs])
+            b.block_rows.append(self._blocks(s, end))
             if s.samples:
                 b.sample_rows.append(b.query_start[-1] - 1)
         return b
+
+    def _blocks(self, seq: ScheduledSeq, length: int) -> list[int]:
+        """The blocks holding a sequence's first ``length`` tokens, checked against the cache."""
+        n = (length + self.block_size - 1) // self.block_size
+        blocks = seq.block_ids[:n]
+        if len(blocks) < n or (blocks and (max(blocks) >= self.num_blocks or min(blocks) < 0)):
+            raise ValueError(
+                f"request {seq.request_id!r}: {length} tokens need {n} blocks of "
+                f"{self.block_size} in [0, {self.num_blocks}), got {seq.block_ids[: n + 1]}"
+            )
+        return blocks
 
     def _decode_batch(
         self, samplers: list[ScheduledSeq], sampled: dict[str, list[int]], step: int
     ) -> _Batch:
         # sub-step ``step`` feeds the token sampled in sub-step ``step - 1``
         b = _Batch()
-        bs = self.block_size
         for i, s in enumerate(samplers):
             pos = s.start_pos + s.num_new_tokens + step - 1
             b.input_ids.append(sampled[s.request_id][-1])
             b.positions.append(pos)
             b.query_start.append(i + 1)
             b.seq_lens.append(pos + 1)
-            b.block_rows.append(s.block_ids[: pos // bs + 1])
+            b.block_rows.append(self._blocks(s, pos + 1))
             b.sample_rows.append(i)
         return b
 

@@ -193,6 +193,14 @@ void paged_attention_impl(const Tensor& q, const Tensor& kv_cache, const Tensor&
   int64_t work = 0;
   for (int64_t b = 0; b < num_seqs; ++b) {
     const int32_t nq_total = qsl[b + 1] - qsl[b];
+    // a bad table entry would read outside the cache: check the blocks this sequence uses
+    TORCH_CHECK(nq_total >= 0 && nq_total <= sl[b] && qsl[b + 1] <= q.size(0),
+                "paged_attention: bad query_start_loc / seq_lens for sequence ", b);
+    TORCH_CHECK((sl[b] + g.block_size - 1) / g.block_size <= block_tables.size(1),
+                "paged_attention: block table of sequence ", b, " is too short");
+    for (int64_t j = 0; j < (sl[b] + g.block_size - 1) / g.block_size; ++j)
+      TORCH_CHECK(bt[b * bt_stride + j] >= 0 && bt[b * bt_stride + j] < num_blocks,
+                  "paged_attention: block id ", bt[b * bt_stride + j], " outside the cache");
     for (int32_t q0 = 0; q0 < nq_total; q0 += QTILE)
       for (int32_t h = 0; h < kv_heads; ++h)
         items.push_back({static_cast<int32_t>(b), h, q0, std::min<int32_t>(QTILE, nq_total - q0)});

@@ -38,6 +38,12 @@ void rope_write_kv_impl(Tensor& qkv, const Tensor& positions, const Tensor& cos_
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const float* table = cos_sin.data_ptr<float>();
+  for (int64_t t = 0; t < T_; ++t) {
+    // a bad slot would write outside the cache: refuse before touching anything
+    TORCH_CHECK(slots[t] < num_blocks * bs, "rope_write_kv: slot ", slots[t], " outside the cache");
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < cos_sin.size(0), "rope_write_kv: position ", pos[t],
+                " outside the rope table");
+  }
   const int nt = T_ >= 16 ? num_threads() : 1;
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t t = 0; t < T_; ++t) {
