@@ -9,6 +9,10 @@ from typing import Any
 BENCHMARKS = {
     "throughput": ("tokenmill.bench.throughput", "offline generation tokens/s against peers"),
     "serve": ("tokenmill.bench.serve", "open-loop load against an OpenAI-compatible server"),
+    "prefix-cache": ("tokenmill.bench.prefix_cache", "shared prefixes: cache on vs off, lpm vs fcfs"),
+    "fairness": ("tokenmill.bench.fairness", "two clients, one 10x heavier: fcfs vs vtc vs dlpm"),
+    "slo": ("tokenmill.bench.slo", "overload with SLO classes: goodput of slo vs fcfs"),
+    "bins": ("tokenmill.bench.bins", "bimodal output lengths: bins vs fcfs throughput"),
 }
 
 

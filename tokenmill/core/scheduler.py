@@ -367,6 +367,9 @@ class Scheduler:
             if not s.samples:
                 req.num_computed_tokens += s.num_new_tokens
                 policy.on_computed(req, s.num_new_tokens, t_plan)
+                # A long prompt shares each chunk as soon as its KV exists, so that
+                # requests with the same prefix need not wait for the whole prefill.
+                self.kv.cache_blocks(req, req.num_computed_tokens)
                 continue
             if s.num_new_tokens > 1:
                 policy.on_computed(req, s.num_new_tokens, t_plan)
