@@ -95,20 +95,32 @@ def test_paged_attention_matches_reference(
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
 
 
-def test_paged_attention_decode_long_context_is_exact_softmax() -> None:
-    # one query over a 1000-token context spread over scattered blocks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_seqs", "ctx"), [(1, 1000), (2, 1300), (1, 300)])
+def test_paged_attention_long_decodes_split_across_threads(
+    dtype: torch.dtype, num_seqs: int, ctx: int
+) -> None:
+    # few long decodes: with 2 threads the kernel splits each context and merges the parts
     block_size, kv_heads, head_dim = 16, 2, 64
-    table = list(range(99, 99 - 63, -1))
-    kv = torch.randn(kv_cache_shape(100, block_size, kv_heads, head_dim)) * 3
+    per = (ctx + block_size - 1) // block_size
+    num_blocks = num_seqs * per + 3
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(ctx))
+    tables = order[: num_seqs * per].view(num_seqs, per).to(torch.int32)
+    lens = [ctx - 7 * b for b in range(num_seqs)]
+    kv = (torch.randn(kv_cache_shape(num_blocks, block_size, kv_heads, head_dim)) * 3).to(dtype)
     meta = AttentionMetadata(
-        torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1000], dtype=torch.int32),
-        torch.tensor([table], dtype=torch.int32), torch.zeros(1, dtype=torch.long), 1, 1000,
+        torch.arange(num_seqs + 1, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
+        tables, torch.zeros(num_seqs, dtype=torch.long), 1, max(lens),
     )  # fmt: skip
-    q = torch.randn(1, 4, head_dim) * 3
-    got = CpuKernelOps.attention(q, kv, meta, 0.125)
-    torch.testing.assert_close(
-        got, paged_attention_reference(q, kv, meta, 0.125), **TOL[torch.float32]
-    )
+    q = (torch.randn(num_seqs, 6, head_dim) * 3).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = CpuKernelOps.attention(q, kv, meta, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    want = paged_attention_reference(q, kv, meta, 0.125)
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

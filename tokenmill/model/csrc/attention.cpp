@@ -30,10 +30,21 @@ struct Geometry {
 
 // Rows [row0, row0 + nr) of a tile (row r = query r / group, head r % group); q holds the
 // tile's rows scaled by the softmax scale, fp32 [rows][D]. DV = vectors per head_dim.
+// Where a work unit's rows go: the final output (normalised, in T), or with ``part`` set,
+// fp32 partial results [row][D + 2] = (unnormalised acc, running max, running sum) of a
+// context split, merged later.
+template <typename T>
+struct Sink {
+  T* out;
+  int64_t out_tok_stride;
+  int out_head0;
+  float* part;
+};
+
 template <typename T, int DV>
 void attend_rows(const float* q, int row0, int nr, int64_t first_pos, const Geometry& g,
-                 const T* k_head, const T* v_head, const int32_t* block_table, T* out,
-                 int64_t out_tok_stride, int out_head0) {
+                 const T* k_head, const T* v_head, const int32_t* block_table, int64_t key_begin,
+                 int64_t key_end, const Sink<T>& sink) {
   constexpr int RB = DV <= 2 ? 8 : (20 / DV > 0 ? 20 / DV : 1);
   const int D = g.head_dim, bs = g.block_size;
   const __mmask16 dmask = tail_mask(D - (DV - 1) * 16);  // the last vector may be partial
@@ -49,9 +60,10 @@ void attend_rows(const float* q, int row0, int nr, int64_t first_pos, const Geom
       qpos[r] = first_pos + (row0 + rb + std::min(r, n_rows - 1)) / g.group;
     }
     const float* qr = q + static_cast<int64_t>(row0 + rb) * D;
-    const int64_t kv_end = qpos[n_rows - 1] + 1;  // the last row sees the most keys
+    // the last row sees the most keys; a context split covers [key_begin, key_end) only
+    const int64_t kv_end = std::min(qpos[n_rows - 1] + 1, key_end);
     alignas(64) float p_buf[RB][16];
-    for (int64_t j0 = 0; j0 < kv_end; j0 += bs) {
+    for (int64_t j0 = key_begin; j0 < kv_end; j0 += bs) {
       const int64_t blk = block_table[j0 / bs];
       const T* kt = k_head + blk * g.block_stride;  // [D][bs]
       const T* vb = v_head + blk * g.block_stride;  // [bs][D]
@@ -103,23 +115,30 @@ void attend_rows(const float* q, int row0, int nr, int64_t first_pos, const Geom
     for (int r = 0; r < RB; ++r) {
       if (r >= n_rows) break;
       const int row = row0 + rb + r;
+      const __mmask16 full = 0xFFFF;
+      if (sink.part) {
+        float* dst = sink.part + static_cast<int64_t>(row) * (D + 2);
+        for (int j = 0; j < DV; ++j) store16(dst + 16 * j, acc[r][j], j + 1 < DV ? full : dmask);
+        dst[D] = m[r];
+        dst[D + 1] = l[r];
+        continue;
+      }
       const __m512 inv = _mm512_set1_ps(l[r] > 0.f ? 1.f / l[r] : 0.f);
-      T* dst = out + static_cast<int64_t>(row / g.group) * out_tok_stride +
-               static_cast<int64_t>(out_head0 + row % g.group) * D;
+      T* dst = sink.out + static_cast<int64_t>(row / g.group) * sink.out_tok_stride +
+               static_cast<int64_t>(sink.out_head0 + row % g.group) * D;
       for (int j = 0; j < DV; ++j)
-        store16(dst + 16 * j, _mm512_mul_ps(acc[r][j], inv),
-                j + 1 < DV ? static_cast<__mmask16>(0xFFFF) : dmask);
+        store16(dst + 16 * j, _mm512_mul_ps(acc[r][j], inv), j + 1 < DV ? full : dmask);
     }
   }
 }
 
 template <typename T>
 void attend_dispatch(const float* q, int nr, int64_t first_pos, const Geometry& g,
-                     const T* k_head, const T* v_head, const int32_t* bt, T* out,
-                     int64_t out_stride, int head0) {
+                     const T* k_head, const T* v_head, const int32_t* bt, int64_t key_begin,
+                     int64_t key_end, const Sink<T>& sink) {
   switch ((g.head_dim + 15) / 16) {
 #define TM_CASE(DV) \
-  case DV: attend_rows<T, DV>(q, 0, nr, first_pos, g, k_head, v_head, bt, out, out_stride, head0); break;
+  case DV: attend_rows<T, DV>(q, 0, nr, first_pos, g, k_head, v_head, bt, key_begin, key_end, sink); break;
     TM_CASE(1) TM_CASE(2) TM_CASE(3) TM_CASE(4) TM_CASE(5) TM_CASE(6) TM_CASE(7) TM_CASE(8)
     TM_CASE(9) TM_CASE(10) TM_CASE(11) TM_CASE(12) TM_CASE(13) TM_CASE(14) TM_CASE(15) TM_CASE(16)
 #undef TM_CASE
@@ -130,9 +149,20 @@ void attend_dispatch(const float* q, int nr, int64_t first_pos, const Geometry& 
 #else  // scalar fallback: same math, one row at a time
 
 template <typename T>
+struct Sink {
+  T* out;
+  int64_t out_tok_stride;
+  int out_head0;
+  float* part;  // unused here: the scalar path never splits the context
+};
+
+template <typename T>
 void attend_dispatch(const float* q, int nr, int64_t first_pos, const Geometry& g,
-                     const T* k_head, const T* v_head, const int32_t* bt, T* out,
-                     int64_t out_stride, int head0) {
+                     const T* k_head, const T* v_head, const int32_t* bt, int64_t, int64_t,
+                     const Sink<T>& sink) {
+  T* out = sink.out;
+  const int64_t out_stride = sink.out_tok_stride;
+  const int head0 = sink.out_head0;
   const int D = g.head_dim, bs = g.block_size;
   std::vector<float> acc(D), s;
   for (int r = 0; r < nr; ++r) {
@@ -207,13 +237,32 @@ void paged_attention_impl(const Tensor& q, const Tensor& kv_cache, const Tensor&
     work += static_cast<int64_t>(nq_total) * sl[b];
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
-  const int nt = (work * num_heads * D > 65536 && n_items > 1) ? num_threads() : 1;
-#pragma omp parallel num_threads(nt)
+  const int nt_max = num_threads();
+  const int nt = (work * num_heads * D > 65536 && (n_items > 1 || nt_max > 1)) ? nt_max : 1;
+  // Few long decodes leave threads idle (one item per kv head): split their context into
+  // block-aligned ranges computed in parallel and merged (flash-decoding style).
+  int64_t splits = 1;
+#if TM_AVX512
+  if (nt > 1 && n_items < 2 * nt) {
+    bool all_decode = true;
+    int64_t min_len = std::numeric_limits<int64_t>::max();
+    for (const Item& it : items) all_decode &= it.nq == 1, min_len = std::min<int64_t>(min_len, sl[it.seq]);
+    if (all_decode) {
+      splits = std::min<int64_t>((2 * nt + n_items - 1) / n_items, min_len / 256);
+      splits = std::max<int64_t>(splits, 1);
+    }
+  }
+#endif
+  const int64_t n_units = n_items * splits;
+  const int64_t part_row = static_cast<int64_t>(D) + 2;
+  std::vector<float> parts(splits > 1 ? static_cast<size_t>(n_units * g.group * part_row) : 0);
+#pragma omp parallel num_threads(n_units > 1 ? nt : 1)
   {
     std::vector<float> qbuf(static_cast<size_t>(QTILE) * g.group * D);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t w = 0; w < n_items; ++w) {
-      const Item& it = items[w];
+    for (int64_t w = 0; w < n_units; ++w) {
+      const Item& it = items[w / splits];
+      const int64_t split = w % splits;
       const int64_t nq_total = qsl[it.seq + 1] - qsl[it.seq];
       const int64_t first_pos = sl[it.seq] - nq_total + it.q0;
       const int64_t tok = qsl[it.seq] + it.q0;
@@ -225,9 +274,43 @@ void paged_attention_impl(const Tensor& q, const Tensor& kv_cache, const Tensor&
           float* dst = qbuf.data() + static_cast<size_t>(i * g.group + h) * D;
           for (int d = 0; d < D; ++d) dst[d] = to_f(src[d]) * fscale;
         }
+      int64_t key_begin = 0, key_end = std::numeric_limits<int64_t>::max();
+      if (splits > 1) {
+        const int64_t blocks = (sl[it.seq] + g.block_size - 1) / g.block_size;
+        const int64_t per = (blocks + splits - 1) / splits;
+        key_begin = split * per * g.block_size;
+        key_end = (split + 1) * per * g.block_size;
+      }
+      const Sink<T> sink{op + tok * o_stride, o_stride, head0,
+                         splits > 1 ? parts.data() + w * g.group * part_row : nullptr};
       attend_dispatch<T>(qbuf.data(), it.nq * g.group, first_pos, g, kc + it.kvh * block_elems,
-                         vc + it.kvh * block_elems, bt + it.seq * bt_stride, op + tok * o_stride,
-                         o_stride, head0);
+                         vc + it.kvh * block_elems, bt + it.seq * bt_stride, key_begin, key_end,
+                         sink);
+    }
+  }
+  if (splits > 1) {
+    // merge: out = sum_s acc_s * exp(m_s - M) / sum_s l_s * exp(m_s - M)
+    for (int64_t i = 0; i < n_items; ++i) {
+      const Item& it = items[i];
+      const int64_t tok = qsl[it.seq] + it.q0;
+      for (int h = 0; h < g.group; ++h) {
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < splits; ++s) {
+          const float* p = parts.data() + ((i * splits + s) * g.group + h) * part_row;
+          if (p[D + 1] > 0.f) mx = std::max(mx, p[D]);
+        }
+        std::vector<float> acc(D, 0.f);
+        float total = 0.f;
+        for (int64_t s = 0; s < splits; ++s) {
+          const float* p = parts.data() + ((i * splits + s) * g.group + h) * part_row;
+          if (p[D + 1] <= 0.f) continue;  // an empty range (past the context)
+          const float c = std::exp(p[D] - mx);
+          total += p[D + 1] * c;
+          for (int d = 0; d < D; ++d) acc[d] += p[d] * c;
+        }
+        T* dst = op + tok * o_stride + static_cast<int64_t>(it.kvh * g.group + h) * D;
+        for (int d = 0; d < D; ++d) dst[d] = from_f<T>(total > 0.f ? acc[d] / total : 0.f);
+      }
     }
   }
 }
