@@ -90,6 +90,8 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--num-blocks", type=int, help="KV blocks per replica (default: what fits in memory)")
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    s.add_argument("--kv-cache-memory", type=float, default=1024,
+                   help="MiB of KV cache per replica with the profiled cost model (the real engine's setting)")  # fmt: skip
     s.add_argument("--max-num-seqs", type=int, default=256)
     s.add_argument("--max-num-batched-tokens", type=int, default=8192)
     s.add_argument("--max-model-len", type=int)
@@ -166,6 +168,7 @@ def _deployment(args: argparse.Namespace, tp: int | None = None) -> Any:
         cost_model=args.cost_model, profile=args.profile, step_overhead=args.step_overhead,
         flops_efficiency=args.flops_efficiency, bandwidth_efficiency=args.bandwidth_efficiency,
         block_size=args.block_size, num_blocks=args.num_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory=int(args.kv_cache_memory * 2**20),
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         enable_chunked_prefill=not args.no_chunked_prefill, max_decode_steps=args.max_decode_steps,

@@ -35,7 +35,8 @@ class DeploymentSpec:
     flops_efficiency: float | None = None
     bandwidth_efficiency: float | None = None
     block_size: int = 16
-    num_blocks: int | None = None  # default: what fits in device memory (or the profiled engine's)
+    num_blocks: int | None = None  # default: what fits in device memory, or in kv_cache_memory when profiled
+    kv_cache_memory: int = 1 << 30  # bytes of KV cache of a profiled (real-engine) replica, as EngineConfig's
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -57,7 +58,7 @@ def make_cost_model(spec: DeploymentSpec) -> tuple[CostModel, ModelShape | None,
         cfg = cm.table.get("model", {}).get("config")
         if cfg:
             shape = ModelShape.from_hf_config(cfg, name=cm.table["model"].get("name", ""))
-        return cm, shape, cm.table.get("engine", {})
+        return cm, shape, {**cm.table.get("engine", {}), "dtype": cm.table.get("dtype")}
     if spec.cost_model != "roofline":
         raise ValueError(f"unknown cost model {spec.cost_model!r}; use roofline or profiled")
     shape = ModelShape.load(spec.model)
@@ -73,8 +74,10 @@ def make_scheduler_config(spec: DeploymentSpec, cm: CostModel, shape: ModelShape
     if num_blocks is None:
         if isinstance(cm, RooflineCostModel):
             num_blocks = cm.num_kv_blocks(spec.block_size, spec.gpu_memory_utilization)
-        elif engine.get("num_blocks"):
-            num_blocks = int(engine["num_blocks"]) * int(engine.get("block_size", 16)) // spec.block_size
+        elif shape is not None:
+            # A profiled replica is the real engine: its KV holds kv_cache_memory bytes.
+            itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(engine.get("dtype", "float32")), 4)
+            num_blocks = spec.kv_cache_memory // (shape.kv_bytes_per_token(itemsize) * spec.block_size)
         else:
             raise ValueError("give --num-blocks: the cost model does not say how much KV memory there is")
     max_len = spec.max_model_len or (shape.max_model_len if shape else int(engine.get("max_model_len", 2048)))

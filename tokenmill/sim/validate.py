@@ -110,9 +110,22 @@ def validate(
     """Run the real engine and the twin on the same workload; return both metric sets and the errors."""
     import torch
 
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _validate(model, profile, num_requests, rate, prompt_len, output_len, kv_cache_memory, block_size,
+                         max_num_batched_tokens, max_num_seqs, max_decode_steps, dtype, threads, seed, grid,
+                         repeats, log)  # fmt: skip
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _validate(model: str | None, profile: str | dict[str, Any] | None, num_requests: int, rate: float,
+              prompt_len: str, output_len: str, kv_cache_memory: int, block_size: int, max_num_batched_tokens: int,
+              max_num_seqs: int, max_decode_steps: int, dtype: str, threads: int, seed: int,
+              grid: str | dict[str, list[int]], repeats: int, log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
     from tokenmill.engine import Engine, EngineConfig, resolve_model_path
 
-    torch.set_num_threads(threads)
     path = resolve_model_path(model)
     if profile is None:
         from tokenmill.sim.profiler import profile_model
