@@ -51,12 +51,13 @@ void attend_rows(const float* q, int row0, int nr, int64_t first_pos, const Geom
   for (int rb = 0; rb < nr; rb += RB) {
     const int n_rows = std::min(RB, nr - rb);
     __m512 acc[RB][DV];
-    float m[RB], l[RB];
+    float m[RB];
+    alignas(64) float lsum[RB][16];  // per-lane softmax denominators, summed at the end
     int64_t qpos[RB];
     for (int r = 0; r < RB; ++r) {
       for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_setzero_ps();
       m[r] = -std::numeric_limits<float>::infinity();
-      l[r] = 0.f;
+      _mm512_store_ps(lsum[r], _mm512_setzero_ps());
       qpos[r] = first_pos + (row0 + rb + std::min(r, n_rows - 1)) / g.group;
     }
     const float* qr = q + static_cast<int64_t>(row0 + rb) * D;
@@ -86,16 +87,17 @@ void attend_rows(const float* q, int row0, int nr, int64_t first_pos, const Geom
             continue;
           }
           const __mmask16 vmask = tail_mask(valid);
-          const float cmax = _mm512_mask_reduce_max_ps(vmask, s[r]);
-          const float m_new = std::max(m[r], cmax);
-          const float corr = std::exp(m[r] - m_new);  // 0 on the first chunk (m = -inf)
-          const __m512 p = _mm512_maskz_mov_ps(vmask, exp16(_mm512_sub_ps(s[r], _mm512_set1_ps(m_new))));
-          l[r] = l[r] * corr + _mm512_reduce_add_ps(p);
-          m[r] = m_new;
-          if (corr != 1.f) {
-            const __m512 c = _mm512_set1_ps(corr);
+          // the running max rarely moves once a few chunks are in: test before reducing
+          if (_mm512_mask_cmp_ps_mask(vmask, s[r], _mm512_set1_ps(m[r]), _CMP_GT_OQ)) {
+            const float m_new = _mm512_mask_reduce_max_ps(vmask, s[r]);
+            // exp(-inf) on the first chunk: exp16 clamps it to ~1e-38, and acc is 0 anyway
+            const __m512 c = exp16(_mm512_set1_ps(m[r] - m_new));
             for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_mul_ps(acc[r][j], c);
+            _mm512_store_ps(lsum[r], _mm512_mul_ps(_mm512_load_ps(lsum[r]), c));
+            m[r] = m_new;
           }
+          const __m512 p = _mm512_maskz_mov_ps(vmask, exp16(_mm512_sub_ps(s[r], _mm512_set1_ps(m[r]))));
+          _mm512_store_ps(lsum[r], _mm512_add_ps(_mm512_load_ps(lsum[r]), p));
           _mm512_store_ps(p_buf[r], p);
         }
         for (int t = 0; t < n; ++t) {
@@ -116,14 +118,15 @@ void attend_rows(const float* q, int row0, int nr, int64_t first_pos, const Geom
       if (r >= n_rows) break;
       const int row = row0 + rb + r;
       const __mmask16 full = 0xFFFF;
+      const float l = _mm512_reduce_add_ps(_mm512_load_ps(lsum[r]));
       if (sink.part) {
         float* dst = sink.part + static_cast<int64_t>(row) * (D + 2);
         for (int j = 0; j < DV; ++j) store16(dst + 16 * j, acc[r][j], j + 1 < DV ? full : dmask);
         dst[D] = m[r];
-        dst[D + 1] = l[r];
+        dst[D + 1] = l;
         continue;
       }
-      const __m512 inv = _mm512_set1_ps(l[r] > 0.f ? 1.f / l[r] : 0.f);
+      const __m512 inv = _mm512_set1_ps(l > 0.f ? 1.f / l : 0.f);
       T* dst = sink.out + static_cast<int64_t>(row / g.group) * sink.out_tok_stride +
                static_cast<int64_t>(sink.out_head0 + row % g.group) * D;
       for (int j = 0; j < DV; ++j)
