@@ -82,10 +82,12 @@ class PrefixCache:
                 break
             child.last_access = tick
             last = child
-            j = 0
             ck = child.keys
-            while j < len(ck) and i + j < len(keys) and ck[j] == keys[i + j]:
-                j += 1
+            j = len(ck)
+            if keys[i : i + j] != ck:  # one C-level comparison when the whole edge matches
+                j = 0
+                while j < len(ck) and i + j < len(keys) and ck[j] == keys[i + j]:
+                    j += 1
             out.extend(child.block_ids[:j])
             i += j
             if j < len(ck):
@@ -130,10 +132,12 @@ class PrefixCache:
                 self._push_leaf(leaf)
                 out.extend(new_ids)
                 break
-            j = 0
             ck = child.keys
-            while j < len(ck) and i + j < n and ck[j] == keys[i + j]:
-                j += 1
+            j = len(ck)
+            if i + j > n or keys[i : i + j] != ck:  # one C-level comparison when the whole edge matches
+                j = 0
+                while j < len(ck) and i + j < n and ck[j] == keys[i + j]:
+                    j += 1
             if j < len(ck):
                 child = self._split(child, j)
             child.last_access = tick
