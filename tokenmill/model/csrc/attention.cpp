@@ -28,8 +28,7 @@ struct Geometry {
 
 #if TM_AVX512
 
-// Rows [row0, row0 + nr) of a tile (row r = query r / group, head r % group); q holds the
-// tile's rows scaled by the softmax scale, fp32 [rows][D]. DV = vectors per head_dim.
+// q holds a tile's rows scaled by the softmax scale, fp32 [rows][D].
 // Where a work unit's rows go: the final output (normalised, in T), or with ``part`` set,
 // fp32 partial results [row][D + 2] = (unnormalised acc, running max, running sum) of a
 // context split, merged later.
@@ -41,46 +40,65 @@ struct Sink {
   float* part;
 };
 
-template <typename T, int DV>
-void attend_rows(const float* q, int row0, int nr, int64_t first_pos, const Geometry& g,
-                 const T* k_head, const T* v_head, const int32_t* block_table, int64_t key_begin,
-                 int64_t key_end, const Sink<T>& sink) {
-  constexpr int RB = DV <= 2 ? 8 : (20 / DV > 0 ? 20 / DV : 1);
+// NR rows from row0 of a tile (row r = query r / group, head r % group), all kept in
+// registers: NR and DV (vectors per head_dim) are compile-time so nothing spills.
+template <typename T, int DV, int NR>
+void attend_group(const float* q, int row0, int64_t first_pos, const Geometry& g,
+                  const T* k_head, const T* v_head, const int32_t* block_table, int64_t key_begin,
+                  int64_t key_end, const Sink<T>& sink) {
   const int D = g.head_dim, bs = g.block_size;
   const __mmask16 dmask = tail_mask(D - (DV - 1) * 16);  // the last vector may be partial
-  for (int rb = 0; rb < nr; rb += RB) {
-    const int n_rows = std::min(RB, nr - rb);
-    __m512 acc[RB][DV];
-    float m[RB];
-    alignas(64) float lsum[RB][16];  // per-lane softmax denominators, summed at the end
-    int64_t qpos[RB];
-    for (int r = 0; r < RB; ++r) {
+  {
+    __m512 acc[NR][DV];
+    float m[NR];
+    alignas(64) float lsum[NR][16];  // per-lane softmax denominators, summed at the end
+    int64_t qpos[NR];
+    for (int r = 0; r < NR; ++r) {
       for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_setzero_ps();
       m[r] = -std::numeric_limits<float>::infinity();
       _mm512_store_ps(lsum[r], _mm512_setzero_ps());
-      qpos[r] = first_pos + (row0 + rb + std::min(r, n_rows - 1)) / g.group;
+      qpos[r] = first_pos + (row0 + r) / g.group;
     }
-    const float* qr = q + static_cast<int64_t>(row0 + rb) * D;
+    const float* qr = q + static_cast<int64_t>(row0) * D;
     // the last row sees the most keys; a context split covers [key_begin, key_end) only
-    const int64_t kv_end = std::min(qpos[n_rows - 1] + 1, key_end);
-    alignas(64) float p_buf[RB][16];
+    const int64_t kv_end = std::min(qpos[NR - 1] + 1, key_end);
+    alignas(64) float p_buf[NR][16];
+    const int64_t block_bytes = static_cast<int64_t>(bs) * D * sizeof(T);
+    for (int64_t j = key_begin; j < std::min(kv_end, key_begin + 2 * bs); j += bs) {
+      const char* nk = reinterpret_cast<const char*>(k_head + block_table[j / bs] * g.block_stride);
+      const char* nv = reinterpret_cast<const char*>(v_head + block_table[j / bs] * g.block_stride);
+      for (int64_t off = 0; off < block_bytes; off += 64) {
+        _mm_prefetch(nk + off, _MM_HINT_T0);
+        _mm_prefetch(nv + off, _MM_HINT_T0);
+      }
+    }
     for (int64_t j0 = key_begin; j0 < kv_end; j0 += bs) {
       const int64_t blk = block_table[j0 / bs];
       const T* kt = k_head + blk * g.block_stride;  // [D][bs]
       const T* vb = v_head + blk * g.block_stride;  // [bs][D]
+      if (j0 + 2 * bs < kv_end) {
+        // blocks are scattered, so the hardware prefetcher cannot see them coming: fetch the
+        // block after next (one block of compute is too short to hide a DRAM miss)
+        const int64_t ahead = block_table[j0 / bs + 2];
+        const char* nk = reinterpret_cast<const char*>(k_head + ahead * g.block_stride);
+        const char* nv = reinterpret_cast<const char*>(v_head + ahead * g.block_stride);
+        for (int64_t off = 0; off < block_bytes; off += 64) {
+          _mm_prefetch(nk + off, _MM_HINT_T0);
+          _mm_prefetch(nv + off, _MM_HINT_T0);
+        }
+      }
       for (int t0 = 0; t0 < bs && j0 + t0 < kv_end; t0 += 16) {
         const int n = static_cast<int>(std::min<int64_t>({16, bs - t0, kv_end - j0 - t0}));
         const __mmask16 nmask = tail_mask(n);
-        __m512 s[RB];
-        for (int r = 0; r < RB; ++r) s[r] = _mm512_setzero_ps();
+        __m512 s[NR];
+        for (int r = 0; r < NR; ++r) s[r] = _mm512_setzero_ps();
         for (int d = 0; d < D; ++d) {
           const __m512 kv = load16(kt + static_cast<int64_t>(d) * bs + t0, nmask);
-          for (int r = 0; r < RB; ++r)
-            if (r < n_rows) s[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r * D + d]), kv, s[r]);
+          for (int r = 0; r < NR; ++r)
+            s[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r * D + d]), kv, s[r]);
         }
         const int64_t jbase = j0 + t0;
-        for (int r = 0; r < RB; ++r) {
-          if (r >= n_rows) break;
+        for (int r = 0; r < NR; ++r) {
           const int64_t valid = std::min<int64_t>(n, qpos[r] - jbase + 1);
           if (valid <= 0) {
             _mm512_store_ps(p_buf[r], _mm512_setzero_ps());
@@ -105,18 +123,15 @@ void attend_rows(const float* q, int row0, int nr, int64_t first_pos, const Geom
           __m512 vv[DV];
           for (int j = 0; j < DV; ++j)
             vv[j] = j + 1 < DV ? load16(vrow + 16 * j) : load16(vrow + 16 * j, dmask);
-          for (int r = 0; r < RB; ++r) {
-            if (r < n_rows) {
-              const __m512 pb = _mm512_set1_ps(p_buf[r][t]);
-              for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_fmadd_ps(pb, vv[j], acc[r][j]);
-            }
+          for (int r = 0; r < NR; ++r) {
+            const __m512 pb = _mm512_set1_ps(p_buf[r][t]);
+            for (int j = 0; j < DV; ++j) acc[r][j] = _mm512_fmadd_ps(pb, vv[j], acc[r][j]);
           }
         }
       }
     }
-    for (int r = 0; r < RB; ++r) {
-      if (r >= n_rows) break;
-      const int row = row0 + rb + r;
+    for (int r = 0; r < NR; ++r) {
+      const int row = row0 + r;
       const __mmask16 full = 0xFFFF;
       const float l = _mm512_reduce_add_ps(_mm512_load_ps(lsum[r]));
       if (sink.part) {
@@ -135,13 +150,33 @@ void attend_rows(const float* q, int row0, int nr, int64_t first_pos, const Geom
   }
 }
 
+// All ``nr`` rows of a tile, in register-sized groups.
+template <typename T, int DV>
+void attend_rows(const float* q, int nr, int64_t first_pos, const Geometry& g, const T* k_head,
+                 const T* v_head, const int32_t* bt, int64_t key_begin, int64_t key_end,
+                 const Sink<T>& sink) {
+  // rows per group: NR x DV accumulators + NR score vectors fit the 32 vector registers
+  constexpr int RB = DV <= 2 ? 8 : (20 / DV > 0 ? 20 / DV : 1);
+  for (int r0 = 0; r0 < nr; r0 += RB) {
+    switch (std::min(RB, nr - r0)) {
+#define TM_ROWS(N) \
+  case N:          \
+    if constexpr (N <= RB) attend_group<T, DV, N>(q, r0, first_pos, g, k_head, v_head, bt, key_begin, key_end, sink); \
+    break;
+      TM_ROWS(1) TM_ROWS(2) TM_ROWS(3) TM_ROWS(4) TM_ROWS(5) TM_ROWS(6) TM_ROWS(7) TM_ROWS(8)
+#undef TM_ROWS
+      default: break;
+    }
+  }
+}
+
 template <typename T>
 void attend_dispatch(const float* q, int nr, int64_t first_pos, const Geometry& g,
                      const T* k_head, const T* v_head, const int32_t* bt, int64_t key_begin,
                      int64_t key_end, const Sink<T>& sink) {
   switch ((g.head_dim + 15) / 16) {
 #define TM_CASE(DV) \
-  case DV: attend_rows<T, DV>(q, 0, nr, first_pos, g, k_head, v_head, bt, key_begin, key_end, sink); break;
+  case DV: attend_rows<T, DV>(q, nr, first_pos, g, k_head, v_head, bt, key_begin, key_end, sink); break;
     TM_CASE(1) TM_CASE(2) TM_CASE(3) TM_CASE(4) TM_CASE(5) TM_CASE(6) TM_CASE(7) TM_CASE(8)
     TM_CASE(9) TM_CASE(10) TM_CASE(11) TM_CASE(12) TM_CASE(13) TM_CASE(14) TM_CASE(15) TM_CASE(16)
 #undef TM_CASE
