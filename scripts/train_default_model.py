@@ -31,22 +31,31 @@ builds that model end to end, reproducibly:
    6 layers, 4 query heads and 2 KV heads (GQA, head_dim 64), SwiGLU 688,
    RMSNorm eps 1e-5, RoPE theta 10000, tied embeddings: 5.40M parameters
    (4.35M non-embedding). Trained in fp32 (bf16 autocast measured 1.5x slower
-   on the 2-core build machine) with AdamW (0.9, 0.95), weight decay 0.1,
-   linear warm-up then cosine decay to 10 %, grad clip 1.0, 4096 tokens per
-   step: 512-token windows for the first 85 % of the steps and 1024-token
-   windows for the rest, so the model is usable up to its
-   ``max_position_embeddings`` of 1024.
+   on the build machine) with AdamW (0.9, 0.95), weight decay 0.1, grad clip
+   1.0, peak LR 1.5e-3 and a warmup-stable-decay schedule (100 warm-up steps,
+   constant, then linear decay over the last 20 % of the steps), 625 steps of
+   4096 tokens: 512-token windows, then 1024-token windows for the last 15 %
+   of the steps, so the model is usable up to its ``max_position_embeddings``
+   of 1024.
 5. **Output.** Standard Hugging Face layout (config.json, model.safetensors in
    fp32, tokenizer.json, tokenizer_config.json, generation_config.json), a
    ``heldout_sample.txt`` slice for the tests, and a README.md model card with
    the measured held-out loss, wall time and samples.
 
-Everything is seeded (Python, torch, the shuffles). Given the same torch
-version and thread count the run is bit-for-bit repeatable on CPU.
+Everything is seeded (Python, torch, the shuffles); the data order is a pure
+function of the step. Given the same torch version and thread count the run is
+bit-for-bit repeatable on CPU. Checkpoints are written every 100 steps of the
+stable phase to ``--ckpt-dir``; since the stable phase does not depend on
+``--steps``, ``--steps N --resume`` continues from the newest checkpoint taken
+before step 0.8 N and yields exactly the weights of a fresh ``--steps N`` run
+(checked bit-for-bit with ``--quick``). That is how the committed model was made:
+a long run stopped after its step-500 checkpoint, then ``--steps 625 --resume``.
 
-Wall time: the committed model took the time recorded in its model card
-(about 40 minutes with ``--threads 2`` on a shared 2-core Intel Xeon with
-AVX-512). Run it in the background, e.g.::
+Wall time: about 41 minutes of training steps (``--threads 1``) on a 2-core Intel
+Xeon (AVX-512) VM that other jobs were using at the same time; the exact figure
+is in the model card. One thread is the default because with two threads on a
+busy 2-core box OpenMP barrier waits made each step 2-3x slower; on an idle
+machine ``--threads 2`` is about 2x faster. Run it in the background, e.g.::
 
     nohup .venv/bin/python scripts/train_default_model.py > train.log 2>&1 &
 
@@ -353,12 +362,33 @@ def heldout_loss(model, ids: list[int], seq_len: int, max_windows: int | None = 
     return total / count
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10 % of the peak."""
+def lr_at(step: int, steps: int, peak: float, warmup: int, decay_fraction: float) -> float:
+    """Warmup-stable-decay: linear warm-up, constant peak, linear decay over the last steps.
+
+    The stable phase does not depend on ``steps``, so a checkpoint taken before
+    ``decay_start(steps)`` continues any longer or shorter schedule exactly.
+    """
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    start = decay_start(steps, decay_fraction)
+    if step < start:
+        return peak
+    return peak * (steps - step) / (steps - start)
+
+
+def decay_start(steps: int, decay_fraction: float) -> int:
+    """First step of the decay phase."""
+    return int(steps * (1 - decay_fraction))
+
+
+def latest_checkpoint(ckpt_dir: Path, before: int) -> Path | None:
+    """The newest checkpoint in ckpt_dir taken at a step <= before."""
+    best: tuple[int, Path] | None = None
+    for f in ckpt_dir.glob("step-*.pt") if ckpt_dir.is_dir() else []:
+        step = int(f.stem.split("-")[1])
+        if step <= before and (best is None or step > best[0]):
+            best = (step, f)
+    return best[1] if best else None
 
 
 # ------------------------------------------------------------------------------ main
@@ -369,15 +399,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--corpus", type=Path, default=None, help="saved `bible -l100000` output")
     p.add_argument("--seed", type=int, default=1611)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy 2-core box")
+    p.add_argument("--steps", type=int, default=None, help="default 625 (12 with --quick)")
     p.add_argument("--tokens-per-step", type=int, default=4096)
     p.add_argument("--long-fraction", type=float, default=0.15, help="final share of steps at 1024")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument(
+        "--decay-fraction", type=float, default=0.2, help="final share of steps in decay"
+    )
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--chat-fraction", type=float, default=0.15)
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/tokenmill-default-ckpt"))
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --ckpt-dir taken before the decay phase",
+    )
     p.add_argument("--quick", action="store_true", help="a few steps into a scratch folder")
     return p.parse_args(argv)
 
@@ -385,9 +425,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quick:
-        args.steps, args.warmup, args.eval_every = 12, 4, 6
+        args.ckpt_dir = Path(str(args.ckpt_dir) + "-quick")
+        args.steps = args.steps or 12
+        args.warmup, args.eval_every, args.ckpt_every = 4, 6, 4
         if args.out == DEFAULT_OUT:
             args.out = Path("/tmp/tokenmill-default-quick")
+
+    args.steps = args.steps or 625
 
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
@@ -462,15 +506,31 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     long_from = int(args.steps * (1 - args.long_fraction))
+    if long_from < decay_start(args.steps, args.decay_fraction):
+        raise SystemExit("--long-fraction must not exceed --decay-fraction")
     short = epoch_windows(train_docs, 512, args.tokens_per_step // 512, args.seed, eot_id)
     long = epoch_windows(train_docs, 1024, args.tokens_per_step // 1024, args.seed + 1, eot_id)
     history: list[dict[str, float]] = []
+    ema: float | None = None
+    first_step, train_seconds = 0, 0.0
+    resumed_from_step, resumed_seconds = 0, 0.0
+    if args.resume:
+        ckpt = latest_checkpoint(args.ckpt_dir, decay_start(args.steps, args.decay_fraction))
+        if ckpt is not None:
+            state = torch.load(ckpt, weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            first_step, ema = state["step"], state["ema"]
+            history, train_seconds = state["history"], state["train_seconds"]
+            resumed_from_step, resumed_seconds = first_step, train_seconds
+            for _ in range(first_step):  # the data order is a pure function of the step
+                next(short)
+            print(f"resumed from {ckpt} at step {first_step}", flush=True)
     model.train()
-    t_train = time.time()
-    ema = None
-    for step in range(args.steps):
+    t_train = time.time() - train_seconds
+    for step in range(first_step, args.steps):
         batch = next(short if step < long_from else long)
-        lr = lr_at(step, args.steps, args.lr, args.warmup)
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.decay_fraction)
         for group in opt.param_groups:
             group["lr"] = lr
         x = torch.tensor(batch)
@@ -481,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.zero_grad(set_to_none=True)
         lv = loss.item()
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
-        if (step + 1) % 25 == 0 or step == 0:
+        if (step + 1) % 25 == 0 or step == first_step:
             el = time.time() - t_train
             print(
                 f"step {step + 1}/{args.steps} loss {lv:.4f} ema {ema:.4f} lr {lr:.2e} "
@@ -489,13 +549,24 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            hl = heldout_loss(
-                model, held_ids, 512, max_windows=None if step + 1 == args.steps else 12
-            )
+            hl = heldout_loss(model, held_ids, 512, max_windows=12)
             history.append({"step": step + 1, "train_loss_ema": ema, "heldout_loss": hl})
             print(
                 f"eval step {step + 1}: held-out loss {hl:.4f} ppl {math.exp(hl):.2f}", flush=True
             )
+        if (step + 1) % args.ckpt_every == 0 and step + 1 <= decay_start(
+            args.steps, args.decay_fraction
+        ):
+            args.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            state = {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": step + 1,
+                "ema": ema,
+                "history": history,
+                "train_seconds": time.time() - t_train,
+            }
+            torch.save(state, args.ckpt_dir / f"step-{step + 1:05d}.pt")
     train_seconds = time.time() - t_train
 
     # final evaluation -------------------------------------------------------------
@@ -591,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_sample_loss": sample_loss,
         "train_seconds": train_seconds,
         "total_seconds": total_seconds,
+        "overhead_seconds": total_seconds - (train_seconds - resumed_seconds),
+        "resumed_from_step": resumed_from_step,
         "history": history,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}), flush=True)
@@ -614,6 +687,13 @@ def write_card(
     import torch
 
     uniform = math.log(shape.vocab_size)
+    resumed = ""
+    if s.get("resumed_from_step"):
+        resumed = (
+            f" (a longer run was stopped after its step-{s['resumed_from_step']} checkpoint and "
+            f"continued with `--steps {s['steps']} --resume`, which gives the same weights as a "
+            f"fresh `--steps {s['steps']}` run)"
+        )
     hist = "\n".join(
         f"| {h['step']} | {h['train_loss_ema']:.3f} | {h['heldout_loss']:.3f} |"
         for h in s["history"]
@@ -673,15 +753,20 @@ stops on `<|endoftext|>` or `<|end|>` (ids 0 and 4).
 
 ## Training
 
-AdamW (betas 0.9/0.95, weight decay {args.weight_decay}), peak LR {args.lr:g}, {args.warmup} warm-up steps,
-cosine decay to 10 %, grad clip 1.0, fp32. {s["steps"]} steps of {s["tokens_per_step"]} tokens
+AdamW (betas 0.9/0.95, weight decay {args.weight_decay}), peak LR {args.lr:g}, grad clip 1.0, fp32;
+warmup-stable-decay schedule: {args.warmup} warm-up steps, constant, then linear decay over the last
+{args.decay_fraction:.0%} of the steps. {s["steps"]} steps of {s["tokens_per_step"]} tokens
 ({s["tokens_seen"] / 1e6:.2f}M tokens seen, about {s["tokens_seen"] / (s["train_plain_tokens"] + s["train_chat_tokens"]):.1f} epochs): 512-token windows, then
 1024-token windows for the last {args.long_fraction:.0%} of the steps.
-Wall time: {s["train_seconds"] / 60:.1f} min training, {s["total_seconds"] / 60:.1f} min in all, with
+Wall time: {s["train_seconds"] / 60:.1f} min for the training steps{resumed}, plus
+{s["overhead_seconds"] / 60:.1f} min for corpus, tokenizer, evaluation and saving, with
 `torch.set_num_threads({args.threads})` on a shared 2-core {platform.processor() or platform.machine()} Linux VM
 (Intel Xeon, AVX-512), torch {torch.__version__}, Python {platform.python_version()}.
 
-| step | train loss (EMA) | held-out loss |
+Held-out loss during training is measured on the first 12 windows of 512 tokens
+(about 6k tokens) of the held-out split; the final figures below use all of it.
+
+| step | train loss (EMA) | held-out loss (12 windows) |
 |---:|---:|---:|
 {hist}
 
