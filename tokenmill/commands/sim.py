@@ -37,6 +37,7 @@ def register(subparsers: Any) -> None:
     val.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     val.add_argument("--profile", help="profile table to use (default: profile the model now)")
     val.add_argument("--grid", default="quick", choices=["quick", "full"], help="profile grid when profiling now")
+    val.add_argument("--repeats", type=int, default=3, help="timed runs per grid point when profiling now")
     val.add_argument("--num-requests", type=int, default=60)
     val.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second")
     val.add_argument("--prompt-len", default="lognormal:96,0.5")
@@ -282,7 +283,8 @@ def _validate(args: argparse.Namespace) -> int:
                       prompt_len=args.prompt_len, output_len=args.output_len,
                       kv_cache_memory=int(args.kv_cache_memory * 2**20), max_num_batched_tokens=args.max_num_batched_tokens,
                       max_num_seqs=args.max_num_seqs, max_decode_steps=args.max_decode_steps, dtype=args.dtype,
-                      threads=args.threads, seed=args.seed, grid=args.grid, log=console.print)  # fmt: skip
+                      threads=args.threads, seed=args.seed, grid=args.grid, repeats=args.repeats,
+                      log=console.print)  # fmt: skip
     table = Table(title=f"twin vs real engine: {report['model']}")
     for col in ("metric", "real engine", "twin", "error"):
         table.add_column(col, justify="right")
@@ -291,6 +293,10 @@ def _validate(args: argparse.Namespace) -> int:
         err = report["error_pct"].get(key)
         table.add_row(key, f"{r:.2f}", f"{t:.2f}", f"{err:+.1f}%" if err is not None else "-")
     console.print(table)
+    pr = report["probe_ms"]
+    console.print(f"reference step: {pr['before_profile']:.2f} ms before the profile, {pr['before_real_run']:.2f} ms "
+                  f"before the real run, {pr['after_real_run']:.2f} ms after it "
+                  f"(machine drift {report['machine_drift_pct']:+.1f}%)")  # fmt: skip
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=1)

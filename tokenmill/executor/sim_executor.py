@@ -30,9 +30,9 @@ class SimExecutor:
 
     def execute(self, plan: StepPlan) -> StepResult:
         k = plan.num_steps
+        # One list shared by every sequence: the scheduler reads sampled tokens and never mutates them.
         toks = [self.token_id] * k
-        # Each sequence gets its own list: the scheduler may keep or slice it.
-        sampled = {s.request.request_id: toks[:] for s in plan.seqs if s.samples}
+        sampled = dict.fromkeys([s.request.request_id for s in plan.seqs if s.samples], toks)
         self.num_plans += 1
         self.num_steps += k
         return StepResult(sampled_token_ids=sampled, duration=self.cost_model.plan_time(plan))

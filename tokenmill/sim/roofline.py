@@ -32,20 +32,22 @@ from tokenmill.sim.hardware import Hardware
 from tokenmill.sim.model_spec import DTYPE_BYTES, ModelShape
 
 
+def _seg(a: float, b: float, lo: int, hi: int) -> float:
+    """Sum of ``a + b*j`` for ``lo <= j < hi``."""
+    n = hi - lo
+    return a * n + b * (lo + hi - 1) * n / 2 if n > 0 else 0.0
+
+
 def sum_max_affine(p: float, q: float, r: float, s: float, k: int) -> float:
     """``sum(max(p + q*j, r + s*j) for j in range(k))`` in closed form."""
     if k <= 0:
         return 0.0
-
-    def seg(a: float, b: float, lo: int, hi: int) -> float:  # sum of a + b*j, lo <= j < hi
-        n = hi - lo
-        return a * n + b * (lo + hi - 1) * n / 2 if n > 0 else 0.0
-
     d0, dq = p - r, q - s  # (f - g)(j) = d0 + dq * j
+    if d0 <= 0 and dq <= 0:  # g wins throughout (decode attention is usually memory-bound)
+        return r * k + s * (k - 1) * k / 2
     if d0 >= 0 and dq >= 0:
-        return seg(p, q, 0, k)  # f wins throughout
-    if d0 <= 0 and dq <= 0:
-        return seg(r, s, 0, k)
+        return p * k + q * (k - 1) * k / 2
+    seg = _seg
     # One flip, after the crossing point -d0/dq > 0.
     j = min(int(-d0 / dq) + 1, k)
     if d0 > 0:  # f wins up to the crossing

@@ -221,7 +221,7 @@ class Simulator:
         horizon = max(workload.duration, 1e-3)
         self.sample_interval = horizon / max(config.num_samples, 1)
         self.bin_width = horizon / 200
-        self.token_bins: dict[int, int] = {}
+        self.token_bins: dict[int, float] = {}
         self._plan_known_arrivals()
 
     def _plan_known_arrivals(self) -> None:
@@ -348,6 +348,7 @@ class Simulator:
         sched = rep.sched
         if not sched.requests:
             rep.active = False
+            rep.series.append((t, sched.kv.usage, 0, 0))  # going idle: the series must not carry a busy sample
             return
         if t >= rep.next_sample:
             rep.series.append((t, sched.kv.usage, len(sched.waiting), len(sched.running)))
@@ -445,8 +446,15 @@ class Simulator:
         if same:
             itl.add(sub, same)
         if n_tokens:
-            b = int(end / self.bin_width)
-            self.token_bins[b] = self.token_bins.get(b, 0) + n_tokens
+            bins = self.token_bins
+            w = self.bin_width
+            b0, b1 = int(t0 / w), int(end / w)
+            if b0 == b1 or not self.ideal:
+                bins[b1] = bins.get(b1, 0) + n_tokens
+            else:  # a long decode run: spread its tokens over the bins it spans
+                for b in range(b0, b1 + 1):
+                    share = (min(end, (b + 1) * w) - max(t0, b * w)) / dur
+                    bins[b] = bins.get(b, 0) + n_tokens * share
 
     def _finished(self, rep: Replica, tr: _Track, req: Request, t: float) -> None:
         rid = req.request_id

@@ -127,6 +127,10 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, num_reque
     from tokenmill.engine import Engine, EngineConfig, resolve_model_path
 
     path = resolve_model_path(model)
+    engine = Engine(EngineConfig(model=path, dtype=dtype, kv_cache_memory=kv_cache_memory, block_size=block_size,
+                                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                 max_decode_steps=max_decode_steps))  # fmt: skip
+    probes = [probe(engine.executor)]
     if profile is None:
         from tokenmill.sim.profiler import profile_model
 
@@ -142,15 +146,14 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, num_reque
 
         table = json.loads(Path(profile).read_text())
     cm = ProfiledCostModel(table)
-    engine = Engine(EngineConfig(model=path, dtype=dtype, kv_cache_memory=kv_cache_memory, block_size=block_size,
-                                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                 max_decode_steps=max_decode_steps))  # fmt: skip
+    probes.append(probe(engine.executor))
     wl = W.synthetic(num_requests, rate, prompt_len, output_len, vocab_size=engine.vocab_size, seed=seed)
     wl.clip(engine.max_model_len - 1)
     log(f"real engine: {num_requests} requests at {rate} req/s...")
     t0 = time.perf_counter()
     times = run_engine(engine, wl)
     real_wall = time.perf_counter() - t0
+    probes.append(probe(engine.executor))
     real = metrics_from_times(times["arrival"], times["first"], times["finish"], times["n_out"])
     sched_cfg = dataclasses.replace(engine.scheduler.config)
     res = simulate(wl, SimConfig(PoolConfig(sched_cfg, cm), mode="engine"))
@@ -170,4 +173,18 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, num_reque
         "real_wall_s": real_wall,
         "twin_wall_s": res.wall_time,
         "profile": cm.describe(),
+        # The same fixed step timed before the profile, between it and the real run, and after:
+        # how much the machine's speed moved while the two were measured.
+        "probe_ms": {"before_profile": probes[0] * 1000, "before_real_run": probes[1] * 1000,
+                     "after_real_run": probes[2] * 1000},
+        "machine_drift_pct": 100.0 * ((probes[1] + probes[2]) / 2 - (probes[0] + probes[1]) / 2)
+        / ((probes[0] + probes[1]) / 2),
     }
+
+
+def probe(executor: Any, repeats: int = 15) -> float:
+    """Median seconds of one fixed mixed step (a 32-token prefill and 8 decodes at context 128)."""
+    from tokenmill.sim.profiler import _Blocks, build_plan, time_executor
+
+    plan = build_plan(32, 8, 128, _Blocks(executor.num_blocks, executor.block_size), executor.model_config.vocab_size)
+    return time_executor(executor, plan, repeats, warmup=2, stat="median")
