@@ -70,9 +70,8 @@ def resolve_model_path(model: str | None) -> str:
 
 class Engine:
     def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
-        from transformers import AutoTokenizer
-
         from tokenmill.executor.model_executor import ModelExecutor
+        from tokenmill.tokenizer import load_tokenizer
 
         self.config = config
         self.clock = clock
@@ -89,9 +88,7 @@ class Engine:
         )
         mc = self.executor.model_config
         self.model_config = mc
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            config.tokenizer or model_path, local_files_only=True, trust_remote_code=False
-        )
+        self.tokenizer = load_tokenizer(config.tokenizer or model_path)
         self.max_model_len = min(config.max_model_len or mc.max_model_len, mc.max_model_len)
         eos = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
