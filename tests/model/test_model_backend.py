@@ -33,5 +33,8 @@ def test_failed_build_falls_back_to_torch_with_one_warning(monkeypatch: pytest.M
 def test_selection_rules() -> None:
     assert backend.select_ops(torch.device("cpu"), torch.float16).name == "torch"
     assert backend.select_ops(torch.device("cpu"), torch.float32, prefer="torch").name == "torch"
+    assert backend.select_ops(torch.device("cpu"), torch.float32, head_dim=512).name == "torch"
+    with pytest.raises(ValueError, match="head_dim"):
+        backend.select_ops(torch.device("cpu"), torch.float32, "cpu_kernels", head_dim=512)
     with pytest.raises(ValueError, match="backend"):
         backend.select_ops(torch.device("cpu"), torch.float32, prefer="triton")

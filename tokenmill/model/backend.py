@@ -164,15 +164,28 @@ class CpuKernelOps(TorchOps):
         return torch.ops.tokenmill.packed_linear(x, lin.packed, lin.out_features, lin.bias)
 
 
-def select_ops(device: torch.device, dtype: torch.dtype, prefer: str = "auto") -> TorchOps:
-    """Pick the ops for ``device`` and ``dtype``; ``prefer="torch"`` forces the reference."""
+# The CPU attention kernel keeps a head's accumulators in registers: 16 vectors at most.
+CPU_KERNEL_MAX_HEAD_DIM = 256
+
+
+def select_ops(
+    device: torch.device, dtype: torch.dtype, prefer: str = "auto", head_dim: int = 0
+) -> TorchOps:
+    """Pick the ops for ``device``, ``dtype`` and ``head_dim``; ``prefer="torch"`` forces the reference."""
     if prefer not in ("auto", "torch", "cpu_kernels"):
         raise ValueError(f"unknown ops backend {prefer!r}; use 'auto', 'torch' or 'cpu_kernels'")
     if prefer == "torch" or device.type != "cpu":
         return TorchOps()
+    unsupported = None
     if dtype not in (torch.float32, torch.bfloat16):
+        unsupported = f"the CPU kernels support float32 and bfloat16, not {dtype}"
+    elif head_dim > CPU_KERNEL_MAX_HEAD_DIM:
+        unsupported = (
+            f"the CPU kernels support head_dim <= {CPU_KERNEL_MAX_HEAD_DIM}, not {head_dim}"
+        )
+    if unsupported:
         if prefer == "cpu_kernels":
-            raise ValueError(f"the CPU kernels support float32 and bfloat16, not {dtype}")
+            raise ValueError(unsupported)
         return TorchOps()
     if kernels.cpu_kernels_available():
         return CpuKernelOps(use_packed_gemm=kernels.has_avx512())

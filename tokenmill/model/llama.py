@@ -55,7 +55,7 @@ class LlamaModel:
         self.cos_sin = cos_sin_cache(config.rope, config.head_dim, config.max_model_len).to(device)
         self.scale = config.head_dim**-0.5
         self._dense = dense  # kept only until _prepare() lays the weights out
-        self._prepare(select_ops(device, self.dtype, prefer))
+        self._prepare(select_ops(device, self.dtype, prefer, config.head_dim))
 
     def _prepare(self, ops: TorchOps) -> None:
         d, cfg = self._dense, self.config
@@ -77,7 +77,7 @@ class LlamaModel:
     def set_backend(self, prefer: str) -> None:
         """Switch primitive ops: "auto", "torch" (reference) or "cpu_kernels"."""
         self._dense = self.dense_weights()
-        self._prepare(select_ops(self.device, self.dtype, prefer))
+        self._prepare(select_ops(self.device, self.dtype, prefer, self.config.head_dim))
 
     def dense_weights(self) -> dict[str, torch.Tensor]:
         """Every weight in plain ``[out, in]`` form, keyed ``"{layer}.{name}"`` (and "embed"...)."""
