@@ -209,3 +209,28 @@ def test_kernels_refuse_out_of_range_blocks_and_slots() -> None:
     qkv = torch.randn(1, 4 * 16)
     with pytest.raises(RuntimeError, match="outside the cache"):
         CpuKernelOps.rope_write_kv(qkv, torch.tensor([3]), cos_sin, kv, torch.tensor([64]), 2, 1)
+
+
+def test_kernel_and_torch_paths_draw_the_same_tokens() -> None:
+    from tokenmill.core.request import SamplingParams
+    from tokenmill.model.backend import sample_rows_kernel
+    from tokenmill.model.sampler import Sampler, SamplingRow
+
+    def row(**params) -> SamplingRow:
+        return SamplingRow(SamplingParams(**params), [], [], (2,))
+
+    g = torch.Generator().manual_seed(9)
+    n, vocab = 64, 3000
+    logits = torch.randn(n, vocab, generator=g) * torch.linspace(0.1, 8, n)[:, None]
+    combos = [
+        dict(temperature=1.0), dict(temperature=0.5, top_k=40), dict(top_p=0.8),
+        dict(temperature=1.3, top_k=100, top_p=0.9), dict(min_p=0.05), dict(top_p=0.95, min_p=0.1),
+    ]  # fmt: skip
+    rows = [row(**combos[i % len(combos)]) for i in range(n)]
+    u = torch.rand(n, generator=g)
+    want = Sampler._sample_torch(logits, rows, u)
+    got = sample_rows_kernel(
+        logits, [r.params.temperature for r in rows], [r.params.top_k for r in rows],
+        [r.params.top_p for r in rows], [r.params.min_p for r in rows], u,
+    ).tolist()  # fmt: skip
+    assert got == want

@@ -195,25 +195,3 @@ def test_top_p_candidates_equal_a_full_sort() -> None:
     sizes = [int((vals > 0).sum()) for vals, _ in got]
     assert sizes[4] > 200 and sizes[7] > 100  # flat rows: nuclei wider than the candidates
     assert sizes[1] <= 5 and sizes[2] == 20 and sizes[5] <= 5
-
-
-def test_kernel_and_torch_paths_draw_the_same_tokens() -> None:
-    if BACKEND == "torch":
-        pytest.skip("compares the two backends once")
-    from tokenmill.model.backend import sample_rows_kernel
-
-    g = torch.Generator().manual_seed(9)
-    n, vocab = 64, 3000
-    logits = torch.randn(n, vocab, generator=g) * torch.linspace(0.1, 8, n)[:, None]
-    combos = [
-        dict(temperature=1.0), dict(temperature=0.5, top_k=40), dict(top_p=0.8),
-        dict(temperature=1.3, top_k=100, top_p=0.9), dict(min_p=0.05), dict(top_p=0.95, min_p=0.1),
-    ]  # fmt: skip
-    rows = [row(**combos[i % len(combos)]) for i in range(n)]
-    u = torch.rand(n, generator=g)
-    want = Sampler._sample_torch(logits, rows, u)
-    got = sample_rows_kernel(
-        logits, [r.params.temperature for r in rows], [r.params.top_k for r in rows],
-        [r.params.top_p for r in rows], [r.params.min_p for r in rows], u,
-    ).tolist()  # fmt: skip
-    assert got == want
