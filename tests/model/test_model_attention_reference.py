@@ -8,6 +8,7 @@ from tokenmill.model.attention import (
     AttentionMetadata,
     gather_kv,
     kv_cache_shape,
+    paged_attention_padded,
     paged_attention_reference,
     write_kv_reference,
 )
@@ -49,3 +50,24 @@ def test_reference_equals_dense_causal_attention() -> None:
         v.repeat_interleave(2, 1).transpose(0, 1), is_causal=True, scale=0.5,
     ).transpose(0, 1)  # fmt: skip
     torch.testing.assert_close(got, dense[9:], atol=1e-5, rtol=1e-5)
+
+
+def test_padded_batched_attention_equals_reference() -> None:
+    # mixed batch: a prefill chunk after cached context, decodes, a fresh prompt
+    torch.manual_seed(1)
+    block_size, heads, kv_heads, head_dim = 4, 6, 2, 8
+    kv = torch.randn(kv_cache_shape(40, block_size, kv_heads, head_dim))
+    n_queries, lens = [5, 1, 1, 7], [13, 9, 22, 7]
+    tables = torch.randperm(40)[:24].view(4, 6).to(torch.int32)
+    starts = [0]
+    for n in n_queries:
+        starts.append(starts[-1] + n)
+    meta = AttentionMetadata(
+        torch.tensor(starts, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), tables,
+        torch.zeros(starts[-1], dtype=torch.long), max(n_queries), max(lens),
+    )  # fmt: skip
+    q = torch.randn(starts[-1], heads, head_dim)
+    torch.testing.assert_close(
+        paged_attention_padded(q, kv, meta, 0.3), paged_attention_reference(q, kv, meta, 0.3),
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip

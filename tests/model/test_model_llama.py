@@ -64,7 +64,7 @@ def run_chunks(model, ids: torch.Tensor, chunks: list[int], block_size: int = 8)
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "torch_batched", "auto"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers(checkpoints: dict[str, Path], case: str, backend: str) -> None:
     path = checkpoints[case]

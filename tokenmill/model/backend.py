@@ -2,10 +2,10 @@
 
 ``TorchOps`` is plain torch and runs anywhere (it is also the numerical
 reference); ``CpuKernelOps`` calls the compiled CPU extension (paged attention
-straight from the blocks, fused RMSNorm / RoPE+KV-write / SiLU-gate, and an
-packed-weight GEMM for every linear). ``select_ops`` chooses; CUDA
-currently runs ``TorchOps`` (a Triton or FlashInfer backend would be added
-here).
+straight from the blocks, fused RMSNorm / RoPE+KV-write / SiLU-gate, and a
+packed-weight GEMM for every linear); ``AcceleratorOps`` runs attention as one
+batched SDPA call on GPUs (a Triton or FlashInfer backend would be added
+here). ``select_ops`` chooses.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tokenmill.model import kernels
 from tokenmill.model.attention import (
     AttentionMetadata,
+    paged_attention_padded,
     paged_attention_reference,
     write_kv_reference,
 )
@@ -107,6 +108,22 @@ class TorchOps:
         return F.linear(x, lin.dense_weight(), lin.bias)
 
 
+class AcceleratorOps(TorchOps):
+    """Torch ops for GPUs: attention as one batched SDPA call over gathered, padded contexts.
+
+    (No Python loop over sequences, no host sync.) A Triton / FlashInfer paged kernel
+    would replace ``attention`` here where installed.
+    """
+
+    name = "torch_batched"
+
+    @staticmethod
+    def attention(
+        q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        return paged_attention_padded(q, kv_cache, meta, scale)
+
+
 class CpuKernelOps(TorchOps):
     """The compiled CPU extension (fp32 and bf16)."""
 
@@ -164,6 +181,8 @@ class CpuKernelOps(TorchOps):
         return torch.ops.tokenmill.packed_linear(x, lin.packed, lin.out_features, lin.bias)
 
 
+BACKENDS = ("auto", "torch", "torch_batched", "cpu_kernels")
+
 # The CPU attention kernel keeps a head's accumulators in registers: 16 vectors at most.
 CPU_KERNEL_MAX_HEAD_DIM = 256
 
@@ -171,11 +190,15 @@ CPU_KERNEL_MAX_HEAD_DIM = 256
 def select_ops(
     device: torch.device, dtype: torch.dtype, prefer: str = "auto", head_dim: int = 0
 ) -> TorchOps:
-    """Pick the ops for ``device``, ``dtype`` and ``head_dim``; ``prefer="torch"`` forces the reference."""
-    if prefer not in ("auto", "torch", "cpu_kernels"):
-        raise ValueError(f"unknown ops backend {prefer!r}; use 'auto', 'torch' or 'cpu_kernels'")
-    if prefer == "torch" or device.type != "cpu":
+    """Pick the ops for ``device``, ``dtype`` and ``head_dim``; ``prefer`` forces one of ``BACKENDS``."""
+    if prefer not in BACKENDS:
+        raise ValueError(f"unknown ops backend {prefer!r}; use one of {', '.join(BACKENDS)}")
+    if prefer == "torch":
         return TorchOps()
+    if prefer == "torch_batched":
+        return AcceleratorOps()
+    if device.type != "cpu":
+        return AcceleratorOps()
     unsupported = None
     if dtype not in (torch.float32, torch.bfloat16):
         unsupported = f"the CPU kernels support float32 and bfloat16, not {dtype}"

@@ -75,7 +75,7 @@ class LlamaModel:
         self._dense = {}
 
     def set_backend(self, prefer: str) -> None:
-        """Switch primitive ops: "auto", "torch" (reference) or "cpu_kernels"."""
+        """Switch primitive ops: one of ``backend.BACKENDS`` ("torch" is the reference)."""
         self._dense = self.dense_weights()
         self._prepare(select_ops(self.device, self.dtype, prefer, self.config.head_dim))
 
