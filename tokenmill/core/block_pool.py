@@ -124,6 +124,16 @@ class BlockPool:
         self.num_evictable -= 1
         self._free.append(block_id)
 
+    def uncache_many(self, block_ids: list[int]) -> None:
+        """``uncache`` each block, in order (one call for a leaf's evicted tail)."""
+        cached, refs = self.cached, self.ref_counts
+        for b in block_ids:
+            if not cached[b] or refs[b] != 0:
+                raise RuntimeError(f"block {b} is not an evictable cached block")
+            cached[b] = False
+        self.num_evictable -= len(block_ids)
+        self._free.extend(block_ids)
+
     def check_invariants(self) -> None:
         """Every block in exactly one state; counts add up to the pool size."""
         free_list = self.free_ids()

@@ -188,11 +188,21 @@ class PrefixCache:
                 aside.append(entry)
                 continue
             first_key = nd.keys[0]
-            while nd.block_ids and freed < num_blocks and refs[nd.block_ids[-1]] == 0:
-                self.pool.uncache(nd.block_ids.pop())
-                nd.keys.pop()
-                freed += 1
-            if nd.block_ids:
+            # Free the leaf's unowned tail, last block first, up to what is still wanted.
+            ids = nd.block_ids
+            n = len(ids)
+            limit = min(n, num_blocks - freed)
+            m = 0
+            while m < limit and refs[ids[n - 1 - m]] == 0:
+                m += 1
+            if m:
+                gone = ids[n - m :]
+                gone.reverse()
+                del ids[n - m :]
+                del nd.keys[n - m :]
+                self.pool.uncache_many(gone)
+                freed += m
+            if ids:
                 aside.append(entry)  # still a leaf (its head is owned, or we have freed enough)
                 continue
             nd.dead = True
