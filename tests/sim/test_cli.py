@@ -60,6 +60,7 @@ def test_profile_and_validate_on_tiny_model(tiny_model_dir, tmp_path) -> None:  
     v = json.loads(rep.read_text())
     for key in ("ttft_mean_ms", "ttft_p90_ms", "tpot_mean_ms", "tpot_p90_ms", "output_throughput"):
         assert v["real"][key] > 0 and v["twin"][key] > 0 and key in v["error_pct"]
+        assert key in v["error_pct_drift_corrected"]
     # The twin ran the requests the engine ran.
     assert v["workload"]["num_requests"] == 12
     out = tmp_path / "pr.json"

@@ -63,3 +63,14 @@ def test_profile_tiny_model_end_to_end(tiny_model_dir) -> None:  # type: ignore[
     assert table["hardware"]["peak_flops"]["fp32"] > 1e8
     cm = ProfiledCostModel(table)
     assert cm.interpolate(32, 2, 64) > 0
+
+
+def test_multistep_decodes_use_their_own_table() -> None:
+    table, f = affine_table()
+    D, C = table["axes"]["decode_seqs"], table["axes"]["context_tokens"]
+    # Sub-steps of multi-step plans cost 1.5x a one-step plan here.
+    table["decode_multistep"] = {"num_steps": 8, "times": [[1.5 * f(0, d, c) if d else 0.0 for c in C] for d in D]}
+    cm = ProfiledCostModel(table)
+    assert cm.decode_time(4, 400, 1) == pytest.approx(f(0, 4, 100) + 4e-4 + 1e-3)
+    assert cm.decode_time(4, 400, 10) == pytest.approx(10 * (1.5 * f(0, 4, 104.5) + 4e-4) + 1e-3)
+    assert cm.decode_time(1, 16, 3) == pytest.approx(3 * (1.5 * f(0, 1, 17) + 1e-4) + 1e-3)

@@ -28,6 +28,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--kv-cache-memory", type=float, default=512, help="MiB of KV cache for the measurements")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--statistic", default="mean", choices=["mean", "median"])
+    p.add_argument("--multistep", type=int, default=8,
+                   help="also time decode plans of this many sub-steps (the engine's max_decode_steps; 1: skip)")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--no-overhead", action="store_true", help="skip measuring the engine's per-step overhead")
     p.add_argument("--hardware-only", action="store_true",
@@ -67,7 +69,8 @@ def _profile(args: argparse.Namespace) -> int:
         table = profile_model(path, grid=args.grid, dtype=args.dtype, block_size=args.block_size,
                               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                               kv_cache_memory=int(args.kv_cache_memory * 2**20), repeats=args.repeats,
-                              stat=args.statistic, measure_overhead=not args.no_overhead, progress=progress)  # fmt: skip
+                              stat=args.statistic, multistep=args.multistep, measure_overhead=not args.no_overhead,
+                              progress=progress)  # fmt: skip
     out = Path(args.output or f"profile-{Path(path).name}.json")
     out.write_text(json.dumps(table, indent=1))
     over = table["engine_overhead"]

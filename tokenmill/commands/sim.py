@@ -286,12 +286,13 @@ def _validate(args: argparse.Namespace) -> int:
                       threads=args.threads, seed=args.seed, grid=args.grid, repeats=args.repeats,
                       log=console.print)  # fmt: skip
     table = Table(title=f"twin vs real engine: {report['model']}")
-    for col in ("metric", "real engine", "twin", "error"):
+    for col in ("metric", "real engine", "twin", "error", "drift-corrected twin", "error "):
         table.add_column(col, justify="right")
     for key in ("ttft_mean_ms", "ttft_p90_ms", "tpot_mean_ms", "tpot_p90_ms", "output_throughput"):
-        r, t = report["real"][key], report["twin"][key]
-        err = report["error_pct"].get(key)
-        table.add_row(key, f"{r:.2f}", f"{t:.2f}", f"{err:+.1f}%" if err is not None else "-")
+        r, t, c = report["real"][key], report["twin"][key], report["twin_drift_corrected"][key]
+        err, cerr = report["error_pct"].get(key), report["error_pct_drift_corrected"].get(key)
+        table.add_row(key, f"{r:.2f}", f"{t:.2f}", f"{err:+.1f}%" if err is not None else "-",
+                      f"{c:.2f}", f"{cerr:+.1f}%" if cerr is not None else "-")  # fmt: skip
     console.print(table)
     pr = report["probe_ms"]
     console.print(f"reference step: {pr['before_profile']:.2f} ms before the profile, {pr['before_real_run']:.2f} ms "

@@ -13,8 +13,11 @@ extrapolated linearly past the largest grid point (and never below zero),
 plus the engine's measured overhead outside the executor: ``per_step_s``
 per plan (scheduling, updates) and ``per_token_s`` per sampled token (output
 processing), so a k-step plan pays the first once and the second k times.
-A multi-step decode plan costs ``k`` times the step at its mean context
-(exact where the table is linear in context, which it is within a cell).
+A multi-step decode plan costs ``k`` sub-steps at its mean context (exact
+where the table is linear in context, which it is within a cell), priced from
+the table's ``decode_multistep`` section when it has one: the executor runs
+the sub-steps of such a plan in its own loop, whose cost per sub-step differs
+from that of a one-step plan.
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ class ProfiledCostModel(CostModel):
         for axis in (self.p_axis, self.d_axis, self.c_axis):
             if axis != sorted(axis) or len(set(axis)) != len(axis):
                 raise ValueError("profile table axes must be strictly increasing")
+        ms = table.get("decode_multistep") or {}
+        self.multi: list[list[float]] | None = ms.get("times")
+        if self.multi is not None and (len(self.multi), len(self.multi[0])) != shape[1:]:
+            raise ValueError("profile table decode_multistep times do not match its axes")
         over = table.get("engine_overhead", {})
         self.overhead = float(over.get("per_step_s", 0.0))
         self.overhead_per_token = float(over.get("per_token_s", over.get("per_seq_s", 0.0)))
@@ -97,9 +104,27 @@ class ProfiledCostModel(CostModel):
             ctx = f.prefill_context
         return self.interpolate(f.prefill_tokens, f.num_decode, ctx) + self.overhead + self.overhead_per_token * f.num_samples
 
+    def _multi_step(self, decode_seqs: float, context: float) -> float:
+        """Seconds per sub-step of a multi-step decode plan (bilinear in the decode_multistep table)."""
+        assert self.multi is not None
+        j, wj = _locate(self.d_axis, decode_seqs)
+        k, wk = _locate(self.c_axis, context)
+        M = self.multi
+        if j == 0 and self.d_axis[0] == 0 and len(self.d_axis) > 1:
+            j, wj = 1, 0.0  # the row for zero decodes is empty: below one decode, use one
+        j1 = min(j + 1, len(self.d_axis) - 1)
+        k1 = min(k + 1, len(self.c_axis) - 1)
+        lo = M[j][k] + (M[j][k1] - M[j][k]) * wk
+        hi = M[j1][k] + (M[j1][k1] - M[j1][k]) * wk
+        t = lo + (hi - lo) * wj
+        return t if t > 0.0 else 0.0
+
     def decode_time(self, num_seqs: int, context: int, num_steps: int) -> float:
         mean_ctx = context / num_seqs + (num_steps - 1) / 2
-        step = self.interpolate(0, num_seqs, mean_ctx)
+        if num_steps > 1 and self.multi is not None:
+            step = self._multi_step(num_seqs, mean_ctx)
+        else:
+            step = self.interpolate(0, num_seqs, mean_ctx)
         # The engine schedules once per plan; the executor and output processing work per sub-step.
         return num_steps * (step + self.overhead_per_token * num_seqs) + self.overhead
 

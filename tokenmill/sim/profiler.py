@@ -58,23 +58,31 @@ class _Blocks:
         return ids
 
 
-def build_plan(prefill: int, decode: int, context: int, blocks: _Blocks, vocab: int, seed: int = 0) -> StepPlan:
-    """A one-step plan with one prefill chunk of ``prefill`` tokens and ``decode`` one-token decodes."""
-    import random
+def build_plan(prefill: int, decode: int, context: int, blocks: _Blocks, vocab: int, seed: int = 0,
+               num_steps: int = 1) -> StepPlan:  # fmt: skip
+    """A plan with one prefill chunk of ``prefill`` tokens and ``decode`` one-token decodes.
 
-    rng = random.Random(seed)
+    With ``num_steps`` > 1 (decodes only) the decodes run that many sub-steps, as the
+    scheduler's multi-step plans do, and their block tables cover the extra tokens.
+    """
     greedy = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
     seqs = []
     blocks.next = 0
+    # Token ids do not change the cost of a step; small ones keep big plans cheap to hold.
+    pattern = [(seed + t) % min(vocab, 251) for t in range(251)]
+
+    def tokens(n: int) -> list[int]:
+        return (pattern * (n // len(pattern) + 1))[:n]
+
     if prefill:
         prior = context if decode == 0 else 0
         total = prior + prefill
-        req = Request("p", [rng.randrange(vocab) for _ in range(total)], greedy)
+        req = Request("p", tokens(total), greedy)
         seqs.append(ScheduledSeq(req, prior, prefill, blocks.table(total), True))
     for i in range(decode):
-        req = Request(f"d{i}", [rng.randrange(vocab) for _ in range(context)], greedy)
-        seqs.append(ScheduledSeq(req, context - 1, 1, blocks.table(context), True))
-    return StepPlan(step_id=0, now=0.0, seqs=seqs, num_batched_tokens=prefill + decode)
+        req = Request(f"d{i}", tokens(context), greedy)
+        seqs.append(ScheduledSeq(req, context - 1, 1, blocks.table(context + num_steps - 1), True))
+    return StepPlan(step_id=0, now=0.0, seqs=seqs, num_steps=num_steps, num_batched_tokens=prefill + decode)
 
 
 def time_executor(executor: Any, plan: StepPlan, repeats: int, warmup: int, stat: str = "mean") -> float:
@@ -94,25 +102,59 @@ def time_executor(executor: Any, plan: StepPlan, repeats: int, warmup: int, stat
 
 
 def measure_grid(executor: Any, axes: dict[str, list[int]], vocab: int, max_len: int, repeats: int = 3,
-                 warmup: int = 1, progress: Callable[[int, int], None] | None = None,
-                 stat: str = "mean") -> list[list[list[float]]]:  # fmt: skip
-    """Median executor seconds at every grid point; the empty point (0, 0, c) is extrapolated."""
+                 warmup: int = 1, progress: Callable[[int, int], None] | None = None, stat: str = "mean",
+                 multistep: int = 8) -> tuple[list[list[list[float]]], list[list[float]] | None]:  # fmt: skip
+    """Executor seconds at every grid point, and per sub-step of ``multistep``-step decode plans.
+
+    Every point is timed once per pass and the passes visit the points in a
+    fresh random order, so that a stretch of load from other processes spreads
+    over the grid instead of inflating a block of neighbouring points. The
+    empty point (0, 0, c) is extrapolated. The second table holds, for each
+    (decode sequences, context), the time of one sub-step of a multi-step
+    decode plan, which the executor runs in its own loop.
+    """
+    import random
+
     P, D, C = axes["prefill_tokens"], axes["decode_seqs"], axes["context_tokens"]
     blocks = _Blocks(executor.num_blocks, executor.block_size)
-    times = [[[0.0 for _ in C] for _ in D] for _ in P]
-    total = len(P) * len(D) * len(C)
-    done = 0
+    points: list[tuple[tuple[int, ...], StepPlan, int]] = []
     for i, p in enumerate(P):
         for j, d in enumerate(D):
             for k, c in enumerate(C):
-                done += 1
                 if p == 0 and d == 0:
                     continue
                 ctx = max(1, min(c, max_len - max(p, 1)))
-                plan = build_plan(p, d, ctx, blocks, vocab, seed=done)
-                times[i][j][k] = time_executor(executor, plan, repeats, warmup, stat)
-                if progress is not None:
-                    progress(done, total)
+                points.append(((i, j, k), build_plan(p, d, ctx, blocks, vocab), 1))
+    if multistep > 1:
+        for j, d in enumerate(D):
+            for k, c in enumerate(C):
+                if d:
+                    ctx = max(1, min(c, max_len - multistep))
+                    points.append(((j, k), build_plan(0, d, ctx, blocks, vocab, num_steps=multistep), multistep))
+    samples: dict[tuple[int, ...], list[float]] = {key: [] for key, _, _ in points}
+    rng = random.Random(0)
+    total = len(points) * (warmup + repeats)
+    done = 0
+    for rep in range(warmup + repeats):
+        order = list(points)
+        rng.shuffle(order)
+        for key, plan, div in order:
+            t0 = time.perf_counter()
+            executor.execute(plan)
+            dt = (time.perf_counter() - t0) / div
+            if rep >= warmup:
+                samples[key].append(dt)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    reduce = statistics.median if stat == "median" else statistics.fmean
+    times = [[[0.0 for _ in C] for _ in D] for _ in P]
+    multi = [[0.0 for _ in C] for _ in D] if multistep > 1 else None
+    for key, vals in samples.items():
+        if len(key) == 3:
+            times[key[0]][key[1]][key[2]] = reduce(vals)
+        elif multi is not None:
+            multi[key[0]][key[1]] = reduce(vals)
     # A step with nothing in it never happens; give the grid a value there by extending the
     # prefill axis linearly down to zero, so that small prefills interpolate sensibly.
     if P[0] == 0 and D[0] == 0 and len(P) > 2:
@@ -120,7 +162,7 @@ def measure_grid(executor: Any, axes: dict[str, list[int]], vocab: int, max_len:
             t1, t2 = times[1][0][k], times[2][0][k]
             slope = (t2 - t1) / (P[2] - P[1])
             times[0][0][k] = max(0.0, t1 - slope * P[1])
-    return times
+    return times, multi
 
 
 def measure_engine_overhead(engine: Any, num_requests: int = 8, prompt_len: int = 32, output_len: int = 24,
@@ -171,6 +213,7 @@ def profile_model(
     repeats: int = 5,
     warmup: int = 1,
     stat: str = "mean",
+    multistep: int = 8,
     measure_overhead: bool = True,
     measure_hardware: bool = True,
     progress: Callable[[int, int], None] | None = None,
@@ -183,14 +226,17 @@ def profile_model(
 
     path = resolve_model_path(model_path)
     axes = {k: list(v) for k, v in (GRIDS[grid] if isinstance(grid, str) else grid).items()}
-    axes["prefill_tokens"] = [p for p in axes["prefill_tokens"] if p <= max_num_batched_tokens]
-    axes["decode_seqs"] = [d for d in axes["decode_seqs"] if d <= max_num_seqs]
+    # Measure up to the engine's own limits, and at them: past the last point the table extrapolates.
+    axes["prefill_tokens"] = sorted({p for p in axes["prefill_tokens"] if p < max_num_batched_tokens}
+                                    | {max_num_batched_tokens})  # fmt: skip
+    axes["decode_seqs"] = sorted({d for d in axes["decode_seqs"] if d < max_num_seqs} | {max_num_seqs})
     executor = ModelExecutor(path, dtype=dtype, kv_cache_memory=kv_cache_memory, block_size=block_size,
                              max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)  # fmt: skip
     mc = executor.model_config
     axes["context_tokens"] = sorted({min(c, mc.max_model_len - 1) for c in axes["context_tokens"]})
     t0 = time.perf_counter()
-    times = measure_grid(executor, axes, mc.vocab_size, mc.max_model_len, repeats, warmup, progress, stat)
+    times, multi = measure_grid(executor, axes, mc.vocab_size, mc.max_model_len, repeats, warmup, progress, stat,
+                                multistep)  # fmt: skip
     grid_s = time.perf_counter() - t0
     del executor
     overhead = {"per_step_s": 0.0, "per_token_s": 0.0}
@@ -214,6 +260,7 @@ def profile_model(
         "statistic": stat,
         "axes": axes,
         "times": times,
+        "decode_multistep": {"num_steps": multistep, "times": multi} if multi is not None else None,
         "engine_overhead": overhead,
         "engine": {"block_size": block_size, "max_num_batched_tokens": max_num_batched_tokens,
                    "max_num_seqs": max_num_seqs, "max_model_len": mc.max_model_len},  # fmt: skip

@@ -164,6 +164,8 @@ def steps_until(cm: CostModel, num_seqs: int, context: int, horizon: float, kmax
     d1 = dt(num_seqs, context, 1)
     if d1 >= horizon or kmax <= 1:
         return 1
+    if d1 <= 0.0:
+        return kmax  # free steps never reach the horizon
     k = min(int(horizon / d1) + 1, kmax)
     # Sub-steps only get slower as context grows, so D(k) >= k * d1 >= horizon usually holds here;
     # a noisy profiled table may break that, hence the doubling.

@@ -11,7 +11,11 @@
    mode (the engine plans up to ``max_decode_steps`` decodes blind to arrivals
    and hands tokens out when a plan returns).
 4. Report mean and p90 TTFT and TPOT and output throughput from both, and
-   the twin's relative error on each.
+   the twin's relative error on each. A fixed reference step is timed before
+   the profile, before the real run and after it; on a shared machine its
+   time moves, so the report also gives the twin re-run with its costs scaled
+   by how much faster or slower the machine was during the real run than
+   during the profile ("drift-corrected"), next to the raw errors.
 
 Timings on a shared CPU are noisy; torch runs with ``threads`` threads
 (default 1, which keeps step times stable when other processes compete for
@@ -29,6 +33,7 @@ import numpy as np
 
 from tokenmill.core.request import SamplingParams
 from tokenmill.sim import workload as W
+from tokenmill.sim.cost_model import CostModel, StepFeatures
 from tokenmill.sim.profiled import ProfiledCostModel
 from tokenmill.sim.simulator import PoolConfig, SimConfig, simulate
 
@@ -137,7 +142,7 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, num_reque
         log(f"profiling {path} ({grid} grid)...")
         table = profile_model(path, grid=grid, dtype=dtype, block_size=block_size,
                               max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                              repeats=repeats)  # fmt: skip
+                              repeats=repeats, multistep=max_decode_steps)  # fmt: skip
     elif isinstance(profile, dict):
         table = profile
     else:
@@ -157,10 +162,11 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, num_reque
     real = metrics_from_times(times["arrival"], times["first"], times["finish"], times["n_out"])
     sched_cfg = dataclasses.replace(engine.scheduler.config)
     res = simulate(wl, SimConfig(PoolConfig(sched_cfg, cm), mode="engine"))
-    rec = res.records
-    order = np.argsort(np.array(rec.index))
-    twin = metrics_from_times(np.array(rec.arrival)[order], np.array(rec.first_token)[order],
-                              np.array(rec.finish)[order], np.array(rec.output_len)[order])  # fmt: skip
+    twin = _twin_metrics(res)
+    # The machine's speed when the profile was taken vs during the real run, from the
+    # reference step around each; the twin re-run with its costs scaled by that ratio.
+    speed = ((probes[1] + probes[2]) / 2) / ((probes[0] + probes[1]) / 2)
+    corrected = _twin_metrics(simulate(wl, SimConfig(PoolConfig(sched_cfg, ScaledCostModel(cm, speed)), mode="engine")))
     return {
         "model": str(path),
         "workload": wl.summary(),
@@ -170,6 +176,8 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, num_reque
         "real": real,
         "twin": twin,
         "error_pct": compare(real, twin),
+        "twin_drift_corrected": corrected,
+        "error_pct_drift_corrected": compare(real, corrected),
         "real_wall_s": real_wall,
         "twin_wall_s": res.wall_time,
         "profile": cm.describe(),
@@ -180,6 +188,35 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, num_reque
         "machine_drift_pct": 100.0 * ((probes[1] + probes[2]) / 2 - (probes[0] + probes[1]) / 2)
         / ((probes[0] + probes[1]) / 2),
     }
+
+
+def _twin_metrics(res: Any) -> dict[str, float]:
+    rec = res.records
+    order = np.argsort(np.array(rec.index))
+    return metrics_from_times(np.array(rec.arrival)[order], np.array(rec.first_token)[order],
+                              np.array(rec.finish)[order], np.array(rec.output_len)[order])  # fmt: skip
+
+
+class ScaledCostModel(CostModel):
+    """Another cost model's times multiplied by a constant (a machine running slower or faster)."""
+
+    name = "scaled"
+
+    def __init__(self, inner: CostModel, factor: float) -> None:
+        self.inner = inner
+        self.factor = factor
+
+    def step_time(self, f: StepFeatures) -> float:
+        return self.factor * self.inner.step_time(f)
+
+    def decode_time(self, num_seqs: int, context: int, num_steps: int) -> float:
+        return self.factor * self.inner.decode_time(num_seqs, context, num_steps)
+
+    def plan_time(self, plan: Any) -> float:
+        return self.factor * self.inner.plan_time(plan)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "scaled_by": self.factor}
 
 
 def probe(executor: Any, repeats: int = 15) -> float:
