@@ -111,4 +111,4 @@ def test_dtypes_and_config_fields(tmp_path: Path) -> None:
     model32, cfg32 = load_model(path, dtype="float32")
     assert cfg32.dtype == torch.float32 and model32.embed_tokens.dtype == torch.float32
     with pytest.raises(ValueError, match="dtype"):
-        load_model(path, dtype="int8")
+        load_model(path, dtype="int4")

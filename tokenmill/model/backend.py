@@ -22,6 +22,7 @@ from tokenmill.model.attention import (
     paged_attention_reference,
     write_kv_reference,
 )
+from tokenmill.model.quant import dequantize, quantize_per_channel_int8
 from tokenmill.model.rope import apply_rope_reference
 
 PANEL = 16  # output features per packed panel (one AVX-512 vector of fp32)
@@ -32,21 +33,28 @@ class Linear:
     """A linear layer's weight in the form the active backend wants.
 
     ``weight`` is the ``[out, in]`` matrix (None once packed away); ``packed`` is
-    the ``[ceil(out / 16), in, 16]`` panel layout of the CPU GEMM kernel.
+    the ``[ceil(out / 16), in, 16]`` panel layout of the CPU GEMM kernel. With
+    int8 weights (``scale`` set) both hold int8 values and ``scale`` is the fp32
+    per-output-channel scale (zero padded to whole panels when packed).
     """
 
     out_features: int
     weight: torch.Tensor | None
     bias: torch.Tensor | None = None
     packed: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
 
     def dense_weight(self) -> torch.Tensor:
-        """The ``[out, in]`` weight, unpacking the panel layout if that is all there is."""
+        """The ``[out, in]`` weight, unpacking the panel layout (and dequantizing to fp32)."""
         if self.weight is not None:
-            return self.weight
-        assert self.packed is not None
-        panels, k, _ = self.packed.shape
-        return self.packed.permute(0, 2, 1).reshape(panels * PANEL, k)[: self.out_features]
+            w = self.weight
+        else:
+            assert self.packed is not None
+            panels, k, _ = self.packed.shape
+            w = self.packed.permute(0, 2, 1).reshape(panels * PANEL, k)[: self.out_features]
+        if self.scale is not None:
+            return dequantize(w, self.scale[: self.out_features])
+        return w
 
 
 class TorchOps:
@@ -100,12 +108,33 @@ class TorchOps:
         return F.silu(gate) * up
 
     @staticmethod
-    def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-        return Linear(weight.shape[0], weight.contiguous(), bias)
+    def prepare_linear(
+        weight: torch.Tensor, bias: torch.Tensor | None = None, quant: str | None = None
+    ) -> Linear:
+        """Lay out one weight; ``quant="int8"`` quantizes it per output channel first."""
+        if quant is None:
+            return Linear(weight.shape[0], weight.contiguous(), bias)
+        if quant != "int8":
+            raise ValueError(f"unknown weight quantization {quant!r}")
+        q, scale = quantize_per_channel_int8(weight)
+        return Linear(weight.shape[0], q, bias, scale=scale)
 
     @staticmethod
     def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        if lin.scale is not None:
+            return int8_linear_torch(x, lin)
         return F.linear(x, lin.dense_weight(), lin.bias)
+
+
+def int8_linear_torch(x: torch.Tensor, lin: Linear) -> torch.Tensor:
+    """``x @ dequant(W)^T + b`` with the stock int8-weight kernel (scales in x's dtype).
+
+    The scales are bf16-representable (see ``quantize_per_channel_int8``) so the
+    cast is exact for bf16 and fp32 activations.
+    """
+    assert lin.weight is not None and lin.scale is not None
+    y = torch._weight_int8pack_mm(x, lin.weight, lin.scale.to(x.dtype))
+    return y if lin.bias is None else y.add_(lin.bias)
 
 
 class AcceleratorOps(TorchOps):
@@ -168,16 +197,31 @@ class CpuKernelOps(TorchOps):
     def silu_mul(x: torch.Tensor) -> torch.Tensor:
         return torch.ops.tokenmill.silu_mul(x)
 
-    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+    def prepare_linear(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: str | None = None
+    ) -> Linear:
         if not self.use_packed_gemm:
-            return TorchOps.prepare_linear(weight, bias)
+            return TorchOps.prepare_linear(weight, bias, quant)
+        if quant is not None:
+            lin = TorchOps.prepare_linear(weight, bias, quant)
+            assert lin.weight is not None and lin.scale is not None
+            n = lin.out_features
+            panels = (n + PANEL - 1) // PANEL
+            lin.packed = torch.ops.tokenmill.pack_weight(lin.weight)
+            lin.scale = F.pad(lin.scale, (0, panels * PANEL - n))
+            lin.weight = None
+            return lin
         # the packed copy replaces the dense one: weights are held once
         packed = torch.ops.tokenmill.pack_weight(weight.contiguous())
         return Linear(weight.shape[0], None, bias, packed)
 
     def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
         if lin.packed is None:
-            return F.linear(x, lin.dense_weight(), lin.bias)
+            return TorchOps.linear(x, lin)
+        if lin.scale is not None:
+            return torch.ops.tokenmill.packed_linear_int8(
+                x, lin.packed, lin.scale, lin.out_features, lin.bias
+            )
         return torch.ops.tokenmill.packed_linear(x, lin.packed, lin.out_features, lin.bias)
 
 

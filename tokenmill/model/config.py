@@ -32,6 +32,11 @@ _DTYPES = {
     "half": torch.float16,
 }
 
+# Weight-only quantized dtypes -> the dtype of activations and KV cache they run with.
+# bf16 activations: the GEMM converts x rows to fp32 anyway, and a bf16 KV cache halves
+# attention's bytes against fp32.
+QUANTIZED_DTYPES: dict[str, torch.dtype] = {"int8": torch.bfloat16}
+
 
 @dataclass(frozen=True)
 class RopeConfig:
@@ -67,6 +72,9 @@ class ModelConfig:
     dtype: torch.dtype
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    # weight-only quantization of the linear layers ("int8") or None; ``dtype`` is then
+    # the activations' and KV cache's dtype
+    quantization: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -79,18 +87,28 @@ class ModelConfig:
 
 
 def resolve_dtype(dtype: str | torch.dtype, config_dtype: str | None) -> torch.dtype:
-    """Map a ``dtype`` argument ("auto" takes the checkpoint's own) to a torch dtype."""
+    """Map a ``dtype`` argument ("auto" takes the checkpoint's own) to a torch dtype.
+
+    A weight-only quantized dtype ("int8") maps to the dtype its activations use.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype in QUANTIZED_DTYPES:
+        return QUANTIZED_DTYPES[dtype]
     name = dtype
     if dtype == "auto":
         name = config_dtype or "float32"
     name = name.removeprefix("torch.")
     if name not in _DTYPES:
         raise ValueError(
-            f"unsupported dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'"
+            f"unsupported dtype {dtype!r}; use 'auto', 'float32', 'bfloat16', 'float16' or 'int8'"
         )
     return _DTYPES[name]
+
+
+def weight_quantization(dtype: str | torch.dtype) -> str | None:
+    """The weight-only quantization a ``dtype`` argument asks for ("int8"), else None."""
+    return dtype if isinstance(dtype, str) and dtype in QUANTIZED_DTYPES else None
 
 
 def _rope_config(hf: dict[str, Any]) -> RopeConfig:
@@ -180,5 +198,6 @@ def parse_config(hf: dict[str, Any], path: Path, dtype: str | torch.dtype = "aut
         dtype=resolve_dtype(dtype, hf.get("dtype") or hf.get("torch_dtype")),
         eos_token_ids=_eos_ids(hf, path),
         bos_token_id=hf.get("bos_token_id"),
+        quantization=weight_quantization(dtype),
         extra={"model_type": hf.get("model_type")},
     )

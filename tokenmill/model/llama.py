@@ -8,7 +8,8 @@ rows belong to which sequence. It returns hidden states ``[T, hidden]``;
 
 q/k/v and gate/up projections are fused at load time so each layer runs four
 matrix products. The primitive ops come from ``backend.select_ops``, which
-also decides the weights' layout (``Linear``). Weights live in plain
+also decides the weights' layout (``Linear``); with ``config.quantization``
+("int8") every linear layer, the LM head included, is quantized there. Weights live in plain
 attributes rather than ``nn.Parameter``s: nothing here trains, and the hot
 loop reads them thirty times a step.
 """
@@ -60,18 +61,25 @@ class LlamaModel:
     def _prepare(self, ops: TorchOps) -> None:
         d, cfg = self._dense, self.config
         self.ops = ops
+        quant = cfg.quantization
+
+        def linear(name: str) -> Linear:
+            return ops.prepare_linear(d[name], d.get(f"{name}_bias"), quant)
+
         self.layers = [
             DecoderLayer(
                 input_norm=d[f"{i}.input_norm"],
-                qkv=ops.prepare_linear(d[f"{i}.qkv"], d.get(f"{i}.qkv_bias")),
-                o=ops.prepare_linear(d[f"{i}.o"], d.get(f"{i}.o_bias")),
+                qkv=linear(f"{i}.qkv"),
+                o=linear(f"{i}.o"),
                 post_norm=d[f"{i}.post_norm"],
-                gate_up=ops.prepare_linear(d[f"{i}.gate_up"], d.get(f"{i}.gate_up_bias")),
-                down=ops.prepare_linear(d[f"{i}.down"], d.get(f"{i}.down_bias")),
+                gate_up=linear(f"{i}.gate_up"),
+                down=linear(f"{i}.down"),
             )
             for i in range(cfg.num_layers)
         ]
-        self.lm_head = ops.prepare_linear(d.get("lm_head", self.embed_tokens))
+        # a tied, quantized head is rounded from the full-precision embedding ("lm_head_fp32")
+        head = d.get("lm_head", d.get("lm_head_fp32", self.embed_tokens))
+        self.lm_head = ops.prepare_linear(head, None, quant)
         self._dense = {}
 
     def set_backend(self, prefer: str) -> None:
@@ -84,6 +92,8 @@ class LlamaModel:
         out = {"embed": self.embed_tokens, "final_norm": self.final_norm}
         if not self.config.tie_word_embeddings:
             out["lm_head"] = self.lm_head.dense_weight()
+        elif self.config.quantization:
+            out["lm_head_fp32"] = self.lm_head.dense_weight()  # re-quantizes to the same values
         for i, layer in enumerate(self.layers):
             out[f"{i}.input_norm"] = layer.input_norm
             out[f"{i}.post_norm"] = layer.post_norm
@@ -139,6 +149,16 @@ class LlamaModel:
                     "checkpoint has no 'lm_head.weight' and tie_word_embeddings is false"
                 )
             dense["lm_head"] = take("lm_head.weight")
+        if config.quantization:
+            # linear weights stay in the checkpoint's precision until quantized; the rest
+            # (norms, biases, embedding) run in the activations' dtype
+            linears = ("qkv", "o", "gate_up", "down", "lm_head", "lm_head_fp32")
+            if config.tie_word_embeddings:
+                dense["lm_head_fp32"] = dense["embed"]
+            dense = {
+                k: v if k.rsplit(".", 1)[-1] in linears else v.to(config.dtype)
+                for k, v in dense.items()
+            }
         dense = {k: v.to(device).contiguous() for k, v in dense.items()}
         return cls(config, dense, device, prefer)
 

@@ -68,6 +68,8 @@ def load_model(
 ) -> tuple[LlamaModel, ModelConfig]:
     """Load ``path`` (a checkpoint directory) and return ``(model, model_config)``."""
     config = read_model_config(path, dtype)
-    state = load_state_dict(path, config.dtype)
+    # quantized weights are rounded from fp32, not from the (already rounded) bf16 copy;
+    # the model casts everything that stays unquantized to ``config.dtype``
+    state = load_state_dict(path, torch.float32 if config.quantization else config.dtype)
     model = LlamaModel.from_state_dict(config, state, device=torch.device(device))
     return model, config

@@ -1,4 +1,5 @@
-// Linear layers: a GEMM over weights pre-packed into 16-wide panels (fp32 / bf16 weights).
+// Linear layers: a GEMM over weights pre-packed into 16-wide panels (fp32 / bf16 weights, or
+// int8 weights with one fp32 scale per output channel, dequantized in registers).
 
 #include "ops.h"
 #include "simd.h"
@@ -31,9 +32,11 @@ void pack_impl(const T* w, T* out, int64_t N, int64_t K) {
 }
 
 #if TM_AVX512
-template <int MR, int NP, typename T>
-inline void micro_kernel(const float* x, int64_t K, const T* w, const T* bias, T* y, int64_t N,
-                         int64_t n0) {
+// int8 weights load through load16(const int8_t*) (simd.h); the per-channel scale is
+// applied once to the accumulators at the end (it is constant along k).
+template <int MR, int NP, typename W, typename T>
+inline void micro_kernel(const float* x, int64_t K, const W* w, const float* scale,
+                         const T* bias, T* y, int64_t N, int64_t n0) {
   __m512 acc[MR][NP];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_setzero_ps();
@@ -65,13 +68,18 @@ inline void micro_kernel(const float* x, int64_t K, const T* w, const T* bias, T
     if (col >= N) break;
     const __mmask16 mask = tail_mask(N - col);
     const __m512 bv = bias ? load16(bias + col, mask) : _mm512_setzero_ps();
-    for (int m = 0; m < MR; ++m) store16(y + m * N + col, _mm512_add_ps(acc[m][j], bv), mask);
+    if (scale) {
+      const __m512 sv = load16(scale + col, mask);
+      for (int m = 0; m < MR; ++m) store16(y + m * N + col, _mm512_fmadd_ps(acc[m][j], sv, bv), mask);
+    } else {
+      for (int m = 0; m < MR; ++m) store16(y + m * N + col, _mm512_add_ps(acc[m][j], bv), mask);
+    }
   }
 }
 #else
-template <int MR, int NP, typename T>
-inline void micro_kernel(const float* x, int64_t K, const T* w, const T* bias, T* y, int64_t N,
-                         int64_t n0) {
+template <int MR, int NP, typename W, typename T>
+inline void micro_kernel(const float* x, int64_t K, const W* w, const float* scale,
+                         const T* bias, T* y, int64_t N, int64_t n0) {
   float acc[MR][NP * PANEL] = {};
   const int64_t pstride = K * PANEL;
   for (int64_t k = 0; k < K; ++k)
@@ -81,26 +89,27 @@ inline void micro_kernel(const float* x, int64_t K, const T* w, const T* bias, T
           acc[m][j * PANEL + c] += x[m * K + k] * to_f(w[j * pstride + k * PANEL + c]);
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < NP * PANEL && n0 + c < N; ++c)
-      y[m * N + n0 + c] = from_f<T>(acc[m][c] + (bias ? to_f(bias[n0 + c]) : 0.f));
+      y[m * N + n0 + c] = from_f<T>(acc[m][c] * (scale ? scale[n0 + c] : 1.f) +
+                                    (bias ? to_f(bias[n0 + c]) : 0.f));
 }
 #endif
 
-template <int NP, typename T>
-inline void row_block(int mr, const float* x, int64_t K, const T* w, const T* bias, T* y,
-                      int64_t N, int64_t n0) {
+template <int NP, typename W, typename T>
+inline void row_block(int mr, const float* x, int64_t K, const W* w, const float* scale,
+                      const T* bias, T* y, int64_t N, int64_t n0) {
   switch (mr) {
-    case 1: micro_kernel<1, NP, T>(x, K, w, bias, y, N, n0); break;
-    case 2: micro_kernel<2, NP, T>(x, K, w, bias, y, N, n0); break;
-    case 3: micro_kernel<3, NP, T>(x, K, w, bias, y, N, n0); break;
-    case 4: micro_kernel<4, NP, T>(x, K, w, bias, y, N, n0); break;
-    case 5: micro_kernel<5, NP, T>(x, K, w, bias, y, N, n0); break;
-    default: micro_kernel<6, NP, T>(x, K, w, bias, y, N, n0); break;
+    case 1: micro_kernel<1, NP, W, T>(x, K, w, scale, bias, y, N, n0); break;
+    case 2: micro_kernel<2, NP, W, T>(x, K, w, scale, bias, y, N, n0); break;
+    case 3: micro_kernel<3, NP, W, T>(x, K, w, scale, bias, y, N, n0); break;
+    case 4: micro_kernel<4, NP, W, T>(x, K, w, scale, bias, y, N, n0); break;
+    case 5: micro_kernel<5, NP, W, T>(x, K, w, scale, bias, y, N, n0); break;
+    default: micro_kernel<6, NP, W, T>(x, K, w, scale, bias, y, N, n0); break;
   }
 }
 
-template <typename T>
-void packed_linear_impl(const float* x, int64_t M, int64_t K, const T* wp, int64_t N,
-                        const T* bias, T* y) {
+template <typename W, typename T>
+void packed_linear_impl(const float* x, int64_t M, int64_t K, const W* wp, const float* scale,
+                        int64_t N, const T* bias, T* y) {
   const int64_t P = (N + PANEL - 1) / PANEL;
   const int nt_max = num_threads();
   // columns per task: the widest of 4 / 2 / 1 panels that still spreads evenly over the
@@ -123,7 +132,7 @@ void packed_linear_impl(const float* x, int64_t M, int64_t K, const T* wp, int64
     const int64_t rt = t / col_tasks, ct = t % col_tasks;
     const int64_t p0 = ct * np;
     const int npp = static_cast<int>(std::min<int64_t>(np, P - p0));
-    const T* w = wp + p0 * K * PANEL;
+    const W* w = wp + p0 * K * PANEL;
     const int64_t n0 = p0 * PANEL;
     const int64_t m_end = std::min(M, (rt + 1) * M_CHUNK);
     // split the chunk's rows evenly into blocks of at most MAX_MR (32 -> 6,6,5,5,5,5, not
@@ -135,10 +144,10 @@ void packed_linear_impl(const float* x, int64_t M, int64_t K, const T* wp, int64
       const float* xm = x + m0 * K;
       T* ym = y + m0 * N;
       switch (npp) {
-        case 4: row_block<4, T>(mr, xm, K, w, bias, ym, N, n0); break;
-        case 3: row_block<3, T>(mr, xm, K, w, bias, ym, N, n0); break;
-        case 2: row_block<2, T>(mr, xm, K, w, bias, ym, N, n0); break;
-        default: row_block<1, T>(mr, xm, K, w, bias, ym, N, n0); break;
+        case 4: row_block<4, W, T>(mr, xm, K, w, scale, bias, ym, N, n0); break;
+        case 3: row_block<3, W, T>(mr, xm, K, w, scale, bias, ym, N, n0); break;
+        case 2: row_block<2, W, T>(mr, xm, K, w, scale, bias, ym, N, n0); break;
+        default: row_block<1, W, T>(mr, xm, K, w, scale, bias, ym, N, n0); break;
       }
       m0 += mr;
     }
@@ -155,8 +164,10 @@ Tensor pack_weight(const Tensor& w) {
     pack_impl<float>(w.data_ptr<float>(), out.data_ptr<float>(), N, K);
   } else if (w.scalar_type() == at::kBFloat16) {
     pack_impl<BFloat16>(w.data_ptr<BFloat16>(), out.data_ptr<BFloat16>(), N, K);
+  } else if (w.scalar_type() == at::kChar) {
+    pack_impl<int8_t>(w.data_ptr<int8_t>(), out.data_ptr<int8_t>(), N, K);
   } else {
-    TORCH_CHECK(false, "pack_weight: only float32 and bfloat16");
+    TORCH_CHECK(false, "pack_weight: only float32, bfloat16 and int8");
   }
   return out;
 }
@@ -175,16 +186,64 @@ Tensor packed_linear(const Tensor& x, const Tensor& packed, int64_t out_features
   Tensor y = at::empty({M, out_features}, x.options());
   if (M == 0) return y;
   if (x.scalar_type() == at::kFloat) {
-    packed_linear_impl<float>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), out_features,
+    packed_linear_impl<float, float>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(),
+                                     nullptr, out_features,
                               b ? b->data_ptr<float>() : nullptr, y.data_ptr<float>());
   } else if (x.scalar_type() == at::kBFloat16) {
     std::vector<float> xf(static_cast<size_t>(M * K));
     const BFloat16* xp = x.data_ptr<BFloat16>();
     for (int64_t i = 0; i < M * K; ++i) xf[i] = to_f(xp[i]);
-    packed_linear_impl<BFloat16>(xf.data(), M, K, packed.data_ptr<BFloat16>(), out_features,
+    packed_linear_impl<BFloat16, BFloat16>(xf.data(), M, K, packed.data_ptr<BFloat16>(),
+                                           nullptr, out_features,
                                  b ? b->data_ptr<BFloat16>() : nullptr, y.data_ptr<BFloat16>());
   } else {
     TORCH_CHECK(false, "packed_linear: only float32 and bfloat16");
+  }
+  return y;
+}
+
+namespace {
+// x as contiguous fp32 rows: the kernels broadcast fp32 x-values (a copy for bf16 x only)
+const float* x_as_f32(const Tensor& x, std::vector<float>& buf) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  const int64_t n = x.numel();
+  buf.resize(static_cast<size_t>(n));
+  const BFloat16* xp = x.data_ptr<BFloat16>();
+  for (int64_t i = 0; i < n; ++i) buf[i] = to_f(xp[i]);
+  return buf.data();
+}
+}  // namespace
+
+Tensor packed_linear_int8(const Tensor& x, const Tensor& packed, const Tensor& scale,
+                          int64_t out_features, const std::optional<Tensor>& b) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "packed_linear_int8: contiguous x [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "packed_linear_int8: x must be float32 or bfloat16");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == PANEL && packed.size(1) == x.size(1) &&
+                  packed.size(0) * PANEL >= out_features && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kChar,
+              "packed_linear_int8: int8 packed weight [ceil(N / 16), K, 16] matching x");
+  // the scale is read 16 at a time per panel, padding included
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.numel() == packed.size(0) * PANEL,
+              "packed_linear_int8: fp32 scale [ceil(N / 16) * 16]");
+  TORCH_CHECK(!b || (b->is_contiguous() && b->numel() == out_features &&
+                     b->scalar_type() == x.scalar_type()),
+              "packed_linear_int8: bias [N] of x's dtype");
+  const int64_t M = x.size(0), K = x.size(1);
+  Tensor y = at::empty({M, out_features}, x.options());
+  if (M == 0) return y;
+  std::vector<float> buf;
+  const float* xf = x_as_f32(x, buf);
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  if (x.scalar_type() == at::kFloat) {
+    packed_linear_impl<int8_t, float>(xf, M, K, w, s, out_features,
+                                      b ? b->data_ptr<float>() : nullptr, y.data_ptr<float>());
+  } else {
+    packed_linear_impl<int8_t, BFloat16>(xf, M, K, w, s, out_features,
+                                         b ? b->data_ptr<BFloat16>() : nullptr,
+                                         y.data_ptr<BFloat16>());
   }
   return y;
 }

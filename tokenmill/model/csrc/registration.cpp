@@ -20,6 +20,10 @@ TORCH_LIBRARY(tokenmill, m) {
   m.def("pack_weight(Tensor w) -> Tensor", &tokenmill::pack_weight);
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? b) -> Tensor",
         &tokenmill::packed_linear);
+  m.def(
+      "packed_linear_int8(Tensor x, Tensor packed, Tensor scale, int out_features, Tensor? b) "
+      "-> Tensor",
+      &tokenmill::packed_linear_int8);
   m.def("argmax_rows(Tensor x) -> Tensor", &tokenmill::argmax_rows);
   m.def(
       "sample_rows(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "

@@ -37,6 +37,7 @@ namespace tokenmill {
 
 inline float to_f(float x) { return x; }
 inline float to_f(BFloat16 x) { return static_cast<float>(x); }
+inline float to_f(int8_t x) { return static_cast<float>(x); }
 template <typename T>
 inline T from_f(float x) { return static_cast<T>(x); }
 
@@ -50,6 +51,11 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+// int8 weights: sign-extend 16 bytes to int32, convert to fp32 (the caller applies the scale)
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const BFloat16* p, __mmask16 m) {
