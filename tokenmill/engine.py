@@ -26,7 +26,7 @@ __all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFullError", "StepRecor
 class EngineConfig:
     model: str | None = None  # a local HF directory; None: the bundled default model
     tokenizer: str | None = None  # defaults to the model directory
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | int8 (weight-only)
     device: str = "cpu"
     kv_cache_memory: int = 1 << 30  # bytes of KV cache
     block_size: int = 16

@@ -20,6 +20,11 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CACHE = Path(os.environ.get("TOKENMILL_CACHE", Path.home() / ".cache" / "tokenmill"))
+# "int8" is weight-only: 1 byte per weight, bf16 activations and matmul throughput
+BYTES_PER_PARAM = {"float32": 4, "int8": 1}
+COMPUTE_DTYPE = {"int8": "bfloat16"}
+# dtypes of peers that list none (transformers takes any torch float dtype, not int8)
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     batches = [int(b) for b in args.batch_sizes.split(",") if b]
     peers = [p for p in args.peers.split(",") if p]
     console.print(f"model {model_dir}: {total / 1e6:.1f}M params; prompt {args.prompt_len}, output {args.output_len}")
-    limits = roofline.measure(dtypes)
+    limits = roofline.measure(sorted({COMPUTE_DTYPE.get(d, d) for d in dtypes}))
     console.print(
         f"machine: {os.cpu_count()} cores, {limits.bandwidth_gbs:.1f} GB/s read bandwidth, matmul "
         + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in limits.matmul_gflops.items())
@@ -105,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     results: list[dict[str, Any]] = []
     for dtype in dtypes:
-        bytes_per_param = 4 if dtype == "float32" else 2
+        bytes_per_param = BYTES_PER_PARAM.get(dtype, 2)
         llm = _make_llm(model_dir, dtype, max(batches), args.prompt_len, args.output_len)
         tokenmill_seconds(llm, _prompts(2, 16, config["vocab_size"], 99), 4)  # warm-up (kernel build)
         for batch in batches:
@@ -114,11 +119,14 @@ def run(args: argparse.Namespace) -> int:
             row: dict[str, Any] = {"dtype": dtype, "batch": batch}
             row["tokenmill"] = n_out / tokenmill_seconds(llm, prompts, args.output_len)
             for name, mod in peer_modules.items():
+                if dtype not in getattr(mod, "DTYPES", TORCH_DTYPES):
+                    row[name] = None  # this peer has no such dtype
+                    continue
                 row[name] = n_out / mod.generate_seconds(model_dir, dtype, prompts, args.output_len)
             row["roofline"] = roofline.job_tokens_per_s(
-                limits, dtype, total, body, bytes_per_param, batch, args.prompt_len, args.output_len
+                limits, COMPUTE_DTYPE.get(dtype, dtype), total, body, bytes_per_param, batch, args.prompt_len, args.output_len
             )
-            best = max((row[n] for n in peer_modules), default=None)
+            best = max((row[n] for n in peer_modules if row[n] is not None), default=None)
             row["ratio_to_best_peer"] = row["tokenmill"] / best if best else None
             row["fraction_of_roofline"] = row["tokenmill"] / row["roofline"]
             results.append(row)
@@ -132,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(
-            r["dtype"], str(r["batch"]), f"{r['tokenmill']:.1f}", *(f"{r[n]:.1f}" for n in peer_modules),
+            r["dtype"], str(r["batch"]), f"{r['tokenmill']:.1f}", *(f"{r[n]:.1f}" if r[n] is not None else "-" for n in peer_modules),
             f"{r['ratio_to_best_peer']:.2f}x" if r["ratio_to_best_peer"] else "-",
             f"{r['roofline']:.0f}", f"{100 * r['fraction_of_roofline']:.0f}%",
         )  # fmt: skip

@@ -22,7 +22,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--n", type=int, default=1)
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
     p.add_argument("--kv-cache-memory", type=int, default=256 << 20, help="bytes of KV cache")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.set_defaults(func=run)

@@ -69,7 +69,7 @@ def register(subparsers: Any) -> None:
                    help="largest request body, bytes or e.g. 4MiB (default 4MiB; 0: unlimited)")
     p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
                    help="seconds in-flight requests may finish after SIGTERM before they are aborted")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="KV cache size, bytes or e.g. 512MiB, 4GiB (default 1GiB)")
