@@ -48,6 +48,14 @@ inline void micro_kernel(const float* x, int64_t K, const W* w, const float* sca
     for (int j = 0; j < NP; ++j) acc2[j] = _mm512_setzero_ps();
     for (; k + 2 <= K; k += 2) {
       const __m512 x0 = _mm512_set1_ps(x[k]), x1 = _mm512_set1_ps(x[k + 1]);
+      if constexpr (sizeof(W) == 1) {
+        // int8 panels: 32 bytes per k pair and panel, one cache line per two pairs; fetch
+        // a few lines ahead of each of the NP streams (the hardware prefetcher ramps slowly)
+        if ((k & 3) == 0)
+          for (int j = 0; j < NP; ++j)
+            _mm_prefetch(reinterpret_cast<const char*>(w + j * pstride + (k + 64) * PANEL),
+                         _MM_HINT_T0);
+      }
       for (int j = 0; j < NP; ++j) {
         acc[0][j] = _mm512_fmadd_ps(x0, load16(w + j * pstride + k * PANEL), acc[0][j]);
         acc2[j] = _mm512_fmadd_ps(x1, load16(w + j * pstride + (k + 1) * PANEL), acc2[j]);
