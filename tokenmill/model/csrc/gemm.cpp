@@ -50,7 +50,7 @@ inline void micro_kernel(const float* x, int64_t K, const W* w, const float* sca
       const __m512 x0 = _mm512_set1_ps(x[k]), x1 = _mm512_set1_ps(x[k + 1]);
       if constexpr (sizeof(W) == 1) {
         // int8 panels: 32 bytes per k pair and panel, one cache line per two pairs; fetch
-        // a few lines ahead of each of the NP streams (the hardware prefetcher ramps slowly)
+        // 1 KiB ahead in each of the NP streams (the hardware prefetcher ramps up slowly)
         if ((k & 3) == 0)
           for (int j = 0; j < NP; ++j)
             _mm_prefetch(reinterpret_cast<const char*>(w + j * pstride + (k + 64) * PANEL),
