@@ -43,6 +43,19 @@ def test_available_reports_unfinished_setup(name: str, tmp_path: Path, monkeypat
     assert isinstance(why, str) and "incomplete" in why
 
 
+def test_peers_do_not_inherit_tokenmills_openmp_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tokenmill's import sets OMP_WAIT_POLICY=PASSIVE for its own threads; a peer
+    # must run with its own default unless the user set the variable at launch.
+    from tokenmill.bench.peers import _venv
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setattr(_venv, "_launch_environ", lambda: {})
+    assert "OMP_WAIT_POLICY" not in _venv.peer_environ({"X": "1"})
+    monkeypatch.setattr(_venv, "_launch_environ", lambda: {"OMP_WAIT_POLICY": "ACTIVE"})
+    assert _venv.peer_environ()["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert _venv.peer_environ({"X": "1"})["X"] == "1"
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from tokenmill.bench.peers import llamacpp

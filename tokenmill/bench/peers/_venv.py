@@ -57,6 +57,34 @@ def missing(name: str) -> str | None:
     return None
 
 
+# Set by tokenmill's own import (tokenmill/__init__.py) for tokenmill's OpenMP
+# threads; a peer inheriting it would run with sleeping OpenMP waiters instead of
+# its own defaults (measured: llama.cpp batch-1 decode at half speed).
+TOKENMILL_ENV_DEFAULTS = ("OMP_WAIT_POLICY",)
+
+
+def _launch_environ() -> dict[str, str] | None:
+    """The environment this process was started with (Linux), before any import changed ``os.environ``."""
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return None
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+def peer_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """``os.environ`` for a peer: what the user set stays, what tokenmill set for itself goes."""
+    env = dict(os.environ)
+    launch = _launch_environ() or {}
+    for key in TOKENMILL_ENV_DEFAULTS:
+        if key in launch:
+            env[key] = launch[key]
+        else:
+            env.pop(key, None)
+    return env | (extra or {})
+
+
 def run_runner(
     name: str, script: str, job: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 3600
 ) -> dict[str, Any]:
@@ -72,7 +100,7 @@ def run_runner(
         # Run from the cache folder: a runner started from the repo root would
         # otherwise see the repo on sys.path (harmless, but not what users get).
         cwd=peers_dir(),
-        env=os.environ | (env or {}),
+        env=peer_environ(env),
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
