@@ -31,7 +31,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -589,6 +589,21 @@ def add_common_arguments(p: argparse.ArgumentParser, *, max_num_seqs: int = 64, 
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default=None, help="directory for the JSON result and the PNG plot (default out/bench/NAME)")
     g.add_argument("--no-plot", action="store_true", help="skip the matplotlib plot")
+
+
+def script_main(
+    name: str,
+    doc: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+    argv: list[str] | None = None,
+) -> int:
+    """``python -m tokenmill.bench.<name>``: the same flags and run as ``tokenmill bench <name>``."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m tokenmill.bench.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 def out_dir(args: argparse.Namespace, name: str) -> Path:

@@ -35,6 +35,7 @@ from tokenmill.bench.harness import (
     random_tokens,
     ratio,
     save_figure,
+    script_main,
     write_json,
 )
 
@@ -160,10 +161,7 @@ def plot(runs: dict[str, RunResult], path: Any, backend: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m tokenmill.bench.{NAME}", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return script_main(NAME, __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
