@@ -104,16 +104,8 @@ async def _events(
     finished: set[int] = set()
 
     def chunk(choice: dict[str, Any]) -> bytes:
-        obj: dict[str, Any] = {
-            "id": request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [choice],
-        }
-        if include_usage:
-            obj["usage"] = usage.body() if continuous_usage else None
-        return streaming.event(obj)
+        body_usage = usage.body() if include_usage and continuous_usage else None
+        return streaming.chunk_event("chat.completion.chunk", request_id, created, model, choice, body_usage, include_usage)
 
     # OpenAI opens every choice with the role and empty content.
     for j in range(body.n):

@@ -120,16 +120,8 @@ async def _events(
     offsets: dict[int, int] = {}
 
     def chunk(choice: dict[str, Any]) -> bytes:
-        obj: dict[str, Any] = {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [choice],
-        }
-        if include_usage:
-            obj["usage"] = usage.body() if continuous_usage else None
-        return streaming.event(obj)
+        body_usage = usage.body() if include_usage and continuous_usage else None
+        return streaming.chunk_event("text_completion", request_id, created, model, choice, body_usage, include_usage)
 
     if body.echo:
         for i, text in enumerate(echo):

@@ -30,6 +30,22 @@ def event(obj: Any) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
 
 
+def chunk_event(
+    object_name: str,
+    request_id: str,
+    created: int,
+    model: str,
+    choice: dict[str, Any],
+    usage: dict[str, Any] | None,
+    include_usage: bool,
+) -> bytes:
+    """One streamed chunk with a single choice; ``usage`` is present (null mid-stream) when asked for."""
+    obj: dict[str, Any] = {"id": request_id, "object": object_name, "created": created, "model": model, "choices": [choice]}
+    if include_usage:
+        obj["usage"] = usage
+    return event(obj)
+
+
 def sse_response(events: AsyncIterator[bytes], on_close: Callable[[], None]) -> StreamingResponse:
     """Stream ``events``; ``on_close`` runs however the stream ends (done, error, client gone).
 
