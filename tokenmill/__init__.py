@@ -7,16 +7,7 @@ core and the simulator import quickly.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
-
-# OpenMP worker threads that spin while waiting turn every parallel region into a
-# multi-millisecond stall as soon as another process shares the cores (a server
-# beside its clients, a laptop, a CI box): measured 20-80x slower decode steps.
-# Sleeping waiters cost a few microseconds per region on an idle machine. Set
-# OMP_WAIT_POLICY=ACTIVE yourself on a dedicated machine. It must be set before
-# torch loads its OpenMP runtime, hence here.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tokenmill.core.request import SamplingParams
 
@@ -43,4 +34,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'tokenmill' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "DEFAULT_MODEL", "__version__"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "DEFAULT_MODEL",
+    "__version__",
+]

@@ -20,6 +20,9 @@ def test_bench_throughput_smoke(tmp_path, monkeypatch) -> None:
     for r in data["results"]:
         assert r["tokenmill"] > 0 and r["hf"] > 0 and r["roofline"] > 0
         assert r["ratio_to_best_peer"] == r["tokenmill"] / r["hf"]
+        # each system ran in its own process, and its memory was sampled
+        assert r["peak_memory_mb"]["tokenmill"] > 0 and r["peak_memory_mb"]["hf"] > 0
+        assert 0 < r["cold_start_s"] < r["process_start_s"]
     assert data["cold_start_s"] > 0 and data["limits"]["bandwidth_gbs"] > 0
 
 

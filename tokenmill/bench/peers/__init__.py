@@ -1,15 +1,18 @@
 """Peer engines run beside tokenmill in the same benchmark run, on the same checkpoint.
 
 Each peer module exposes ``available() -> str | None`` (None when it can run,
-else why not) and ``generate_seconds(model_dir, dtype, prompts, output_len) ->
-float``: the wall time to generate ``output_len`` tokens greedily for every
-prompt (a list of token-id lists), prefill included, after a warm-up.
+else why not) and ``generate(model_dir, dtype, prompts, output_len) -> dict``:
+``seconds``, the wall time to generate ``output_len`` tokens greedily for every
+prompt (a list of token-id lists), prefill included, after a warm-up;
+``tokens``, what each prompt got; ``peak_memory_mb``, the peak memory of the
+peer's processes (``tokenmill.bench.process_memory``).
 Peers that serve only some dtypes list them in ``DTYPES`` (hf serves any
 torch dtype and has none).
 
-``hf`` runs in tokenmill's own process. ``llamacpp`` and ``vllm`` run in their
-own virtual environments (``scripts/setup_peers.sh``), each cell in a fresh
-subprocess that executes a runner script from this package (see ``_venv``).
+Every cell runs in a fresh subprocess that executes a runner script from this
+package (see ``_venv``): ``hf`` with tokenmill's own python, ``llamacpp`` and
+``vllm`` in their own virtual environments (``scripts/setup_peers.sh``).
+tokenmill itself runs the same way (``tokenmill.bench.throughput_runner``).
 """
 
 PEERS = {
@@ -17,3 +20,7 @@ PEERS = {
     "llamacpp": "tokenmill.bench.peers.llamacpp",
     "vllm": "tokenmill.bench.peers.vllm",
 }
+
+# KV cache preallocated by the engines that size it up front (tokenmill, vLLM),
+# the same for both so that their peak memory compares like with like.
+KV_CACHE_GIB = 1

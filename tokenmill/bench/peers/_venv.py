@@ -53,57 +53,62 @@ def missing(name: str) -> str | None:
     if not venv_python(name).exists():
         return f"no {name} venv at {venv_dir(name)} ({SETUP_HINT})"
     if stamp(name) is None:
-        return f"{name} venv at {venv_dir(name)} is incomplete: no tokenmill-peer.json ({SETUP_HINT})"
+        return (
+            f"{name} venv at {venv_dir(name)} is incomplete: no tokenmill-peer.json ({SETUP_HINT})"
+        )
     return None
 
 
-# Set by tokenmill's own import (tokenmill/__init__.py) for tokenmill's OpenMP
-# threads; a peer inheriting it would run with sleeping OpenMP waiters instead of
-# its own defaults (measured: llama.cpp batch-1 decode at half speed).
-TOKENMILL_ENV_DEFAULTS = ("OMP_WAIT_POLICY",)
-
-
-def _launch_environ() -> dict[str, str] | None:
-    """The environment this process was started with (Linux), before any import changed ``os.environ``."""
-    try:
-        raw = Path("/proc/self/environ").read_bytes()
-    except OSError:
-        return None
-    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
-    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
-
-
 def peer_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """``os.environ`` for a peer: what the user set stays, what tokenmill set for itself goes."""
-    env = dict(os.environ)
-    launch = _launch_environ() or {}
-    for key in TOKENMILL_ENV_DEFAULTS:
-        if key in launch:
-            env[key] = launch[key]
-        else:
-            env.pop(key, None)
-    return env | (extra or {})
+    """``os.environ`` for a peer, plus ``extra``."""
+    return dict(os.environ) | (extra or {})
+
+
+def run_script(
+    python: str | Path,
+    script: str | Path,
+    job: dict[str, Any],
+    env: dict[str, str] | None = None,
+    timeout: float = 3600,
+    cwd: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run ``script`` with ``python``, ``job`` as JSON on stdin; return its result line's object.
+
+    The result gains ``peak_memory_mb``: the peak of the script's process tree
+    (``process_memory``), sampled while it ran.
+    """
+    from tokenmill.bench.process_memory import PeakMemorySampler
+
+    # -P: do not put the script's folder on sys.path, where tokenmill's
+    # ``vllm.py`` would shadow the real ``vllm`` package.
+    proc = subprocess.Popen(
+        [str(python), "-P", str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=peer_environ(env),
+    )
+    with PeakMemorySampler(proc.pid) as sampler:
+        try:
+            stdout, stderr = proc.communicate(json.dumps(job), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX) :])
+            result["peak_memory_mb"] = sampler.peak / 2**20
+            return result
+    tail = "\n".join((stdout + stderr).splitlines()[-40:])
+    raise RuntimeError(f"runner {script} failed (exit {proc.returncode}):\n{tail}")
 
 
 def run_runner(
     name: str, script: str, job: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 3600
 ) -> dict[str, Any]:
     """Run ``script`` (a file beside this module) in the peer's venv with ``job`` on stdin; return its result."""
-    proc = subprocess.run(
-        # -P: do not put the runner's folder on sys.path, where tokenmill's
-        # ``vllm.py`` would shadow the real ``vllm`` package.
-        [str(venv_python(name)), "-P", str(RUNNER_DIR / script)],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        # Run from the cache folder: a runner started from the repo root would
-        # otherwise see the repo on sys.path (harmless, but not what users get).
-        cwd=peers_dir(),
-        env=peer_environ(env),
-    )
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-    raise RuntimeError(f"{name} runner {script} failed (exit {proc.returncode}):\n{tail}")
+    # Run from the cache folder: a runner started from the repo root would
+    # otherwise see the repo on sys.path (harmless, but not what users get).
+    return run_script(venv_python(name), RUNNER_DIR / script, job, env, timeout, cwd=peers_dir())

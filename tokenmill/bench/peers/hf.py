@@ -1,28 +1,30 @@
-"""Hugging Face transformers ``generate`` as a peer: greedy, batched, no padding needed."""
+"""Hugging Face transformers ``generate`` as a peer: greedy, batched, in a fresh process per cell.
+
+It runs in tokenmill's own virtual environment (transformers is a tokenmill
+dependency) but in its own process, like every system in the benchmark, so
+its memory and threads are its own.
+"""
 
 from __future__ import annotations
 
-import time
+import sys
+from typing import Any
+
+from tokenmill.bench.peers import _venv
 
 
 def available() -> str | None:
     return None
 
 
-def generate_seconds(model_dir: str, dtype: str, prompts: list[list[int]], output_len: int) -> float:
-    import torch
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    model.eval()
-    model.generation_config.eos_token_id = None  # exactly output_len tokens, like ignore_eos
-    ids = torch.tensor(prompts)
-    mask = torch.ones_like(ids)
-    kw = dict(do_sample=False, pad_token_id=0, attention_mask=mask)
-    with torch.inference_mode():
-        model.generate(ids[:, :8], max_new_tokens=4, **{**kw, "attention_mask": mask[:, :8]})  # warm-up
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=output_len, **kw)
-        elapsed = time.perf_counter() - t0
-    assert out.shape[1] == ids.shape[1] + output_len
-    return elapsed
+def generate(
+    model_dir: str, dtype: str, prompts: list[list[int]], output_len: int
+) -> dict[str, Any]:
+    """Run the peer once (warm-up, then the timed job); ``seconds``, ``tokens``, ``peak_memory_mb``."""
+    job = {
+        "model_dir": str(model_dir),
+        "dtype": dtype,
+        "prompts": prompts,
+        "output_len": output_len,
+    }
+    return _venv.run_script(sys.executable, _venv.RUNNER_DIR / "hf_runner.py", job)

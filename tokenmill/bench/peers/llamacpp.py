@@ -82,12 +82,7 @@ def gguf_path(model_dir: str | Path, dtype: str) -> Path:
 
 
 def generate(model_dir: str, dtype: str, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
-    """Run the peer once (warm-up, then the timed job); the runner's result: ``seconds`` and ``tokens``."""
+    """Run the peer once (warm-up, then the timed job); the runner's result: ``seconds``, ``tokens``, ``peak_memory_mb``."""
     job = {"gguf": str(gguf_path(model_dir, dtype)), "prompts": prompts, "output_len": output_len, "threads": THREADS}
     return _venv.run_runner(NAME, "llamacpp_runner.py", job)
 
-
-def generate_seconds(model_dir: str, dtype: str, prompts: list[list[int]], output_len: int) -> float:
-    result = generate(model_dir, dtype, prompts, output_len)
-    assert [len(t) for t in result["tokens"]] == [output_len] * len(prompts), "llama.cpp generated a wrong count"
-    return float(result["seconds"])

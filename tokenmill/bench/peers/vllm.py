@@ -4,9 +4,9 @@ Each call starts a fresh vLLM engine in a subprocess (``vllm_runner.py``) on
 the same HF checkpoint directory tokenmill loads, so engine start-up and
 compilation stay out of the timed part, which begins after a warm-up. Two
 threads bound to the first two CPUs this process may use, like tokenmill and
-llama.cpp in the same benchmark; 2 GiB of KV cache unless
-``VLLM_CPU_KVCACHE_SPACE`` is set (the 135M model needs well under 1 GiB
-for 32 x 256 tokens in fp32). As vLLM's CPU installation guide asks for best
+llama.cpp in the same benchmark; ``KV_CACHE_GIB`` of KV cache, the same as
+tokenmill gets, unless ``VLLM_CPU_KVCACHE_SPACE`` is set (the 135M model
+needs 0.38 GiB for 32 x 256 tokens in fp32). As vLLM's CPU installation guide asks for best
 performance, tcmalloc (Debian's ``libtcmalloc-minimal4``, installed by the
 setup script) and Intel's OpenMP runtime (shipped in the venv) are preloaded
 when present; the runner reports which were.
@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tokenmill.bench.peers import _venv
+from tokenmill.bench.peers import KV_CACHE_GIB, _venv
 
 NAME = "vllm"
 THREADS = 2
@@ -43,7 +43,7 @@ def _env() -> dict[str, str]:
         "LD_PRELOAD": _preload(),
         # vLLM pins one OpenMP thread per listed CPU; this is its thread count.
         "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus))),
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB)),
         # A local checkpoint: nothing to fetch, nothing to report.
         "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
@@ -52,14 +52,9 @@ def _env() -> dict[str, str]:
 
 
 def generate(model_dir: str, dtype: str, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
-    """Run the peer once (warm-up, then the timed job); the runner's result: ``seconds`` and ``tokens``."""
+    """Run the peer once (warm-up, then the timed job); the runner's result: ``seconds``, ``tokens``, ``peak_memory_mb``."""
     if dtype not in DTYPES:
         raise ValueError(f"vLLM peer: unsupported dtype {dtype!r} (one of {DTYPES})")
     job = {"model_dir": str(model_dir), "dtype": dtype, "prompts": prompts, "output_len": output_len}
     return _venv.run_runner(NAME, "vllm_runner.py", job, env=_env())
 
-
-def generate_seconds(model_dir: str, dtype: str, prompts: list[list[int]], output_len: int) -> float:
-    result = generate(model_dir, dtype, prompts, output_len)
-    assert [len(t) for t in result["tokens"]] == [output_len] * len(prompts), "vLLM generated a wrong count"
-    return float(result["seconds"])
