@@ -185,6 +185,48 @@ def test_packed_gemm_matches_linear(
     torch.testing.assert_close(got.float(), want, **tol)
 
 
+@pytest.mark.parametrize("quant", [None, "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 13, 40, 200])
+def test_fused_silu_gate_gemm_matches_gemm_then_silu_mul(
+    dtype: torch.dtype, rows: int, quant: str | None
+) -> None:
+    if not kernels.has_avx512():
+        pytest.skip("the packed GEMM is only used with AVX-512")
+    torch.manual_seed(rows)
+    inter, k = 96, 40  # 6 gate/up panel pairs: tasks of 4 and of 2 panels both occur
+    x = torch.randn(rows, k).to(dtype)
+    w = (torch.randn(2 * inter, k) / 4).to(dtype)
+    b = torch.randn(2 * inter).to(dtype)
+    ops = CpuKernelOps(use_packed_gemm=True)
+    fused = ops.prepare_gate_up(w, b, quant)
+    plain = ops.prepare_linear(w, b, quant)
+    assert fused.silu_gate and not plain.silu_gate
+    # the interleaved layout unpacks to the checkpoint's order
+    torch.testing.assert_close(fused.dense_weight(), plain.dense_weight(), rtol=0, atol=0)
+    assert torch.equal(fused.dense_bias(), b)
+    got = ops.gate_up_silu(x, fused)
+    assert got.shape == (rows, inter) and got.dtype == dtype
+    want = ops.silu_mul(ops.linear(x, plain))  # the unfused kernels, same roundings
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def test_fused_silu_gate_falls_back_where_panels_do_not_pair() -> None:
+    if not kernels.has_avx512():
+        pytest.skip("the packed GEMM is only used with AVX-512")
+    torch.manual_seed(0)
+    inter, k = 24, 32  # 48 rows: 3 panels, so gate and up panels cannot pair up
+    x, w = torch.randn(3, k), torch.randn(2 * inter, k)
+    ops = CpuKernelOps(use_packed_gemm=True)
+    lin = ops.prepare_gate_up(w)
+    assert not lin.silu_gate
+    want = TorchOps.silu_mul(torch.nn.functional.linear(x, w))
+    torch.testing.assert_close(ops.gate_up_silu(x, lin), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.tokenmill.packed_linear(x, lin.packed, 2 * inter, None, True)
+
+
 def test_argmax_rows_matches_torch_including_ties() -> None:
     torch.manual_seed(2)
     for shape in [(1, 7), (3, 16), (5, 1000), (32, 4099)]:

@@ -36,6 +36,9 @@ class Linear:
     the ``[ceil(out / 16), in, 16]`` panel layout of the CPU GEMM kernel. With
     int8 weights (``scale`` set) both hold int8 values and ``scale`` is the fp32
     per-output-channel scale (zero padded to whole panels when packed).
+    ``silu_gate`` marks a gated-MLP ``[gate; up]`` weight whose output features
+    are stored as alternating 16-feature gate and up panels (``interleave_gate_up``),
+    with ``bias`` and ``scale`` in the same order, for the fused SiLU-gate GEMM.
     """
 
     out_features: int
@@ -43,6 +46,7 @@ class Linear:
     bias: torch.Tensor | None = None
     packed: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+    silu_gate: bool = False
 
     def dense_weight(self) -> torch.Tensor:
         """The ``[out, in]`` weight, unpacking the panel layout (and dequantizing to fp32)."""
@@ -53,8 +57,27 @@ class Linear:
             panels, k, _ = self.packed.shape
             w = self.packed.permute(0, 2, 1).reshape(panels * PANEL, k)[: self.out_features]
         if self.scale is not None:
-            return dequantize(w, self.scale[: self.out_features])
-        return w
+            w = dequantize(w, self.scale[: self.out_features])
+        return interleave_gate_up(w, inverse=True) if self.silu_gate else w
+
+    def dense_bias(self) -> torch.Tensor | None:
+        """The bias in the checkpoint's feature order."""
+        if self.bias is None or not self.silu_gate:
+            return self.bias
+        return interleave_gate_up(self.bias, inverse=True)
+
+
+def interleave_gate_up(t: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Reorder the rows of a ``[gate; up]`` weight (or bias) into alternating 16-row panels.
+
+    Row order becomes gate[0:16], up[0:16], gate[16:32], up[16:32], ... so that a
+    GEMM task holding panel pairs has both halves of the same features;
+    ``inverse`` undoes it. The intermediate size must be a multiple of 16.
+    """
+    rows, rest = t.shape[0], t.shape[1:]
+    if inverse:
+        return t.reshape(rows // (2 * PANEL), 2, PANEL, *rest).transpose(0, 1).reshape(t.shape)
+    return t.reshape(2, rows // (2 * PANEL), PANEL, *rest).transpose(0, 1).reshape(t.shape)
 
 
 class TorchOps:
@@ -121,9 +144,19 @@ class TorchOps:
 
     @staticmethod
     def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
-        if lin.scale is not None:
+        if lin.scale is not None and not lin.silu_gate:
             return int8_linear_torch(x, lin)
-        return F.linear(x, lin.dense_weight(), lin.bias)
+        return F.linear(x, lin.dense_weight(), lin.dense_bias())
+
+    def prepare_gate_up(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: str | None = None
+    ) -> Linear:
+        """Lay out a gated MLP's fused ``[gate; up]`` weight (``gate_up_silu`` consumes it)."""
+        return self.prepare_linear(weight, bias, quant)
+
+    def gate_up_silu(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        """``SiLU(x @ gate^T) * (x @ up^T)``."""
+        return self.silu_mul(self.linear(x, lin))
 
 
 def int8_linear_torch(x: torch.Tensor, lin: Linear) -> torch.Tensor:
@@ -223,6 +256,28 @@ class CpuKernelOps(TorchOps):
                 x, lin.packed, lin.scale, lin.out_features, lin.bias
             )
         return torch.ops.tokenmill.packed_linear(x, lin.packed, lin.out_features, lin.bias)
+
+    def prepare_gate_up(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: str | None = None
+    ) -> Linear:
+        # the fused kernel needs whole (gate, up) panel pairs: intermediate size % 16 == 0
+        if not self.use_packed_gemm or weight.shape[0] % (2 * PANEL):
+            return self.prepare_linear(weight, bias, quant)
+        lin = self.prepare_linear(
+            interleave_gate_up(weight), None if bias is None else interleave_gate_up(bias), quant
+        )
+        lin.silu_gate = True
+        return lin
+
+    def gate_up_silu(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        if not lin.silu_gate:
+            return super().gate_up_silu(x, lin)
+        # one GEMM whose epilogue applies SiLU(gate) * up: the [T, 2I] product is never stored
+        if lin.scale is not None:
+            return torch.ops.tokenmill.packed_linear_int8(
+                x, lin.packed, lin.scale, lin.out_features, lin.bias, True
+            )
+        return torch.ops.tokenmill.packed_linear(x, lin.packed, lin.out_features, lin.bias, True)
 
 
 BACKENDS = ("auto", "torch", "torch_batched", "cpu_kernels")

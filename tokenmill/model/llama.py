@@ -66,13 +66,16 @@ class LlamaModel:
         def linear(name: str) -> Linear:
             return ops.prepare_linear(d[name], d.get(f"{name}_bias"), quant)
 
+        def gate_up(name: str) -> Linear:
+            return ops.prepare_gate_up(d[name], d.get(f"{name}_bias"), quant)
+
         self.layers = [
             DecoderLayer(
                 input_norm=d[f"{i}.input_norm"],
                 qkv=linear(f"{i}.qkv"),
                 o=linear(f"{i}.o"),
                 post_norm=d[f"{i}.post_norm"],
-                gate_up=linear(f"{i}.gate_up"),
+                gate_up=gate_up(f"{i}.gate_up"),
                 down=linear(f"{i}.down"),
             )
             for i in range(cfg.num_layers)
@@ -101,7 +104,7 @@ class LlamaModel:
                 lin: Linear = getattr(layer, name)
                 out[f"{i}.{name}"] = lin.dense_weight()
                 if lin.bias is not None:
-                    out[f"{i}.{name}_bias"] = lin.bias
+                    out[f"{i}.{name}_bias"] = lin.dense_bias()
         return out
 
     @classmethod
@@ -190,7 +193,7 @@ class LlamaModel:
             q = qkv[:, :q_size].view(t, cfg.num_heads, cfg.head_dim)
             h = ops.linear(ops.attention(q, kv_cache, meta, scale).view(t, q_size), layer.o)
             x = ops.add_rms_norm(h, residual, layer.post_norm, eps)
-            h = ops.linear(ops.silu_mul(ops.linear(x, layer.gate_up)), layer.down)
+            h = ops.linear(ops.gate_up_silu(x, layer.gate_up), layer.down)
         assert h is not None
         return ops.add_rms_norm(h, residual, self.final_norm, eps)
 

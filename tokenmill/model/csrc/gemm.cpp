@@ -39,7 +39,7 @@ void pack_impl(const T* w, T* out, int64_t N, int64_t K) {
 template <int MR, int NP, typename W, typename T>
 inline void micro_kernel(const float* x, int64_t K, const W* w, const float* scale,
                          const T* bias, T* y, int64_t N, int64_t n0, const char* pf,
-                         int64_t pf_lines) {
+                         int64_t pf_lines, bool silu) {
   __m512 acc[MR][NP];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_setzero_ps();
@@ -77,6 +77,23 @@ inline void micro_kernel(const float* x, int64_t K, const W* w, const float* sca
       for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_fmadd_ps(xb, wv[j], acc[m][j]);
     }
   }
+  if (silu) {
+    // panels come in (gate, up) pairs of the same 16 features (packed so at load time);
+    // y is [M, N / 2] and gets SiLU(gate) * up: the [M, N] product never reaches memory
+    for (int j = 0; j + 1 < NP; j += 2) {
+      const int64_t col = n0 + j * PANEL, out_col = col / 2;
+      const __m512 bg = bias ? load16(bias + col) : _mm512_setzero_ps();
+      const __m512 bu = bias ? load16(bias + col + PANEL) : _mm512_setzero_ps();
+      const __m512 sg = scale ? load16(scale + col) : _mm512_set1_ps(1.f);
+      const __m512 su = scale ? load16(scale + col + PANEL) : _mm512_set1_ps(1.f);
+      for (int m = 0; m < MR; ++m) {
+        const __m512 g = _mm512_fmadd_ps(acc[m][j], sg, bg);
+        const __m512 u = _mm512_fmadd_ps(acc[m][j + 1], su, bu);
+        store16(y + m * (N / 2) + out_col, silu_mul16<T>(g, u), static_cast<__mmask16>(0xFFFF));
+      }
+    }
+    return;
+  }
   for (int j = 0; j < NP; ++j) {
     const int64_t col = n0 + j * PANEL;
     if (col >= N) break;
@@ -93,7 +110,8 @@ inline void micro_kernel(const float* x, int64_t K, const W* w, const float* sca
 #else
 template <int MR, int NP, typename W, typename T>
 inline void micro_kernel(const float* x, int64_t K, const W* w, const float* scale,
-                         const T* bias, T* y, int64_t N, int64_t n0, const char*, int64_t) {
+                         const T* bias, T* y, int64_t N, int64_t n0, const char*, int64_t,
+                         bool silu) {
   float acc[MR][NP * PANEL] = {};
   const int64_t pstride = K * PANEL;
   for (int64_t k = 0; k < K; ++k)
@@ -101,35 +119,48 @@ inline void micro_kernel(const float* x, int64_t K, const W* w, const float* sca
       for (int j = 0; j < NP; ++j)
         for (int c = 0; c < PANEL; ++c)
           acc[m][j * PANEL + c] += x[m * K + k] * to_f(w[j * pstride + k * PANEL + c]);
+  auto value = [&](int m, int c) {
+    return acc[m][c] * (scale ? scale[n0 + c] : 1.f) + (bias ? to_f(bias[n0 + c]) : 0.f);
+  };
+  if (silu) {
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j + 1 < NP; j += 2)
+        for (int c = 0; c < PANEL; ++c) {
+          const float g = to_f(from_f<T>(value(m, j * PANEL + c)));
+          const float u = to_f(from_f<T>(value(m, (j + 1) * PANEL + c)));
+          const float act = to_f(from_f<T>(g / (1.f + std::exp(-g))));
+          y[m * (N / 2) + (n0 + j * PANEL) / 2 + c] = from_f<T>(act * u);
+        }
+    return;
+  }
   for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < NP * PANEL && n0 + c < N; ++c)
-      y[m * N + n0 + c] = from_f<T>(acc[m][c] * (scale ? scale[n0 + c] : 1.f) +
-                                    (bias ? to_f(bias[n0 + c]) : 0.f));
+    for (int c = 0; c < NP * PANEL && n0 + c < N; ++c) y[m * N + n0 + c] = from_f<T>(value(m, c));
 }
 #endif
 
 template <int NP, typename W, typename T>
 inline void row_block(int mr, const float* x, int64_t K, const W* w, const float* scale,
                       const T* bias, T* y, int64_t N, int64_t n0, const char* pf,
-                      int64_t pf_lines) {
+                      int64_t pf_lines, bool silu) {
   switch (mr) {
-    case 1: micro_kernel<1, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines); break;
-    case 2: micro_kernel<2, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines); break;
-    case 3: micro_kernel<3, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines); break;
-    case 4: micro_kernel<4, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines); break;
-    case 5: micro_kernel<5, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines); break;
-    default: micro_kernel<6, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines); break;
+    case 1: micro_kernel<1, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
+    case 2: micro_kernel<2, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
+    case 3: micro_kernel<3, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
+    case 4: micro_kernel<4, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
+    case 5: micro_kernel<5, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
+    default: micro_kernel<6, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
   }
 }
 
 template <typename W, typename T>
 void packed_linear_impl(const float* x, int64_t M, int64_t K, const W* wp, const float* scale,
-                        int64_t N, const T* bias, T* y) {
+                        int64_t N, const T* bias, T* y, bool silu) {
   const int64_t P = (N + PANEL - 1) / PANEL;
   const int nt_max = num_threads();
   // columns per task: the widest of 4 / 2 / 1 panels that still spreads evenly over the
   // threads (at one row the GEMM is memory bound and an idle thread is lost bandwidth)
-  int np = 1;
+  // (a SiLU-gated product needs whole (gate, up) panel pairs in every task: 2 at least)
+  int np = silu ? 2 : 1;
   for (int cand : {4, 2}) {
     const int64_t tasks = (P + cand - 1) / cand;
     const int64_t per_thread = (tasks + nt_max - 1) / nt_max;
@@ -170,15 +201,15 @@ void packed_linear_impl(const float* x, int64_t M, int64_t K, const W* wp, const
     for (int64_t blk = 0, m0 = m_begin; blk < n_blocks; ++blk) {
       const int mr = static_cast<int>(rows / n_blocks + (blk < rows % n_blocks ? 1 : 0));
       const float* xm = x + m0 * K;
-      T* ym = y + m0 * N;
+      T* ym = y + m0 * (silu ? N / 2 : N);
       const int64_t pf_first = blk == 0 ? pf_lines_total : (blk - 1) * pf_per_block;
       const int64_t pf_n = std::max<int64_t>(0, std::min(pf_per_block, pf_lines_total - pf_first));
       const char* pfb = pf_n > 0 ? pf + pf_first * 64 : nullptr;
       switch (npp) {
-        case 4: row_block<4, W, T>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n); break;
-        case 3: row_block<3, W, T>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n); break;
-        case 2: row_block<2, W, T>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n); break;
-        default: row_block<1, W, T>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n); break;
+        case 4: row_block<4, W, T>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n, silu); break;
+        case 3: row_block<3, W, T>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n, silu); break;
+        case 2: row_block<2, W, T>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n, silu); break;
+        default: row_block<1, W, T>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n, silu); break;
       }
       m0 += mr;
     }
@@ -203,8 +234,18 @@ Tensor pack_weight(const Tensor& w) {
   return out;
 }
 
+namespace {
+// With ``silu_gate`` the packed panels alternate (gate, up) over 2I = out_features columns
+// and the op returns SiLU(gate) * up, [M, I].
+int64_t output_width(int64_t out_features, bool silu_gate) {
+  TORCH_CHECK(!silu_gate || out_features % (2 * PANEL) == 0,
+              "silu_gate: out_features must be a multiple of 32 (whole gate/up panel pairs)");
+  return silu_gate ? out_features / 2 : out_features;
+}
+}  // namespace
+
 Tensor packed_linear(const Tensor& x, const Tensor& packed, int64_t out_features,
-                     const std::optional<Tensor>& b) {
+                     const std::optional<Tensor>& b, bool silu_gate) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "packed_linear: contiguous x [M, K]");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == PANEL && packed.size(1) == x.size(1) &&
                   packed.size(0) * PANEL >= out_features && packed.is_contiguous(),
@@ -214,19 +255,20 @@ Tensor packed_linear(const Tensor& x, const Tensor& packed, int64_t out_features
                      b->scalar_type() == x.scalar_type()),
               "packed_linear: bias [N] of x's dtype");
   const int64_t M = x.size(0), K = x.size(1);
-  Tensor y = at::empty({M, out_features}, x.options());
+  Tensor y = at::empty({M, output_width(out_features, silu_gate)}, x.options());
   if (M == 0) return y;
   if (x.scalar_type() == at::kFloat) {
     packed_linear_impl<float, float>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(),
                                      nullptr, out_features,
-                              b ? b->data_ptr<float>() : nullptr, y.data_ptr<float>());
+                              b ? b->data_ptr<float>() : nullptr, y.data_ptr<float>(), silu_gate);
   } else if (x.scalar_type() == at::kBFloat16) {
     std::vector<float> xf(static_cast<size_t>(M * K));
     const BFloat16* xp = x.data_ptr<BFloat16>();
     for (int64_t i = 0; i < M * K; ++i) xf[i] = to_f(xp[i]);
     packed_linear_impl<BFloat16, BFloat16>(xf.data(), M, K, packed.data_ptr<BFloat16>(),
                                            nullptr, out_features,
-                                 b ? b->data_ptr<BFloat16>() : nullptr, y.data_ptr<BFloat16>());
+                                 b ? b->data_ptr<BFloat16>() : nullptr, y.data_ptr<BFloat16>(),
+                                 silu_gate);
   } else {
     TORCH_CHECK(false, "packed_linear: only float32 and bfloat16");
   }
@@ -246,7 +288,7 @@ const float* x_as_f32(const Tensor& x, std::vector<float>& buf) {
 }  // namespace
 
 Tensor packed_linear_int8(const Tensor& x, const Tensor& packed, const Tensor& scale,
-                          int64_t out_features, const std::optional<Tensor>& b) {
+                          int64_t out_features, const std::optional<Tensor>& b, bool silu_gate) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "packed_linear_int8: contiguous x [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "packed_linear_int8: x must be float32 or bfloat16");
@@ -262,7 +304,7 @@ Tensor packed_linear_int8(const Tensor& x, const Tensor& packed, const Tensor& s
                      b->scalar_type() == x.scalar_type()),
               "packed_linear_int8: bias [N] of x's dtype");
   const int64_t M = x.size(0), K = x.size(1);
-  Tensor y = at::empty({M, out_features}, x.options());
+  Tensor y = at::empty({M, output_width(out_features, silu_gate)}, x.options());
   if (M == 0) return y;
   std::vector<float> buf;
   const float* xf = x_as_f32(x, buf);
@@ -270,11 +312,12 @@ Tensor packed_linear_int8(const Tensor& x, const Tensor& packed, const Tensor& s
   const float* s = scale.data_ptr<float>();
   if (x.scalar_type() == at::kFloat) {
     packed_linear_impl<int8_t, float>(xf, M, K, w, s, out_features,
-                                      b ? b->data_ptr<float>() : nullptr, y.data_ptr<float>());
+                                      b ? b->data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                                      silu_gate);
   } else {
     packed_linear_impl<int8_t, BFloat16>(xf, M, K, w, s, out_features,
                                          b ? b->data_ptr<BFloat16>() : nullptr,
-                                         y.data_ptr<BFloat16>());
+                                         y.data_ptr<BFloat16>(), silu_gate);
   }
   return y;
 }

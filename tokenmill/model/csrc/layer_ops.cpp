@@ -168,16 +168,8 @@ void silu_mul_impl(const T* x, T* out, int64_t rows, int64_t inter) {
     T* o = out + r * inter;
 #if TM_AVX512
     for (int64_t i = 0; i < inter; i += 16) {
-      __mmask16 m = tail_mask(inter - i);
-      __m512 gv = load16(g + i, m);
-      __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f),
-                                 _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-      __m512 act = _mm512_mul_ps(gv, sig);
-      if constexpr (std::is_same_v<T, BFloat16>) {
-        // the model rounds the activation to bf16 before the product; do the same
-        act = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(act)), 16));
-      }
-      store16(o + i, _mm512_mul_ps(act, load16(u + i, m)), m);
+      const __mmask16 m = tail_mask(inter - i);
+      store16(o + i, silu_mul16<T>(load16(g + i, m), load16(u + i, m)), m);
     }
 #else
     for (int64_t i = 0; i < inter; ++i) {

@@ -19,10 +19,10 @@ at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tens
 at::Tensor silu_mul(const at::Tensor& x);
 at::Tensor pack_weight(const at::Tensor& w);
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
-                         const std::optional<at::Tensor>& b);
+                         const std::optional<at::Tensor>& b, bool silu_gate);
 at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& packed,
                               const at::Tensor& scale, int64_t out_features,
-                              const std::optional<at::Tensor>& b);
+                              const std::optional<at::Tensor>& b, bool silu_gate);
 at::Tensor argmax_rows(const at::Tensor& x);
 at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& temperature,
                        const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,

@@ -18,11 +18,13 @@ TORCH_LIBRARY(tokenmill, m) {
         &tokenmill::add_rms_norm);
   m.def("silu_mul(Tensor x) -> Tensor", &tokenmill::silu_mul);
   m.def("pack_weight(Tensor w) -> Tensor", &tokenmill::pack_weight);
-  m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? b) -> Tensor",
-        &tokenmill::packed_linear);
   m.def(
-      "packed_linear_int8(Tensor x, Tensor packed, Tensor scale, int out_features, Tensor? b) "
+      "packed_linear(Tensor x, Tensor packed, int out_features, Tensor? b, bool silu_gate=False) "
       "-> Tensor",
+      &tokenmill::packed_linear);
+  m.def(
+      "packed_linear_int8(Tensor x, Tensor packed, Tensor scale, int out_features, Tensor? b, "
+      "bool silu_gate=False) -> Tensor",
       &tokenmill::packed_linear_int8);
   m.def("argmax_rows(Tensor x) -> Tensor", &tokenmill::argmax_rows);
   m.def(

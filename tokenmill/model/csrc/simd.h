@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -69,6 +70,10 @@ inline __m256i to_bf16(__m512 v) {
   x = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16));
 }
+// v rounded to bf16 precision, kept as fp32 (what a bf16 tensor between two ops would hold)
+inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
+}
 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 inline void store16(BFloat16* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, to_bf16(v));
@@ -90,6 +95,21 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
+}
+
+// SiLU(g) * u, the gated MLP's activation. For bf16 tensors the model rounds g, u and
+// SiLU(g) to bf16 before the product (each is a bf16 tensor in the unfused graph).
+template <typename T>
+inline __m512 silu_mul16(__m512 g, __m512 u) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    g = round_bf16(g);
+    u = round_bf16(u);
+  }
+  const __m512 one = _mm512_set1_ps(1.f);
+  __m512 act = _mm512_mul_ps(
+      g, _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+  if constexpr (std::is_same_v<T, BFloat16>) act = round_bf16(act);
+  return _mm512_mul_ps(act, u);
 }
 #endif
 
