@@ -178,6 +178,9 @@ def test_packed_gemm_matches_linear(
     ops = CpuKernelOps(use_packed_gemm=True)
     lin = ops.prepare_linear(w, b)
     assert lin.weight is None and lin.packed is not None
+    # bf16 with an even k uses the AVX-512-BF16 k-pair panels where the CPU has them
+    pairs = dtype == torch.bfloat16 and k % 2 == 0 and "avx512_bf16" in kernels._cpu_flags()
+    assert lin.packed.shape[-1] == (32 if pairs else 16)
     assert torch.equal(lin.dense_weight(), w)  # the panel layout unpacks losslessly
     got = ops.linear(x, lin)
     want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())

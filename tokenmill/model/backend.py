@@ -33,7 +33,9 @@ class Linear:
     """A linear layer's weight in the form the active backend wants.
 
     ``weight`` is the ``[out, in]`` matrix (None once packed away); ``packed`` is
-    the ``[ceil(out / 16), in, 16]`` panel layout of the CPU GEMM kernel. With
+    the ``[ceil(out / 16), in, 16]`` panel layout of the CPU GEMM kernel (bf16
+    weights with an even ``in`` on CPUs with AVX-512-BF16: ``[ceil(out / 16),
+    in / 2, 32]``, 16 outputs x 2 consecutive inputs per row). With
     int8 weights (``scale`` set) both hold int8 values and ``scale`` is the fp32
     per-output-channel scale (zero padded to whole panels when packed).
     ``silu_gate`` marks a gated-MLP ``[gate; up]`` weight whose output features
@@ -54,8 +56,12 @@ class Linear:
             w = self.weight
         else:
             assert self.packed is not None
-            panels, k, _ = self.packed.shape
-            w = self.packed.permute(0, 2, 1).reshape(panels * PANEL, k)[: self.out_features]
+            panels, k, width = self.packed.shape
+            if width == 2 * PANEL:  # bf16 k-pair panels [P, K / 2, 16 x 2]
+                pairs = self.packed.view(panels, k, PANEL, 2).permute(0, 2, 1, 3)
+                w = pairs.reshape(panels * PANEL, 2 * k)[: self.out_features]
+            else:
+                w = self.packed.permute(0, 2, 1).reshape(panels * PANEL, k)[: self.out_features]
         if self.scale is not None:
             w = dequantize(w, self.scale[: self.out_features])
         return interleave_gate_up(w, inverse=True) if self.silu_gate else w

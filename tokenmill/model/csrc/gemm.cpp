@@ -32,6 +32,42 @@ void pack_impl(const T* w, T* out, int64_t N, int64_t K) {
 }
 
 #if TM_AVX512
+// Writes a tile of MR x NP accumulators: per-channel scale (int8), bias, and either the
+// plain [M, N] output or, with ``silu``, SiLU(gate) * up into [M, N / 2].
+template <int MR, int NP, typename T>
+inline void store_tile(__m512 (&acc)[MR][NP], const float* scale, const T* bias, T* y, int64_t N,
+                       int64_t n0, bool silu) {
+  if (silu) {
+    // panels come in (gate, up) pairs of the same 16 features (packed so at load time);
+    // y is [M, N / 2] and gets SiLU(gate) * up: the [M, N] product never reaches memory
+    for (int j = 0; j + 1 < NP; j += 2) {
+      const int64_t col = n0 + j * PANEL, out_col = col / 2;
+      const __m512 bg = bias ? load16(bias + col) : _mm512_setzero_ps();
+      const __m512 bu = bias ? load16(bias + col + PANEL) : _mm512_setzero_ps();
+      const __m512 sg = scale ? load16(scale + col) : _mm512_set1_ps(1.f);
+      const __m512 su = scale ? load16(scale + col + PANEL) : _mm512_set1_ps(1.f);
+      for (int m = 0; m < MR; ++m) {
+        const __m512 g = _mm512_fmadd_ps(acc[m][j], sg, bg);
+        const __m512 u = _mm512_fmadd_ps(acc[m][j + 1], su, bu);
+        store16(y + m * (N / 2) + out_col, silu_mul16<T>(g, u), static_cast<__mmask16>(0xFFFF));
+      }
+    }
+    return;
+  }
+  for (int j = 0; j < NP; ++j) {
+    const int64_t col = n0 + j * PANEL;
+    if (col >= N) break;
+    const __mmask16 mask = tail_mask(N - col);
+    const __m512 bv = bias ? load16(bias + col, mask) : _mm512_setzero_ps();
+    if (scale) {
+      const __m512 sv = load16(scale + col, mask);
+      for (int m = 0; m < MR; ++m) store16(y + m * N + col, _mm512_fmadd_ps(acc[m][j], sv, bv), mask);
+    } else {
+      for (int m = 0; m < MR; ++m) store16(y + m * N + col, _mm512_add_ps(acc[m][j], bv), mask);
+    }
+  }
+}
+
 // int8 weights load through load16(const int8_t*) (simd.h); the per-channel scale is
 // applied once to the accumulators at the end (it is constant along k).
 // ``pf`` / ``pf_lines``: cache lines of the *next* task's weights to pull into L2 while this
@@ -77,37 +113,93 @@ inline void micro_kernel(const float* x, int64_t K, const W* w, const float* sca
       for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_fmadd_ps(xb, wv[j], acc[m][j]);
     }
   }
-  if (silu) {
-    // panels come in (gate, up) pairs of the same 16 features (packed so at load time);
-    // y is [M, N / 2] and gets SiLU(gate) * up: the [M, N] product never reaches memory
-    for (int j = 0; j + 1 < NP; j += 2) {
-      const int64_t col = n0 + j * PANEL, out_col = col / 2;
-      const __m512 bg = bias ? load16(bias + col) : _mm512_setzero_ps();
-      const __m512 bu = bias ? load16(bias + col + PANEL) : _mm512_setzero_ps();
-      const __m512 sg = scale ? load16(scale + col) : _mm512_set1_ps(1.f);
-      const __m512 su = scale ? load16(scale + col + PANEL) : _mm512_set1_ps(1.f);
-      for (int m = 0; m < MR; ++m) {
-        const __m512 g = _mm512_fmadd_ps(acc[m][j], sg, bg);
-        const __m512 u = _mm512_fmadd_ps(acc[m][j + 1], su, bu);
-        store16(y + m * (N / 2) + out_col, silu_mul16<T>(g, u), static_cast<__mmask16>(0xFFFF));
+  store_tile<MR, NP, T>(acc, scale, bias, y, N, n0, silu);
+}
+
+#if defined(__AVX512BF16__)
+// bf16 weights on CPUs with AVX-512-BF16 are packed as k pairs, [ceil(N / 16), K / 2, 16, 2]:
+// one 64-byte load holds 16 outputs x 2 k. Two kernels read that layout.
+//
+// One row (batch-1 decode, memory bound): ``vdpbf16ps`` multiplies the load by a broadcast
+// (x[k], x[k + 1]) bf16 pair and adds both products into fp32 accumulators, one instruction
+// per 32 weights with x used as stored. Fewer instructions per byte let the core keep more
+// loads in flight: measured 11% faster than widening each weight to fp32 for an FMA.
+// ``x`` is [M, K / 2] bf16 pairs as uint32.
+template <int MR, int NP, typename T>
+inline void micro_kernel_pairs(const uint32_t* x, int64_t K, const BFloat16* w, const T* bias,
+                               T* y, int64_t N, int64_t n0, const char* pf, int64_t pf_lines,
+                               bool silu) {
+  const int64_t K2 = K / 2, pstride = K * PANEL;
+  __m512 acc[MR][NP];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_setzero_ps();
+  int64_t k2 = 0;
+  if constexpr (MR == 1) {
+    // one row is latency bound on NP dot-product chains: a second set doubles them
+    __m512 acc2[NP];
+    for (int j = 0; j < NP; ++j) acc2[j] = _mm512_setzero_ps();
+    for (; k2 + 2 <= K2; k2 += 2) {
+      const __m512bh x0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[k2]));
+      const __m512bh x1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[k2 + 1]));
+      for (int j = 0; j < NP; ++j) {
+        const BFloat16* wj = w + j * pstride + k2 * 32;
+        acc[0][j] = _mm512_dpbf16_ps(acc[0][j], x0, (__m512bh)_mm512_loadu_si512(wj));
+        acc2[j] = _mm512_dpbf16_ps(acc2[j], x1, (__m512bh)_mm512_loadu_si512(wj + 32));
       }
     }
-    return;
+    for (int j = 0; j < NP; ++j) acc[0][j] = _mm512_add_ps(acc[0][j], acc2[j]);
   }
-  for (int j = 0; j < NP; ++j) {
-    const int64_t col = n0 + j * PANEL;
-    if (col >= N) break;
-    const __mmask16 mask = tail_mask(N - col);
-    const __m512 bv = bias ? load16(bias + col, mask) : _mm512_setzero_ps();
-    if (scale) {
-      const __m512 sv = load16(scale + col, mask);
-      for (int m = 0; m < MR; ++m) store16(y + m * N + col, _mm512_fmadd_ps(acc[m][j], sv, bv), mask);
-    } else {
-      for (int m = 0; m < MR; ++m) store16(y + m * N + col, _mm512_add_ps(acc[m][j], bv), mask);
+  const int64_t pf_per_k = pf ? (pf_lines + K2 - 1) / K2 : 0;
+  for (; k2 < K2; ++k2) {
+    for (int64_t i = 0, line = k2 * pf_per_k; i < pf_per_k && line < pf_lines; ++i, ++line)
+      _mm_prefetch(pf + line * 64, _MM_HINT_T1);
+    __m512bh wv[NP];
+    for (int j = 0; j < NP; ++j)
+      wv[j] = (__m512bh)_mm512_loadu_si512(w + j * pstride + k2 * 32);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[m * K2 + k2]));
+      for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, wv[j]);
     }
   }
+  store_tile<MR, NP, T>(acc, nullptr, bias, y, N, n0, silu);
 }
+
+// Several rows (compute bound): ``vdpbf16ps`` ran at 0.75x the FMA rate here, so the pair
+// layout is widened instead, two cheap ops per 64-byte load (k even: shift the low halves
+// up; k odd: mask the high halves), and fed to fp32 FMAs with fp32 x like micro_kernel.
+template <int MR, int NP, typename T>
+inline void micro_kernel_pairs_fma(const float* x, int64_t K, const BFloat16* w, const T* bias,
+                                   T* y, int64_t N, int64_t n0, const char* pf,
+                                   int64_t pf_lines, bool silu) {
+  const int64_t K2 = K / 2, pstride = K * PANEL;
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 acc[MR][NP];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_setzero_ps();
+  const int64_t pf_per_k = pf ? (pf_lines + K2 - 1) / K2 : 0;
+  for (int64_t k2 = 0; k2 < K2; ++k2) {
+    for (int64_t i = 0, line = k2 * pf_per_k; i < pf_per_k && line < pf_lines; ++i, ++line)
+      _mm_prefetch(pf + line * 64, _MM_HINT_T1);
+    for (int j = 0; j < NP; ++j) {
+      const __m512i raw = _mm512_loadu_si512(w + j * pstride + k2 * 32);
+      const __m512 w_even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+      const __m512 w_odd = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
+      for (int m = 0; m < MR; ++m) {
+        const float* xm = x + m * K + 2 * k2;
+        acc[m][j] = _mm512_fmadd_ps(_mm512_set1_ps(xm[0]), w_even, acc[m][j]);
+        acc[m][j] = _mm512_fmadd_ps(_mm512_set1_ps(xm[1]), w_odd, acc[m][j]);
+      }
+    }
+  }
+  store_tile<MR, NP, T>(acc, nullptr, bias, y, N, n0, silu);
+}
+#define TM_BF16_PAIRS 1
 #else
+#define TM_BF16_PAIRS 0
+#endif
+
+#else
+#define TM_BF16_PAIRS 0
 template <int MR, int NP, typename W, typename T>
 inline void micro_kernel(const float* x, int64_t K, const W* w, const float* scale,
                          const T* bias, T* y, int64_t N, int64_t n0, const char*, int64_t,
@@ -138,22 +230,46 @@ inline void micro_kernel(const float* x, int64_t K, const W* w, const float* sca
 }
 #endif
 
-template <int NP, typename W, typename T>
-inline void row_block(int mr, const float* x, int64_t K, const W* w, const float* scale,
+// How x and W are read: PLAIN (fp32 x, [P, K, 16] panels), PAIRS_DOT (bf16 x as stored,
+// k-pair panels, micro_kernel_pairs), PAIRS_FMA (fp32 x, k-pair panels).
+enum Mode { PLAIN, PAIRS_DOT, PAIRS_FMA };
+
+template <int MR, int NP, typename W, typename T, int MODE>
+inline void kernel(const void* x, int64_t K, const W* w, const float* scale, const T* bias, T* y,
+                   int64_t N, int64_t n0, const char* pf, int64_t pf_lines, bool silu) {
+#if TM_BF16_PAIRS
+  if constexpr (MODE == PAIRS_DOT) {
+    micro_kernel_pairs<MR, NP, T>(static_cast<const uint32_t*>(x), K, w, bias, y, N, n0, pf,
+                                  pf_lines, silu);
+    return;
+  } else if constexpr (MODE == PAIRS_FMA) {
+    micro_kernel_pairs_fma<MR, NP, T>(static_cast<const float*>(x), K, w, bias, y, N, n0, pf,
+                                      pf_lines, silu);
+    return;
+  }
+#endif
+  if constexpr (MODE == PLAIN)
+    micro_kernel<MR, NP, W, T>(static_cast<const float*>(x), K, w, scale, bias, y, N, n0, pf,
+                               pf_lines, silu);
+}
+
+template <int NP, typename W, typename T, int MODE>
+inline void row_block(int mr, const void* x, int64_t K, const W* w, const float* scale,
                       const T* bias, T* y, int64_t N, int64_t n0, const char* pf,
                       int64_t pf_lines, bool silu) {
   switch (mr) {
-    case 1: micro_kernel<1, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
-    case 2: micro_kernel<2, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
-    case 3: micro_kernel<3, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
-    case 4: micro_kernel<4, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
-    case 5: micro_kernel<5, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
-    default: micro_kernel<6, NP, W, T>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
+    case 1: kernel<1, NP, W, T, MODE>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
+    case 2: kernel<2, NP, W, T, MODE>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
+    case 3: kernel<3, NP, W, T, MODE>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
+    case 4: kernel<4, NP, W, T, MODE>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
+    case 5: kernel<5, NP, W, T, MODE>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
+    default: kernel<6, NP, W, T, MODE>(x, K, w, scale, bias, y, N, n0, pf, pf_lines, silu); break;
   }
 }
 
-template <typename W, typename T>
-void packed_linear_impl(const float* x, int64_t M, int64_t K, const W* wp, const float* scale,
+// x: fp32 [M, K], or with PAIRS_DOT the bf16 [M, K] activations themselves (K even).
+template <typename W, typename T, int MODE = PLAIN>
+void packed_linear_impl(const void* x, int64_t M, int64_t K, const W* wp, const float* scale,
                         int64_t N, const T* bias, T* y, bool silu) {
   const int64_t P = (N + PANEL - 1) / PANEL;
   const int nt_max = num_threads();
@@ -200,16 +316,18 @@ void packed_linear_impl(const float* x, int64_t M, int64_t K, const W* wp, const
     const int64_t pf_per_block = n_blocks > 1 ? (pf_lines_total + n_blocks - 2) / (n_blocks - 1) : 0;
     for (int64_t blk = 0, m0 = m_begin; blk < n_blocks; ++blk) {
       const int mr = static_cast<int>(rows / n_blocks + (blk < rows % n_blocks ? 1 : 0));
-      const float* xm = x + m0 * K;
+      const void* xm = MODE == PAIRS_DOT
+                             ? static_cast<const void*>(static_cast<const BFloat16*>(x) + m0 * K)
+                             : static_cast<const void*>(static_cast<const float*>(x) + m0 * K);
       T* ym = y + m0 * (silu ? N / 2 : N);
       const int64_t pf_first = blk == 0 ? pf_lines_total : (blk - 1) * pf_per_block;
       const int64_t pf_n = std::max<int64_t>(0, std::min(pf_per_block, pf_lines_total - pf_first));
       const char* pfb = pf_n > 0 ? pf + pf_first * 64 : nullptr;
       switch (npp) {
-        case 4: row_block<4, W, T>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n, silu); break;
-        case 3: row_block<3, W, T>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n, silu); break;
-        case 2: row_block<2, W, T>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n, silu); break;
-        default: row_block<1, W, T>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n, silu); break;
+        case 4: row_block<4, W, T, MODE>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n, silu); break;
+        case 3: row_block<3, W, T, MODE>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n, silu); break;
+        case 2: row_block<2, W, T, MODE>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n, silu); break;
+        default: row_block<1, W, T, MODE>(mr, xm, K, w, scale, bias, ym, N, n0, pfb, pf_n, silu); break;
       }
       m0 += mr;
     }
@@ -221,6 +339,24 @@ void packed_linear_impl(const float* x, int64_t M, int64_t K, const W* wp, const
 Tensor pack_weight(const Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "pack_weight: contiguous [N, K] weight");
   const int64_t N = w.size(0), K = w.size(1);
+#if TM_BF16_PAIRS
+  if (w.scalar_type() == at::kBFloat16 && K % 2 == 0) {
+    // k-pair panels for vdpbf16ps: [P, K / 2, 16 outputs x 2 k] (micro_kernel_pairs)
+    const int64_t P = (N + PANEL - 1) / PANEL;
+    Tensor out = at::empty({P, K / 2, 2 * PANEL}, w.options());
+    const BFloat16* src = w.data_ptr<BFloat16>();
+    BFloat16* dst = out.data_ptr<BFloat16>();
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t k2 = 0; k2 < K / 2; ++k2)
+        for (int j = 0; j < PANEL; ++j)
+          for (int e = 0; e < 2; ++e) {
+            const int64_t n = p * PANEL + j;
+            dst[((p * (K / 2) + k2) * PANEL + j) * 2 + e] =
+                n < N ? src[n * K + 2 * k2 + e] : BFloat16(0.f);
+          }
+    return out;
+  }
+#endif
   Tensor out = at::empty({(N + PANEL - 1) / PANEL, K, PANEL}, w.options());
   if (w.scalar_type() == at::kFloat) {
     pack_impl<float>(w.data_ptr<float>(), out.data_ptr<float>(), N, K);
@@ -247,9 +383,13 @@ int64_t output_width(int64_t out_features, bool silu_gate) {
 Tensor packed_linear(const Tensor& x, const Tensor& packed, int64_t out_features,
                      const std::optional<Tensor>& b, bool silu_gate) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "packed_linear: contiguous x [M, K]");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == PANEL && packed.size(1) == x.size(1) &&
-                  packed.size(0) * PANEL >= out_features && packed.is_contiguous(),
-              "packed_linear: packed weight [ceil(N / 16), K, 16] matching x");
+  // [P, K, 16] panels, or bf16 k-pair panels [P, K / 2, 32] (see pack_weight)
+  const bool pairs = packed.dim() == 3 && packed.size(2) == 2 * PANEL;
+  TORCH_CHECK(packed.dim() == 3 && packed.size(0) * PANEL >= out_features && packed.is_contiguous() &&
+                  (pairs ? packed.size(1) * 2 == x.size(1) && TM_BF16_PAIRS
+                         : packed.size(2) == PANEL && packed.size(1) == x.size(1)),
+              "packed_linear: packed weight [ceil(N / 16), K, 16] (or bf16 [ceil(N / 16), K / 2, "
+              "32]) matching x");
   TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "packed_linear: dtypes differ");
   TORCH_CHECK(!b || (b->is_contiguous() && b->numel() == out_features &&
                      b->scalar_type() == x.scalar_type()),
@@ -261,6 +401,17 @@ Tensor packed_linear(const Tensor& x, const Tensor& packed, int64_t out_features
     packed_linear_impl<float, float>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(),
                                      nullptr, out_features,
                               b ? b->data_ptr<float>() : nullptr, y.data_ptr<float>(), silu_gate);
+  } else if (x.scalar_type() == at::kBFloat16 && pairs && M == 1) {
+    packed_linear_impl<BFloat16, BFloat16, PAIRS_DOT>(
+        x.data_ptr<BFloat16>(), M, K, packed.data_ptr<BFloat16>(), nullptr, out_features,
+        b ? b->data_ptr<BFloat16>() : nullptr, y.data_ptr<BFloat16>(), silu_gate);
+  } else if (x.scalar_type() == at::kBFloat16 && pairs) {
+    std::vector<float> xf(static_cast<size_t>(M * K));
+    const BFloat16* xp = x.data_ptr<BFloat16>();
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = to_f(xp[i]);
+    packed_linear_impl<BFloat16, BFloat16, PAIRS_FMA>(
+        xf.data(), M, K, packed.data_ptr<BFloat16>(), nullptr, out_features,
+        b ? b->data_ptr<BFloat16>() : nullptr, y.data_ptr<BFloat16>(), silu_gate);
   } else if (x.scalar_type() == at::kBFloat16) {
     std::vector<float> xf(static_cast<size_t>(M * K));
     const BFloat16* xp = x.data_ptr<BFloat16>();
