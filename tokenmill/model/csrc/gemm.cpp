@@ -32,6 +32,18 @@ void pack_impl(const T* w, T* out, int64_t N, int64_t K) {
 }
 
 #if TM_AVX512
+// Spreads ``lines`` cache-line prefetches (into L2) of ``pf`` evenly over ``steps`` loop steps.
+struct StreamPrefetch {
+  const char* pf;
+  int64_t lines, per_step;
+  StreamPrefetch(const char* p, int64_t n, int64_t steps)
+      : pf(p), lines(p ? n : 0), per_step(p ? (n + steps - 1) / steps : 0) {}
+  void at(int64_t step) const {
+    for (int64_t i = 0, line = step * per_step; i < per_step && line < lines; ++i, ++line)
+      _mm_prefetch(pf + line * 64, _MM_HINT_T1);
+  }
+};
+
 // Writes a tile of MR x NP accumulators: per-channel scale (int8), bias, and either the
 // plain [M, N] output or, with ``silu``, SiLU(gate) * up into [M, N / 2].
 template <int MR, int NP, typename T>
@@ -102,10 +114,9 @@ inline void micro_kernel(const float* x, int64_t K, const W* w, const float* sca
     }
     for (int j = 0; j < NP; ++j) acc[0][j] = _mm512_add_ps(acc[0][j], acc2[j]);
   }
-  const int64_t pf_per_k = pf ? (pf_lines + K - 1) / K : 0;
+  const StreamPrefetch next(pf, pf_lines, K);
   for (; k < K; ++k) {
-    for (int64_t i = 0, line = k * pf_per_k; i < pf_per_k && line < pf_lines; ++i, ++line)
-      _mm_prefetch(pf + line * 64, _MM_HINT_T1);
+    next.at(k);
     __m512 wv[NP];
     for (int j = 0; j < NP; ++j) wv[j] = load16(w + j * pstride + k * PANEL);
     for (int m = 0; m < MR; ++m) {
@@ -149,10 +160,9 @@ inline void micro_kernel_pairs(const uint32_t* x, int64_t K, const BFloat16* w, 
     }
     for (int j = 0; j < NP; ++j) acc[0][j] = _mm512_add_ps(acc[0][j], acc2[j]);
   }
-  const int64_t pf_per_k = pf ? (pf_lines + K2 - 1) / K2 : 0;
+  const StreamPrefetch next(pf, pf_lines, K2);
   for (; k2 < K2; ++k2) {
-    for (int64_t i = 0, line = k2 * pf_per_k; i < pf_per_k && line < pf_lines; ++i, ++line)
-      _mm_prefetch(pf + line * 64, _MM_HINT_T1);
+    next.at(k2);
     __m512bh wv[NP];
     for (int j = 0; j < NP; ++j)
       wv[j] = (__m512bh)_mm512_loadu_si512(w + j * pstride + k2 * 32);
@@ -176,10 +186,9 @@ inline void micro_kernel_pairs_fma(const float* x, int64_t K, const BFloat16* w,
   __m512 acc[MR][NP];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NP; ++j) acc[m][j] = _mm512_setzero_ps();
-  const int64_t pf_per_k = pf ? (pf_lines + K2 - 1) / K2 : 0;
+  const StreamPrefetch next(pf, pf_lines, K2);
   for (int64_t k2 = 0; k2 < K2; ++k2) {
-    for (int64_t i = 0, line = k2 * pf_per_k; i < pf_per_k && line < pf_lines; ++i, ++line)
-      _mm_prefetch(pf + line * 64, _MM_HINT_T1);
+    next.at(k2);
     for (int j = 0; j < NP; ++j) {
       const __m512i raw = _mm512_loadu_si512(w + j * pstride + k2 * 32);
       const __m512 w_even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
