@@ -39,7 +39,19 @@ def test_invalid_json(server: ServerProcess) -> None:
 
 
 def test_body_not_an_object(server: ServerProcess) -> None:
-    assert_error_shape(_post(server, "/v1/chat/completions", content=b"[1, 2]"), 400, type="invalid_request_error")
+    resp = _post(server, "/v1/chat/completions", content=b"[1, 2]")
+    assert_error_shape(resp, 400, type="invalid_request_error")
+    assert "JSON object" in resp.json()["error"]["message"]
+
+
+def test_body_without_a_json_content_type(server: ServerProcess) -> None:
+    for content in (b'{"prompt": "hi", ', b'{"prompt": "hi"}'):
+        resp = httpx.post(
+            f"{server.base_url}/v1/completions", content=content,
+            headers={**server.headers, "Content-Type": "text/plain"}, timeout=30.0,
+        )  # fmt: skip
+        assert_error_shape(resp, 400, type="invalid_request_error")
+        assert "Content-Type: application/json" in resp.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

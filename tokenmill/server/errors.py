@@ -96,6 +96,10 @@ def _param_name(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) if parts else None
 
 
+# pydantic's error types for a body that is not an object (a list, a number, raw bytes)
+_NOT_AN_OBJECT = ("model_attributes_type", "dict_type", "model_type")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -103,6 +107,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") in _NOT_AN_OBJECT:
+        # also what a body sent without a JSON content type looks like: FastAPI hands over bytes
+        return "the request body must be a JSON object sent as Content-Type: application/json", None
     param = _param_name(tuple(first.get("loc", ())))
     msg = str(first.get("msg", "invalid value"))
     text = f"{param}: {msg}" if param else msg
