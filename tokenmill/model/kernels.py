@@ -29,7 +29,7 @@ _SOURCES = (
     "sampling.cpp",
     "registration.cpp",
 )
-_HEADERS = ("simd.h", "ops.h")
+_HEADERS = ("simd.h", "ops.h", "gemm_kernels.h")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
