@@ -76,23 +76,29 @@ void attend_group(const float* q, int row0, int64_t first_pos, const Geometry& g
       const int64_t blk = block_table[j0 / bs];
       const T* kt = k_head + blk * g.block_stride;  // [D][bs]
       const T* vb = v_head + blk * g.block_stride;  // [bs][D]
+      // blocks are scattered, so the hardware prefetcher cannot see them coming: fetch the
+      // block after next (one block of compute is too short to hide a DRAM miss), its lines
+      // spread over this block's score loop rather than issued in one burst
+      const char* nk = nullptr;
+      const char* nv = nullptr;
       if (j0 + 2 * bs < kv_end) {
-        // blocks are scattered, so the hardware prefetcher cannot see them coming: fetch the
-        // block after next (one block of compute is too short to hide a DRAM miss)
         const int64_t ahead = block_table[j0 / bs + 2];
-        const char* nk = reinterpret_cast<const char*>(k_head + ahead * g.block_stride);
-        const char* nv = reinterpret_cast<const char*>(v_head + ahead * g.block_stride);
-        for (int64_t off = 0; off < block_bytes; off += 64) {
-          _mm_prefetch(nk + off, _MM_HINT_T0);
-          _mm_prefetch(nv + off, _MM_HINT_T0);
-        }
+        nk = reinterpret_cast<const char*>(k_head + ahead * g.block_stride);
+        nv = reinterpret_cast<const char*>(v_head + ahead * g.block_stride);
       }
+      const int64_t pf_per_d = (block_bytes / 64 + D - 1) / D;
       for (int t0 = 0; t0 < bs && j0 + t0 < kv_end; t0 += 16) {
         const int n = static_cast<int>(std::min<int64_t>({16, bs - t0, kv_end - j0 - t0}));
         const __mmask16 nmask = tail_mask(n);
         __m512 s[NR];
         for (int r = 0; r < NR; ++r) s[r] = _mm512_setzero_ps();
         for (int d = 0; d < D; ++d) {
+          if (nk && t0 == 0)
+            for (int64_t i = 0, off = d * pf_per_d * 64; i < pf_per_d && off < block_bytes;
+                 ++i, off += 64) {
+              _mm_prefetch(nk + off, _MM_HINT_T0);
+              _mm_prefetch(nv + off, _MM_HINT_T0);
+            }
           const __m512 kv = load16(kt + static_cast<int64_t>(d) * bs + t0, nmask);
           for (int r = 0; r < NR; ++r)
             s[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r * D + d]), kv, s[r]);
