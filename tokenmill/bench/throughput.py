@@ -125,10 +125,8 @@ def run(args: argparse.Namespace) -> int:
             )
             row["tokenmill"] = n_out / res["seconds"]
             row["peak_memory_mb"]["tokenmill"] = res["peak_memory_mb"]
-            row["cold_start_s"], row["process_start_s"] = (
-                res["cold_start_s"],
-                res["process_start_s"],
-            )
+            row["cold_start_s"] = res["cold_start_s"]
+            row["process_start_s"] = res["process_start_s"]
             for name, mod in peer_modules.items():
                 if dtype not in getattr(mod, "DTYPES", TORCH_DTYPES):
                     row[name] = None  # this peer has no such dtype

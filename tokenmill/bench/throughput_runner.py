@@ -18,10 +18,10 @@ _T_START = time.perf_counter()
 import json  # noqa: E402
 import sys  # noqa: E402
 
-RESULT_PREFIX = "TOKENMILL_RESULT "
-
 
 def main() -> None:
+    from tokenmill.bench.peers._venv import RESULT_PREFIX
+
     job = json.loads(sys.stdin.read())
     from tokenmill.core.request import SamplingParams
     from tokenmill.llm import LLM

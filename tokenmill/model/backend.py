@@ -150,7 +150,7 @@ class TorchOps:
 
     @staticmethod
     def linear(x: torch.Tensor, lin: Linear) -> torch.Tensor:
-        if lin.scale is not None and not lin.silu_gate:
+        if lin.scale is not None:
             return int8_linear_torch(x, lin)
         return F.linear(x, lin.dense_weight(), lin.dense_bias())
 

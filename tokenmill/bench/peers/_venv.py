@@ -59,11 +59,6 @@ def missing(name: str) -> str | None:
     return None
 
 
-def peer_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """``os.environ`` for a peer, plus ``extra``."""
-    return dict(os.environ) | (extra or {})
-
-
 def run_script(
     python: str | Path,
     script: str | Path,
@@ -74,6 +69,7 @@ def run_script(
 ) -> dict[str, Any]:
     """Run ``script`` with ``python``, ``job`` as JSON on stdin; return its result line's object.
 
+    The script sees this process's environment plus ``env``.
     The result gains ``peak_memory_mb``: the peak of the script's process tree
     (``process_memory``), sampled while it ran.
     """
@@ -88,7 +84,7 @@ def run_script(
         stderr=subprocess.PIPE,
         text=True,
         cwd=cwd,
-        env=peer_environ(env),
+        env=dict(os.environ) | (env or {}),
     )
     with PeakMemorySampler(proc.pid) as sampler:
         try:

@@ -11,10 +11,10 @@ import json
 import sys
 import time
 
-RESULT_PREFIX = "TOKENMILL_RESULT "
-
 
 def main() -> None:
+    from tokenmill.bench.peers._venv import RESULT_PREFIX
+
     job = json.loads(sys.stdin.read())
     import torch
     import transformers

@@ -180,6 +180,16 @@ int64_t output_width(int64_t out_features, bool silu_gate) {
               "silu_gate: out_features must be a multiple of 32 (whole gate/up panel pairs)");
   return silu_gate ? out_features / 2 : out_features;
 }
+
+// x as contiguous fp32 rows: the kernels broadcast fp32 x-values (a copy for bf16 x only)
+const float* x_as_f32(const Tensor& x, std::vector<float>& buf) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  const int64_t n = x.numel();
+  buf.resize(static_cast<size_t>(n));
+  const BFloat16* xp = x.data_ptr<BFloat16>();
+  for (int64_t i = 0; i < n; ++i) buf[i] = to_f(xp[i]);
+  return buf.data();
+}
 }  // namespace
 
 Tensor packed_linear(const Tensor& x, const Tensor& packed, int64_t out_features,
@@ -203,42 +213,28 @@ Tensor packed_linear(const Tensor& x, const Tensor& packed, int64_t out_features
     packed_linear_impl<float, float>(x.data_ptr<float>(), M, K, packed.data_ptr<float>(),
                                      nullptr, out_features,
                               b ? b->data_ptr<float>() : nullptr, y.data_ptr<float>(), silu_gate);
-  } else if (x.scalar_type() == at::kBFloat16 && pairs && M == 1) {
-    packed_linear_impl<BFloat16, BFloat16, PAIRS_DOT>(
-        x.data_ptr<BFloat16>(), M, K, packed.data_ptr<BFloat16>(), nullptr, out_features,
-        b ? b->data_ptr<BFloat16>() : nullptr, y.data_ptr<BFloat16>(), silu_gate);
-  } else if (x.scalar_type() == at::kBFloat16 && pairs) {
-    std::vector<float> xf(static_cast<size_t>(M * K));
-    const BFloat16* xp = x.data_ptr<BFloat16>();
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = to_f(xp[i]);
-    packed_linear_impl<BFloat16, BFloat16, PAIRS_FMA>(
-        xf.data(), M, K, packed.data_ptr<BFloat16>(), nullptr, out_features,
-        b ? b->data_ptr<BFloat16>() : nullptr, y.data_ptr<BFloat16>(), silu_gate);
   } else if (x.scalar_type() == at::kBFloat16) {
-    std::vector<float> xf(static_cast<size_t>(M * K));
-    const BFloat16* xp = x.data_ptr<BFloat16>();
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = to_f(xp[i]);
-    packed_linear_impl<BFloat16, BFloat16>(xf.data(), M, K, packed.data_ptr<BFloat16>(),
-                                           nullptr, out_features,
-                                 b ? b->data_ptr<BFloat16>() : nullptr, y.data_ptr<BFloat16>(),
-                                 silu_gate);
+    const BFloat16* w = packed.data_ptr<BFloat16>();
+    const BFloat16* bias = b ? b->data_ptr<BFloat16>() : nullptr;
+    BFloat16* yp = y.data_ptr<BFloat16>();
+    if (pairs && M == 1) {  // bf16 x as stored
+      packed_linear_impl<BFloat16, BFloat16, PAIRS_DOT>(x.data_ptr<BFloat16>(), M, K, w, nullptr,
+                                                        out_features, bias, yp, silu_gate);
+    } else {
+      std::vector<float> buf;
+      const float* xf = x_as_f32(x, buf);
+      if (pairs)
+        packed_linear_impl<BFloat16, BFloat16, PAIRS_FMA>(xf, M, K, w, nullptr, out_features,
+                                                          bias, yp, silu_gate);
+      else
+        packed_linear_impl<BFloat16, BFloat16>(xf, M, K, w, nullptr, out_features, bias, yp,
+                                               silu_gate);
+    }
   } else {
     TORCH_CHECK(false, "packed_linear: only float32 and bfloat16");
   }
   return y;
 }
-
-namespace {
-// x as contiguous fp32 rows: the kernels broadcast fp32 x-values (a copy for bf16 x only)
-const float* x_as_f32(const Tensor& x, std::vector<float>& buf) {
-  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
-  const int64_t n = x.numel();
-  buf.resize(static_cast<size_t>(n));
-  const BFloat16* xp = x.data_ptr<BFloat16>();
-  for (int64_t i = 0; i < n; ++i) buf[i] = to_f(xp[i]);
-  return buf.data();
-}
-}  // namespace
 
 Tensor packed_linear_int8(const Tensor& x, const Tensor& packed, const Tensor& scale,
                           int64_t out_features, const std::optional<Tensor>& b, bool silu_gate) {
