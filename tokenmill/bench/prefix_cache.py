@@ -22,12 +22,11 @@ import random
 import sys
 from typing import Any
 
+from tokenmill.bench.backends import SchedParams, make_backend
 from tokenmill.bench.harness import (
     RunResult,
-    SchedParams,
     WorkItem,
     add_common_arguments,
-    make_backend,
     new_figure,
     out_dir,
     poisson_arrivals,
