@@ -9,11 +9,12 @@ import pytest
 
 from tokenmill.core.scheduler import SchedulerConfig
 from tokenmill.sim import workload as W
+from tokenmill.sim.config import PoolConfig, SimConfig
 from tokenmill.sim.cost_model import ConstantCostModel
 from tokenmill.sim.hardware import get_hardware
 from tokenmill.sim.model_spec import ModelShape
 from tokenmill.sim.roofline import RooflineCostModel
-from tokenmill.sim.simulator import PoolConfig, SimConfig, simulate
+from tokenmill.sim.simulator import simulate
 
 ROOF = RooflineCostModel(ModelShape.load("llama-3-8b"), get_hardware("h100"))
 

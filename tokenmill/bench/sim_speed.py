@@ -28,10 +28,10 @@ def build(replicas: int, requests: int, rate_per_replica: float, router: str, pr
           max_decode_steps: int, seed: int) -> tuple[Any, Any]:  # fmt: skip
     from tokenmill.core.scheduler import SchedulerConfig
     from tokenmill.sim import workload as W
+    from tokenmill.sim.config import PoolConfig, SimConfig
     from tokenmill.sim.hardware import get_hardware
     from tokenmill.sim.model_spec import ModelShape
     from tokenmill.sim.roofline import RooflineCostModel
-    from tokenmill.sim.simulator import PoolConfig, SimConfig
 
     model = ModelShape.load("llama-2-70b")
     cm = RooflineCostModel(model, get_hardware("h100"), tp=8)

@@ -186,7 +186,7 @@ def build_run(args: argparse.Namespace) -> tuple[Any, Any]:
         make_scheduler_config,
         make_workload,
     )
-    from tokenmill.sim.simulator import PoolConfig, SimConfig
+    from tokenmill.sim.config import PoolConfig, SimConfig
 
     spec = _deployment(args)
     cm, shape, engine = make_cost_model(spec)

@@ -151,3 +151,30 @@ class ConstantCostModel(CostModel):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "per_step": self.per_step, "per_token": self.per_token}
+
+
+def steps_until(cm: CostModel, num_seqs: int, context: int, horizon: float, kmax: int) -> int:
+    """Smallest k <= kmax with ``decode_time(k) >= horizon`` (kmax when none is)."""
+    dt = cm.decode_time
+    d1 = dt(num_seqs, context, 1)
+    if d1 >= horizon or kmax <= 1:
+        return 1
+    if d1 <= 0.0:
+        return kmax  # free steps never reach the horizon
+    k = min(int(horizon / d1) + 1, kmax)
+    # Sub-steps only get slower as context grows, so D(k) >= k * d1 >= horizon usually holds here;
+    # a noisy profiled table may break that, hence the doubling.
+    while dt(num_seqs, context, k) < horizon:
+        if k >= kmax:
+            return kmax
+        k = min(2 * k, kmax)
+    if dt(num_seqs, context, k - 1) < horizon:
+        return k
+    lo, hi = 1, k - 1  # D(lo) < horizon <= D(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if dt(num_seqs, context, mid) >= horizon:
+            hi = mid
+        else:
+            lo = mid
+    return hi

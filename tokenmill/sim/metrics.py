@@ -175,3 +175,33 @@ def summarize(
                 "tpot_ms": distribution(a["tpot"][m & ~np.isnan(a["tpot"])]),
             }
     return summary
+
+
+def merge_series(
+    series: list[list[tuple[float, float, int, int]]], width: float
+) -> dict[str, list[float]]:
+    """Replicas' ``(t, kv usage, waiting, running)`` samples on a common grid of ``width`` s:
+    mean KV usage, total waiting and running (each replica's last sample carried forward)."""
+    if not any(series):
+        return {"t": [], "kv_usage": [], "waiting": [], "running": []}
+    end = max(s[-1][0] for s in series if s)
+    nb = int(end / width) + 1
+    kv = [0.0] * nb
+    waiting = [0.0] * nb
+    running = [0.0] * nb
+    for samples in series:
+        # Carry each replica's last sample forward, so idle stretches count.
+        last = (0.0, 0, 0)
+        pts = iter(samples)
+        nxt = next(pts, None)
+        for b in range(nb):
+            tb = (b + 1) * width
+            while nxt is not None and nxt[0] < tb:
+                last = nxt[1:]
+                nxt = next(pts, None)
+            kv[b] += last[0]
+            waiting[b] += last[1]
+            running[b] += last[2]
+    nr = len(series)
+    return {"t": [b * width for b in range(nb)], "kv_usage": [x / nr for x in kv],
+            "waiting": waiting, "running": running}  # fmt: skip

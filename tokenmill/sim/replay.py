@@ -30,8 +30,9 @@ from typing import Any, Protocol
 from tokenmill.core.plan import StepPlan, StepResult
 from tokenmill.core.request import Request, SamplingParams
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
+from tokenmill.sim.config import PoolConfig, SimConfig
 from tokenmill.sim.cost_model import ReplayCostModel
-from tokenmill.sim.simulator import PoolConfig, SimConfig, Simulator
+from tokenmill.sim.simulator import Simulator
 from tokenmill.sim.workload import RequestSpec, Workload
 
 

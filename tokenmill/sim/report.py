@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenmill.sim.simulator import SimResult
+from tokenmill.sim.config import SimResult
 
 
 def _clean(x: Any) -> Any:

@@ -23,7 +23,8 @@ from tokenmill.sim.build import (
     make_cost_model,
     make_scheduler_config,
 )
-from tokenmill.sim.simulator import PoolConfig, SimConfig, simulate
+from tokenmill.sim.config import PoolConfig, SimConfig
+from tokenmill.sim.simulator import simulate
 
 
 @dataclass

@@ -37,52 +37,21 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.core.plan import SeqUpdate, StepPlan, StepResult
 from tokenmill.core.request import Request, SamplingParams
 from tokenmill.core.router import RoundRobinRouter, Router, make_router
-from tokenmill.core.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from tokenmill.core.scheduler import QueueFullError, Scheduler
 from tokenmill.executor.sim_executor import SimExecutor
-from tokenmill.sim.cost_model import CostModel
-from tokenmill.sim.metrics import LogHistogram, RequestRecords, summarize
+from tokenmill.sim.config import PoolConfig, SimConfig, SimResult, pool_description
+from tokenmill.sim.cost_model import steps_until
+from tokenmill.sim.metrics import LogHistogram, RequestRecords, merge_series, summarize
 from tokenmill.sim.workload import RequestSpec, Workload
 
 _NAN = float("nan")
 _INF = float("inf")
 _REPLICA, _TRANSFER = 0, 1
-
-
-@dataclass
-class PoolConfig:
-    """A set of identical replicas: their scheduler, cost model, size and router."""
-
-    scheduler: SchedulerConfig
-    cost_model: CostModel
-    num_replicas: int = 1
-    router: str = "round_robin"
-    router_options: dict[str, Any] = field(default_factory=dict)
-    gpus_per_replica: int = 1
-
-
-@dataclass
-class SimConfig:
-    pool: PoolConfig  # colocated replicas, or the decode pool when ``prefill_pool`` is set
-    prefill_pool: PoolConfig | None = None
-    mode: str = "ideal"  # ideal | engine (see the module docstring)
-    kv_transfer_bandwidth: float = 50e9  # bytes/s per transfer (e.g. 400 Gb/s InfiniBand per GPU)
-    kv_transfer_latency: float = 1e-3  # seconds per transfer
-    kv_bytes_per_token: float = 0.0  # bytes of KV per prompt token that a transfer moves
-    ttft_slo: float | None = None  # run-wide SLOs (else each request's own)
-    tpot_slo: float | None = None
-    num_samples: int = 400  # points of the KV-usage and queue-depth time series per replica
-    token_id: int = 0  # the token the simulated executor samples
-    record_plans: bool = False  # keep (replica, plan summary) per completed plan, for replay checks
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("ideal", "engine"):
-            raise ValueError(f"mode must be 'ideal' or 'engine', got {self.mode!r}")
 
 
 class _Track:
@@ -130,59 +99,6 @@ class Replica:
         self._kmax = cfg.max_decode_steps
         self._budget = cfg.max_num_batched_tokens
         self._max_seqs = cfg.max_num_seqs
-
-
-@dataclass
-class SimResult:
-    summary: dict[str, Any]
-    records: RequestRecords
-    itl: LogHistogram
-    replicas: list[dict[str, Any]]
-    series: dict[str, list[float]]
-    throughput_series: dict[str, list[float]]
-    wall_time: float
-    num_plans: int
-    num_steps: int
-    config: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "summary": self.summary,
-            "config": self.config,
-            "replicas": self.replicas,
-            "series": self.series,
-            "throughput_series": self.throughput_series,
-            "sim": {"wall_time_s": self.wall_time, "num_plans": self.num_plans, "num_steps": self.num_steps,
-                    "requests_per_wall_s": self.summary.get("completed", 0) / max(self.wall_time, 1e-9),
-                    "steps_per_wall_s": self.num_steps / max(self.wall_time, 1e-9)},  # fmt: skip
-        }
-
-
-def steps_until(cm: CostModel, num_seqs: int, context: int, horizon: float, kmax: int) -> int:
-    """Smallest k <= kmax with ``decode_time(k) >= horizon`` (kmax when none is)."""
-    dt = cm.decode_time
-    d1 = dt(num_seqs, context, 1)
-    if d1 >= horizon or kmax <= 1:
-        return 1
-    if d1 <= 0.0:
-        return kmax  # free steps never reach the horizon
-    k = min(int(horizon / d1) + 1, kmax)
-    # Sub-steps only get slower as context grows, so D(k) >= k * d1 >= horizon usually holds here;
-    # a noisy profiled table may break that, hence the doubling.
-    while dt(num_seqs, context, k) < horizon:
-        if k >= kmax:
-            return kmax
-        k = min(2 * k, kmax)
-    if dt(num_seqs, context, k - 1) < horizon:
-        return k
-    lo, hi = 1, k - 1  # D(lo) < horizon <= D(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if dt(num_seqs, context, mid) >= horizon:
-            hi = mid
-        else:
-            lo = mid
-    return hi
 
 
 class Simulator:
@@ -546,7 +462,7 @@ class Simulator:
                 "prefix_hit_rate": st.prefix_hit_tokens / st.prefix_query_tokens if st.prefix_query_tokens else 0.0,
                 "evicted_blocks": st.num_evicted_blocks,
             })  # fmt: skip
-        series = self._merge_series(everyone)
+        series = merge_series([r.series for r in everyone], self.sample_interval)
         width = self.bin_width
         tb = sorted(self.token_bins.items())
         throughput = {"t": [b * width for b, _ in tb], "output_tokens_per_s": [c / width for _, c in tb]}
@@ -554,55 +470,12 @@ class Simulator:
         num_steps = sum(r.num_steps for r in everyone)
         config = {
             "mode": cfg.mode,
-            "pool": _pool_desc(cfg.pool),
-            "prefill_pool": _pool_desc(cfg.prefill_pool) if cfg.prefill_pool else None,
+            "pool": pool_description(cfg.pool),
+            "prefill_pool": pool_description(cfg.prefill_pool) if cfg.prefill_pool else None,
             "kv_transfer_bandwidth": cfg.kv_transfer_bandwidth if self.disagg else None,
             "workload": self.workload.summary(),
         }
         return SimResult(summary, self.records, self.itl, reps, series, throughput, wall, num_plans, num_steps, config)
-
-    def _merge_series(self, reps: list[Replica]) -> dict[str, list[float]]:
-        """Cluster-wide time series on a common grid: mean KV usage, total waiting and running."""
-        width = self.sample_interval
-        if not any(r.series for r in reps):
-            return {"t": [], "kv_usage": [], "waiting": [], "running": []}
-        end = max(r.series[-1][0] for r in reps if r.series)
-        nb = int(end / width) + 1
-        kv = [0.0] * nb
-        waiting = [0.0] * nb
-        running = [0.0] * nb
-        for r in reps:
-            # Carry each replica's last sample forward, so idle stretches count.
-            last = (0.0, 0, 0)
-            pts = iter(r.series)
-            nxt = next(pts, None)
-            for b in range(nb):
-                tb = (b + 1) * width
-                while nxt is not None and nxt[0] < tb:
-                    last = nxt[1:]
-                    nxt = next(pts, None)
-                kv[b] += last[0]
-                waiting[b] += last[1]
-                running[b] += last[2]
-        nr = len(reps)
-        return {"t": [b * width for b in range(nb)], "kv_usage": [x / nr for x in kv],
-                "waiting": waiting, "running": running}  # fmt: skip
-
-
-def _pool_desc(p: PoolConfig | None) -> dict[str, Any] | None:
-    if p is None:
-        return None
-    s = p.scheduler
-    return {
-        "num_replicas": p.num_replicas,
-        "router": p.router,
-        "gpus_per_replica": p.gpus_per_replica,
-        "cost_model": p.cost_model.describe(),
-        "scheduler": {"num_blocks": s.num_blocks, "block_size": s.block_size, "max_num_seqs": s.max_num_seqs,
-                      "max_num_batched_tokens": s.max_num_batched_tokens, "max_model_len": s.max_model_len,
-                      "enable_prefix_caching": s.enable_prefix_caching, "enable_chunked_prefill": s.enable_chunked_prefill,
-                      "max_decode_steps": s.max_decode_steps, "policy": s.policy},  # fmt: skip
-    }
 
 
 def simulate(workload: Workload, config: SimConfig, progress: Callable[[int, int], None] | None = None) -> SimResult:

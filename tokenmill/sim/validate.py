@@ -33,9 +33,10 @@ import numpy as np
 
 from tokenmill.core.request import SamplingParams
 from tokenmill.sim import workload as W
+from tokenmill.sim.config import PoolConfig, SimConfig
 from tokenmill.sim.cost_model import CostModel, StepFeatures
 from tokenmill.sim.profiled import ProfiledCostModel
-from tokenmill.sim.simulator import PoolConfig, SimConfig, simulate
+from tokenmill.sim.simulator import simulate
 
 
 def run_engine(engine: Any, wl: W.Workload, clock: Callable[[], float] = time.perf_counter) -> dict[str, np.ndarray]:
