@@ -14,7 +14,8 @@ import pytest
 from tests.server.helpers import API_KEY, ServerProcess
 from tokenmill.bench import serve as bench_serve
 from tokenmill.bench.serve_report import parse_slos, summarize
-from tokenmill.bench.serve_workloads import DEFAULT_AZURE_TRACE, arrival_times, make_workload
+from tokenmill.bench.serve_workloads import arrival_times, make_workload
+from tokenmill.sim.azure_trace import AZURE_CONV_TRACE
 
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 STATS = ("mean", "p50", "p90", "p99")
@@ -102,7 +103,7 @@ def test_workloads_and_arrivals() -> None:
     assert s["mean"] == pytest.approx(2.5) and s["p50"] == pytest.approx(2.5)
 
 
-@pytest.mark.skipif(not DEFAULT_AZURE_TRACE.is_file(), reason="the Azure trace is not on this machine")
+@pytest.mark.skipif(not AZURE_CONV_TRACE.is_file(), reason="the Azure trace is not on this machine")
 def test_azure_trace_workload() -> None:
     reqs = make_workload(_args("--workload", "azure", "--num-prompts", "50", "--trace-timestamps", "--trace-speedup", "2"), None, 256)
     assert len(reqs) == 50

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: distinct system prompts")
     w.add_argument("--questions-per-prefix", type=int, default=25, help="shared-prefix: questions per system prompt")
     w.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: system prompt tokens")
-    w.add_argument("--trace", default=None, help="azure: the trace CSV (default: the shared Azure 2023 conversation trace)")
+    w.add_argument("--trace", default=None, help="azure: the trace CSV (default: the Azure 2023 conversation trace in data/traces/)")
     w.add_argument("--trace-timestamps", action="store_true", help="azure: replay the trace's arrival times")
     w.add_argument("--trace-speedup", type=float, default=1.0, help="azure: divide trace inter-arrival times by this")
     w.add_argument("--trace-sample", action="store_true", help="azure: start at a random row (seeded) instead of the first")

@@ -18,15 +18,13 @@ context when the server says what it is.
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-DEFAULT_AZURE_TRACE = Path("/work/shared/traces/azure-llm-inference-2023-conv.csv")
+from tokenmill.sim.azure_trace import read_azure_trace
+
 WORKLOADS = ("fixed", "chat", "shared-prefix", "azure")
 
 _WORDS = (
@@ -131,7 +129,7 @@ def make_workload(args: Any, tokenizer: Any = None, max_model_len: int | None = 
         rng.shuffle(out)
         out = out[:n] if n else out
     elif kind == "azure":
-        rows = read_azure_trace(Path(args.trace or DEFAULT_AZURE_TRACE))
+        rows = read_azure_trace(args.trace)  # None: the trace shipped with tokenmill
         if not rows:
             raise ValueError("the trace has no rows")
         start = rng.randrange(len(rows)) if args.trace_sample else 0
@@ -144,19 +142,6 @@ def make_workload(args: Any, tokenizer: Any = None, max_model_len: int | None = 
     else:
         raise ValueError(f"unknown workload {kind!r}; choose from {', '.join(WORKLOADS)}")
     return out
-
-
-def read_azure_trace(path: Path) -> list[tuple[float, int, int]]:
-    """(timestamp seconds, context tokens, generated tokens) rows of the Azure trace CSV."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no trace at {path}; pass --trace PATH")
-    rows = []
-    with path.open(newline="") as f:
-        for rec in csv.DictReader(f):
-            ts = datetime.fromisoformat(rec["TIMESTAMP"].strip()[:26]).timestamp()
-            rows.append((ts, int(rec["ContextTokens"]), int(rec["GeneratedTokens"])))
-    rows.sort(key=lambda r: r[0])
-    return rows
 
 
 def arrival_times(n: int, rate: float, burstiness: float, rng: random.Random) -> list[float]:

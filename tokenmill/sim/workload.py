@@ -33,15 +33,15 @@ Sources:
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tokenmill.sim.azure_trace import AZURE_CONV_TRACE, azure_lengths, read_azure_trace
 
 # SLO classes by name: seconds to first token, seconds per output token.
 SLO_CLASSES: dict[str, dict[str, float]] = {
@@ -49,16 +49,6 @@ SLO_CLASSES: dict[str, dict[str, float]] = {
     "standard": {"ttft": 2.0, "tpot": 0.1},
     "batch": {"ttft": 30.0, "tpot": 1.0},
 }
-
-# The trace ships with the repository (data/traces/, with its attribution); a
-# checkout beside the shared trace folder also works.
-_AZURE_NAME = "azure-llm-inference-2023-conv.csv"
-_ROOT = Path(__file__).resolve().parents[2]
-AZURE_CONV_TRACE = next(
-    (p for p in (_ROOT / "data" / "traces" / _AZURE_NAME, _ROOT.parent / "shared" / "traces" / _AZURE_NAME) if p.is_file()),
-    _ROOT / "data" / "traces" / _AZURE_NAME,
-)
-
 
 @dataclass(slots=True)
 class RequestSpec:
@@ -224,37 +214,6 @@ class LengthDist:
             assert self._azure is not None
             x = rng.choice(self._azure, n)
         return np.maximum(1, np.rint(x)).astype(np.int64)
-
-
-def azure_lengths(path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    rows = _read_azure(path)
-    return np.array([r[1] for r in rows]), np.array([r[2] for r in rows])
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_second(base: str) -> float:
-    return datetime.strptime(base, "%Y-%m-%d %H:%M:%S").timestamp()
-
-
-def _parse_ts(s: str) -> float:
-    # "2023-11-16 18:15:46.6805900": seven fractional digits, more than strptime takes.
-    base, _, frac = s.strip().partition(".")
-    return _parse_second(base) + (float("0." + frac) if frac else 0.0)
-
-
-def _read_azure(path: str | Path | None) -> list[tuple[float, int, int]]:
-    p = Path(path) if path is not None else AZURE_CONV_TRACE
-    if not p.is_file():
-        raise FileNotFoundError(f"Azure trace not found at {p}; pass its path")
-    rows = []
-    with open(p) as f:
-        header = f.readline().strip().split(",")
-        if header[:3] != ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]:
-            raise ValueError(f"{p} is not an Azure LLM inference trace (header {header})")
-        for line in f:
-            ts, ctx, gen = line.strip().split(",")[:3]
-            rows.append((_parse_ts(ts), int(ctx), int(gen)))
-    return rows
 
 
 # --------------------------------------------------------------- builders
@@ -424,8 +383,7 @@ def from_azure_csv(
     ``num_requests`` arrivals at ``rate`` and resamples (prompt, output)
     pairs from the trace, which makes runs longer than the trace possible.
     """
-    rows = _read_azure(path)
-    rows.sort(key=lambda r: r[0])
+    rows = read_azure_trace(path)
     t_first = rows[0][0]
     reqs: list[RequestSpec] = []
     if arrival == "trace":
