@@ -4,7 +4,7 @@
   instead of scanning the whole tree on every call; against the original
   implementation (``_reference_prefix_cache``) it must return the same matches
   and evict the same blocks in the same order, leaving identical pools.
-- ``_append_tokens`` skips its per-token loop when no token can stop the
+- ``Request.append_output`` skips its per-token loop when no token can stop the
   request; a scheduler run with stop tokens in play is compared with one that
   never takes the fast path.
 - ``Scheduler.shorten_plan`` leaves the KV state a plan made with
@@ -123,18 +123,18 @@ def test_scheduler_decisions_unchanged_by_eviction_heap(seed: int) -> None:
 def test_append_tokens_fast_path_matches_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     fast = _run_scheduler(False, 11, stop_tokens=True)
     # Force the per-token loop everywhere by making every request look like it has stop tokens.
-    original = Scheduler._append_tokens
+    original = Request.append_output
 
-    def slow(self: Scheduler, req: Request, tokens: list[int]):  # type: ignore[no-untyped-def]
-        sp = req.sampling_params
+    def slow(self: Request, tokens: list[int], max_model_len: int):  # type: ignore[no-untyped-def]
+        sp = self.sampling_params
         old = sp.stop_token_ids
         sp.stop_token_ids = list(old or []) + [t + 1000 for t in tokens]  # never sampled, but defeats the fast path
         try:
-            return original(self, req, tokens)
+            return original(self, tokens, max_model_len)
         finally:
             sp.stop_token_ids = old
 
-    monkeypatch.setattr(Scheduler, "_append_tokens", slow)
+    monkeypatch.setattr(Request, "append_output", slow)
     assert _run_scheduler(False, 11, stop_tokens=True) == fast
 
 

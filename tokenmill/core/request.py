@@ -157,3 +157,48 @@ class Request:
     @property
     def max_output_tokens(self) -> int | None:
         return self.sampling_params.max_tokens
+
+    def append_output(
+        self, tokens: list[int], max_model_len: int
+    ) -> tuple[list[int], FinishReason | None, int | str | None]:
+        """Append sampled tokens up to the first stop condition (EOS, a stop token after
+        ``min_tokens``, ``max_tokens``, or ``max_model_len`` in all).
+
+        Returns the tokens appended, the finish reason (None while it runs on) and the
+        stop token that ended it, if any.
+        """
+        sp = self.sampling_params
+        eos = () if sp.ignore_eos else self.eos_token_ids
+        stop_ids = sp.stop_token_ids
+        max_tokens = sp.max_tokens
+        max_len = max_model_len
+        out = self.output_token_ids
+        if not (eos or stop_ids) or not any(t in eos or t in stop_ids for t in tokens):  # type: ignore[operator]
+            # No token can stop the request, so only the length limits apply: the
+            # loop below would stop right after the token that reaches the first one.
+            n0 = len(out)
+            room = max_len - len(self.prompt_token_ids) - n0
+            if max_tokens is not None and max_tokens - n0 < room:
+                room = max_tokens - n0
+            if room < 1:
+                room = 1
+            if room <= len(tokens):
+                new = tokens[:room]
+                out.extend(new)
+                return new, FinishReason.LENGTH, None
+            new = list(tokens)
+            out.extend(new)
+            return new, None, None
+        new: list[int] = []
+        for t in tokens:
+            out.append(t)
+            new.append(t)
+            n_out = len(out)
+            if n_out >= sp.min_tokens:
+                if t in eos:
+                    return new, FinishReason.STOP, None
+                if stop_ids and t in stop_ids:  # type: ignore[operator]
+                    return new, FinishReason.STOP, t
+            if (max_tokens is not None and n_out >= max_tokens) or self.num_tokens >= max_len:
+                return new, FinishReason.LENGTH, None
+        return new, None, None

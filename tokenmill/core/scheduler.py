@@ -357,7 +357,7 @@ class Scheduler:
         logprobs = result.logprobs
         policy = self.policy
         on_generated = policy.on_generated
-        append_tokens = self._append_tokens
+        max_model_len = self.config.max_model_len
         running_status = RequestStatus.RUNNING
         t_plan = plan.now
         for s in plan.seqs:
@@ -374,7 +374,7 @@ class Scheduler:
             if s.num_new_tokens > 1:
                 policy.on_computed(req, s.num_new_tokens, t_plan)
             rid = req.request_id
-            new, reason, stop_reason = append_tokens(req, sampled[rid])
+            new, reason, stop_reason = req.append_output(sampled[rid], max_model_len)
             if req.first_token_time is None and new:
                 req.first_token_time = now
             req.num_computed_tokens = len(req.prompt_token_ids) + len(req.output_token_ids) - 1
@@ -390,44 +390,6 @@ class Scheduler:
         if self.config.debug_checks:
             self._check()
         return updates
-
-    def _append_tokens(self, req: Request, tokens: list[int]) -> tuple[list[int], FinishReason | None, int | str | None]:
-        """Append sampled tokens up to the first stop condition."""
-        sp = req.sampling_params
-        eos = () if sp.ignore_eos else req.eos_token_ids
-        stop_ids = sp.stop_token_ids
-        max_tokens = sp.max_tokens
-        max_len = self.config.max_model_len
-        out = req.output_token_ids
-        if not (eos or stop_ids) or not any(t in eos or t in stop_ids for t in tokens):  # type: ignore[operator]
-            # No token can stop the request, so only the length limits apply: the
-            # loop below would stop right after the token that reaches the first one.
-            n0 = len(out)
-            room = max_len - len(req.prompt_token_ids) - n0
-            if max_tokens is not None and max_tokens - n0 < room:
-                room = max_tokens - n0
-            if room < 1:
-                room = 1
-            if room <= len(tokens):
-                new = tokens[:room]
-                out.extend(new)
-                return new, FinishReason.LENGTH, None
-            new = list(tokens)
-            out.extend(new)
-            return new, None, None
-        new: list[int] = []
-        for t in tokens:
-            out.append(t)
-            new.append(t)
-            n_out = len(out)
-            if n_out >= sp.min_tokens:
-                if t in eos:
-                    return new, FinishReason.STOP, None
-                if stop_ids and t in stop_ids:  # type: ignore[operator]
-                    return new, FinishReason.STOP, t
-            if (max_tokens is not None and n_out >= max_tokens) or req.num_tokens >= max_len:
-                return new, FinishReason.LENGTH, None
-        return new, None, None
 
     def _check(self) -> None:
         self.kv.check_invariants()
