@@ -223,7 +223,8 @@ def test_engine_failure_mid_stream_sends_an_error_event(server_model_dir: Path) 
         return real_step()
 
     engine.step = failing_step
-    body = {"prompt": "hi", "max_tokens": 20, "ignore_eos": True, "stream": True}
+    # logprobs=0: every token makes a chunk, even one whose bytes do not yet decode to text
+    body = {"prompt": "hi", "max_tokens": 20, "ignore_eos": True, "stream": True, "logprobs": 0}
     with TestClient(app, raise_server_exceptions=False) as client:
         resp = client.post("/v1/completions", json=body)
         assert resp.status_code == 200
@@ -231,7 +232,7 @@ def test_engine_failure_mid_stream_sends_an_error_event(server_model_dir: Path) 
         assert events[-1] == "[DONE]"
         last = json.loads(events[-2])
         assert last["error"]["code"] == "engine_unavailable"
-        assert any(json.loads(e).get("choices") for e in events[:-2])  # text came before the failure
+        assert any(json.loads(e).get("choices") for e in events[:-2])  # tokens came before the failure
 
 
 def _wait(cond: Any, timeout: float = 20.0) -> None:
