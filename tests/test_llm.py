@@ -156,3 +156,21 @@ def test_multibyte_text_is_detokenized_whole(tiny_model_dir) -> None:
     pieces = [detok.add([t]) for t in ids]
     assert "".join(pieces) + detok.flush() == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_seeds_that_used_to_collide_give_different_text(tiny_model_dir) -> None:
+    path = str(tiny_model_dir("llama"))
+    llm = LLM(path, dtype="float32", kv_cache_memory=8 << 20)
+    prompt = prompts_for_test(1, seed=5)[0]
+
+    def tokens(seed: int, n: int = 1, index: int = 0) -> list[int]:
+        sp = SamplingParams(n=n, temperature=2.0, seed=seed, max_tokens=24, ignore_eos=True)
+        return llm.generate([prompt], sp)[0].outputs[index].token_ids
+
+    assert tokens(0) != tokens(2**63 - 1)
+    assert tokens(-1) != tokens(-(2**63))
+    # the fan-out used to give sample i the seed + i: sample 1 of seed 7 was seed 8's only sample
+    assert tokens(7, n=2, index=1) != tokens(8)
+    top = 2**63 - 1  # and seed + 1 left the 64-bit range
+    assert tokens(top, n=2, index=1) != tokens(top, n=2, index=0)
+    assert tokens(top, n=2, index=0) == tokens(top)  # sample 0 of n is the n=1 stream

@@ -171,8 +171,10 @@ class Engine:
         for i in range(params.n):
             child_params = params
             if params.n > 1:
-                # Each sample gets its own seed so that seeded samples differ but stay reproducible.
-                child_params = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+                # The samples keep the request's seed: the sampler keys each sample's stream by
+                # (seed, sample index), so seeded samples differ, stay reproducible, and never
+                # collide with another request's seed (as seed + i would).
+                child_params = replace(params, n=1)
             children.append(
                 Request(
                     request_id=request_id if params.n == 1 else f"{request_id}#{i}",

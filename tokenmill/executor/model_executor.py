@@ -127,7 +127,9 @@ class ModelExecutor:
     def _sampling_row(seq: ScheduledSeq, earlier: list[int]) -> SamplingRow:
         req = seq.request
         outputs = req.output_token_ids + earlier if earlier else req.output_token_ids
-        return SamplingRow(req.sampling_params, outputs, req.prompt_token_ids, req.eos_token_ids)
+        return SamplingRow(
+            req.sampling_params, outputs, req.prompt_token_ids, req.eos_token_ids, req.sample_index
+        )
 
     def _first_batch(self, seqs: list[ScheduledSeq]) -> _Batch:
         b = _Batch()
