@@ -37,6 +37,12 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     max_decode_steps: int = 8  # decode steps one plan may cover when nothing can change
     max_waiting: int | None = None
+    # Running slots the n samples of one request keep while other requests wait for
+    # one (None: no share); see core/scheduler.py.
+    max_seqs_per_request: int | None = 8
+    # Bound on n x max_tokens of one request (max_tokens=None counts as the rest of
+    # the context); None: no bound.
+    max_tokens_per_request: int | None = None
     policy: str = "fcfs"
     policy_options: dict[str, Any] = field(default_factory=dict)
     debug_checks: bool = False
@@ -73,6 +79,8 @@ class Engine:
         from tokenmill.executor.model_executor import ModelExecutor
         from tokenmill.tokenizer import load_tokenizer
 
+        if config.max_tokens_per_request is not None and config.max_tokens_per_request < 1:
+            raise ValueError(f"max_tokens_per_request must be >= 1 or None, got {config.max_tokens_per_request}")
         self.config = config
         self.clock = clock
         model_path = resolve_model_path(config.model)
@@ -106,6 +114,7 @@ class Engine:
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 max_decode_steps=config.max_decode_steps,
                 max_waiting=config.max_waiting,
+                max_seqs_per_request=config.max_seqs_per_request,
                 policy=config.policy,
                 policy_options=dict(config.policy_options),
                 debug_checks=config.debug_checks,
@@ -166,6 +175,14 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context length is "
                 f"{self.max_model_len}"
             )
+        limit = self.config.max_tokens_per_request
+        if limit is not None:
+            per_sample = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
+            if params.n * per_sample > limit:
+                raise ValueError(
+                    f"the request asks for up to n x max_tokens = {params.n} x {per_sample} = "
+                    f"{params.n * per_sample} tokens; max_tokens_per_request is {limit}: lower n or max_tokens"
+                )
         arrival = self.clock() if arrival_time is None else arrival_time
         children = []
         for i in range(params.n):
