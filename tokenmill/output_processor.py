@@ -1,8 +1,12 @@
 """Turns the scheduler's per-sequence updates into user-facing ``RequestOutput``s.
 
 It owns detokenization, stop strings (with hold-back, so a stream never shows
-text that later turns out to be part of a stop string), logprob formatting
-and the fan-in of ``n`` samples into one output per user request.
+text that later turns out to be part of a stop string, and checked token by
+token, so no token after the one that completes a stop string is handed
+out), logprob formatting and the fan-in of ``n`` samples into one output per
+user request. The engine feeds it the updates of each plan, and, when it
+streams, the tokens of each sub-step of a multi-step plan as they are sampled
+(``Engine.step``).
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ class OutputProcessor:
             if hit is not None:
                 stopped.append((req.request_id, hit))
             elif u.finished:
-                self._finish(sample, u.finish_reason, req.stop_reason)
+                self._finish(sample, u.finish_reason, u.stop_reason)
         outputs = []
         for parent in touched.values():
             if parent.finished:
@@ -114,13 +118,31 @@ class OutputProcessor:
         return outputs, stopped
 
     def _append(self, s: SampleState, u: SeqUpdate) -> str | None:
-        s.token_ids.extend(u.new_token_ids)
-        if s.logprobs is not None and u.new_logprobs:
-            for tok, (lp, top) in zip(u.new_token_ids, u.new_logprobs, strict=False):
+        tokens = u.new_token_ids
+        if s.params.stop and len(tokens) > 1:
+            # Several tokens at once (a multi-step plan): take them one at a time, so
+            # that the tokens after the one that completes a stop string are dropped.
+            lps = u.new_logprobs
+            for i, t in enumerate(tokens):
+                hit = self._append_tokens(
+                    s, [t], lps[i : i + 1] if lps else None, u.finished and i == len(tokens) - 1
+                )
+                if hit is not None:
+                    return hit
+            return None
+        return self._append_tokens(s, tokens, u.new_logprobs, u.finished)
+
+    def _append_tokens(
+        self, s: SampleState, tokens: list[int], lps: list[tuple[float, list[tuple[int, float]]]] | None, last: bool
+    ) -> str | None:
+        """Append tokens (and their logprobs); return the stop string they complete, if any."""
+        s.token_ids.extend(tokens)
+        if s.logprobs is not None and lps:
+            for tok, (lp, top) in zip(tokens, lps, strict=False):
                 s.logprobs.append(self._format_logprobs(tok, lp, top))
                 s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp
-        delta = s.detok.add(u.new_token_ids)
-        if u.finished:
+        delta = s.detok.add(tokens)
+        if last:
             delta += s.detok.flush()
         if not delta:
             return None

@@ -93,6 +93,7 @@ class SeqUpdate:
     new_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     finished: bool = False
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id that finished it, if one did
 
     @property
     def request_id(self) -> str:

@@ -503,7 +503,9 @@ class Scheduler:
                 # Share the prompt with later requests as soon as its KV exists.
                 self.kv.cache_blocks(req, req.num_computed_tokens)
             lps = logprobs.get(rid) if logprobs else None
-            updates.append(SeqUpdate(req, new, lps[: len(new)] if lps else None, reason is not None, reason))
+            updates.append(
+                SeqUpdate(req, new, lps[: len(new)] if lps else None, reason is not None, reason, stop_reason)
+            )
         if self.config.debug_checks:
             self._check()
         return updates

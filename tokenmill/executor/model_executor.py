@@ -5,12 +5,16 @@ one tensor) and the sampler. It never decides anything: the plan says which
 tokens of which request to compute, which cache blocks they live in, and who
 samples. A multi-step plan (``num_steps > 1``, one-token decodes only) loops
 its sub-steps here, feeding each sampled token back, so the scheduler and the
-engine pay their per-step cost once.
+engine pay their per-step cost once. A caller that streams passes
+``on_substep``: it sees the tokens sampled so far after every sub-step but the
+last, so that they can reach clients as they are sampled rather than in a
+burst at the end of the plan.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +27,10 @@ from tokenmill.model.sampler import LogprobEntry, Sampler, SamplingRow
 
 # A plan whose token count is below this builds slot mappings in Python; above it in torch.
 _TORCH_SLOTS_MIN_TOKENS = 64
+
+# ``on_substep(sampled, logprobs)``: per request, the tokens (and logprob entries, for
+# requests that asked) sampled so far in the plan. Read-only: the lists keep growing.
+SubStepCallback = Callable[[dict[str, list[int]], dict[str, list[LogprobEntry]]], None]
 
 
 @dataclass(slots=True)
@@ -91,8 +99,12 @@ class ModelExecutor:
     # -- one plan -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
-        """Run ``plan`` (all its sub-steps) and return the sampled tokens and logprobs."""
+    def execute(self, plan: StepPlan, on_substep: SubStepCallback | None = None) -> StepResult:
+        """Run ``plan`` (all its sub-steps) and return the sampled tokens and logprobs.
+
+        ``on_substep`` is called after each sub-step except the last with what has
+        been sampled so far (see ``SubStepCallback``).
+        """
         start = time.perf_counter()
         result = StepResult(sampled_token_ids={})
         if plan.is_empty:
@@ -117,6 +129,8 @@ class ModelExecutor:
                 sampled[s.request_id].append(out.token_ids[i])
                 if out.logprobs is not None and out.logprobs[i] is not None:
                     logprobs.setdefault(s.request_id, []).append(out.logprobs[i])
+            if on_substep is not None and step < plan.num_steps - 1:
+                on_substep(sampled, logprobs)
 
         result.sampled_token_ids = sampled
         result.logprobs = logprobs or None
