@@ -203,6 +203,8 @@ class Engine:
                 # (seed, sample index), so seeded samples differ, stay reproducible, and never
                 # collide with another request's seed (as seed + i would).
                 child_params = replace(params, n=1)
+                if i > 0:
+                    child_params.prompt_logprobs = None  # the samples share one prompt: sample 0 computes them
             children.append(
                 Request(
                     request_id=request_id if params.n == 1 else f"{request_id}#{i}",
@@ -357,7 +359,7 @@ class _SubStepPublisher:
                 u.new_token_ids = u.new_token_ids[done:]
                 if u.new_logprobs is not None:
                     u.new_logprobs = u.new_logprobs[done:]
-                if not u.new_token_ids and not u.finished:
+                if not u.new_token_ids and not u.finished and u.prompt_logprobs is None:
                     continue
             out.append(u)
         return out

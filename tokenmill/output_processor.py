@@ -55,6 +55,7 @@ class ParentState:
     samples: list[SampleState]
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # filled chunk by chunk
 
     @property
     def finished(self) -> bool:
@@ -79,7 +80,10 @@ class OutputProcessor:
                     cumulative_logprob=0.0 if sp.logprobs is not None else None,
                 )
             )
-        self.parents[request_id] = ParentState(request_id, prompt, prompt_token_ids, samples, RequestMetrics(arrival))
+        parent = ParentState(request_id, prompt, prompt_token_ids, samples, RequestMetrics(arrival))
+        if any(child.sampling_params.prompt_logprobs is not None for child in children):
+            parent.prompt_logprobs = [None]  # the first prompt token has no logprob
+        self.parents[request_id] = parent
 
     def remove(self, request_id: str) -> None:
         self.parents.pop(request_id, None)
@@ -93,6 +97,10 @@ class OutputProcessor:
             parent = self.parents.get(req.parent_id or req.request_id)
             if parent is None:
                 continue
+            if u.prompt_logprobs is not None:
+                self._add_prompt_logprobs(parent, *u.prompt_logprobs)
+                if not u.new_token_ids and not u.finished:
+                    continue  # a prompt chunk: nothing to hand out before the first token
             sample = parent.samples[req.sample_index]
             if sample.finished:
                 continue
@@ -164,6 +172,19 @@ class OutputProcessor:
                 return stop
         return None
 
+    def _add_prompt_logprobs(
+        self, parent: ParentState, first: int, entries: list[tuple[float, list[tuple[int, float]]]]
+    ) -> None:
+        """Entries of prompt tokens ``first, first + 1, ...``; a recomputed chunk (after a
+        preemption) repeats some, which are kept once."""
+        got = parent.prompt_logprobs
+        if got is None or first > len(got):
+            return
+        ids = parent.prompt_token_ids
+        for j in range(len(got), first + len(entries)):
+            lp, top = entries[j - first]
+            got.append(self._format_logprobs(ids[j], lp, top))
+
     def _format_logprobs(self, token: int, lp: float, top: list[tuple[int, float]]) -> TokenLogprobs:
         out: TokenLogprobs = {}
         for rank, (tid, tlp) in enumerate(top, start=1):
@@ -219,4 +240,11 @@ class OutputProcessor:
             finished=parent.finished,
             num_cached_tokens=parent.num_cached_tokens,
             metrics=parent.metrics,
+            prompt_logprobs=self._complete_prompt_logprobs(parent),
         )
+
+    @staticmethod
+    def _complete_prompt_logprobs(parent: ParentState) -> list[TokenLogprobs | None] | None:
+        """The prompt's logprobs once every prompt token has its entry (by the first token)."""
+        got = parent.prompt_logprobs
+        return got if got is not None and len(got) == len(parent.prompt_token_ids) else None

@@ -48,6 +48,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token (0: the sampled one only)
+    # top-N logprobs per prompt token (the first has none); such a request recomputes
+    # the prompt positions the prefix cache holds rather than skipping them
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -85,6 +88,8 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if any(not s for s in self.stop):  # type: ignore[union-attr]
             raise ValueError("stop strings must be non-empty")
 
@@ -160,6 +165,12 @@ class Request:
     @property
     def max_output_tokens(self) -> int | None:
         return self.sampling_params.max_tokens
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """True until the prompt has been computed once for a request that asked for its logprobs
+        (they are all handed out by the time the first token is sampled)."""
+        return self.sampling_params.prompt_logprobs is not None and not self.output_token_ids
 
     def check_output(
         self, tokens: Sequence[int], max_model_len: int

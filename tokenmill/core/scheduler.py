@@ -246,6 +246,8 @@ class Scheduler:
 
     def prefix_match_tokens(self, req: Request) -> int:
         """Tokens of the request that the prefix cache would serve now (for cache-aware policies)."""
+        if req.wants_prompt_logprobs:
+            return 0
         return len(self.kv.get_computed_blocks(req)) * self.config.block_size
 
     def stats(self) -> SchedulerStats:
@@ -376,7 +378,9 @@ class Scheduler:
     def _try_admit(self, req: Request, now: float, budget: int, seqs: list[ScheduledSeq]) -> int | None:
         """Admit ``req`` with up to ``budget`` tokens; return the tokens planned, None if it cannot."""
         cfg = self.config
-        computed = self.kv.get_computed_blocks(req)
+        # A request that wants its prompt's logprobs computes every prompt position,
+        # cached or not (as vLLM does): the cache holds KV, not logits.
+        computed = [] if req.wants_prompt_logprobs else self.kv.get_computed_blocks(req)
         num_cached = len(computed) * cfg.block_size
         n = req.num_tokens - num_cached
         if n > budget:
@@ -472,6 +476,7 @@ class Scheduler:
         updates: list[SeqUpdate] = []
         sampled = result.sampled_token_ids
         logprobs = result.logprobs
+        prompt_lps = result.prompt_logprobs
         policy = self.policy
         on_generated = policy.on_generated
         max_model_len = self.config.max_model_len
@@ -487,6 +492,8 @@ class Scheduler:
                 # A long prompt shares each chunk as soon as its KV exists, so that
                 # requests with the same prefix need not wait for the whole prefill.
                 self.kv.cache_blocks(req, req.num_computed_tokens)
+                if prompt_lps and req.request_id in prompt_lps:
+                    updates.append(SeqUpdate(req, [], prompt_logprobs=prompt_lps[req.request_id]))
                 continue
             if s.num_new_tokens > 1:
                 policy.on_computed(req, s.num_new_tokens, t_plan)
@@ -504,7 +511,8 @@ class Scheduler:
                 self.kv.cache_blocks(req, req.num_computed_tokens)
             lps = logprobs.get(rid) if logprobs else None
             updates.append(
-                SeqUpdate(req, new, lps[: len(new)] if lps else None, reason is not None, reason, stop_reason)
+                SeqUpdate(req, new, lps[: len(new)] if lps else None, reason is not None, reason, stop_reason,
+                          prompt_lps.get(rid) if prompt_lps else None)  # fmt: skip
             )
         if self.config.debug_checks:
             self._check()

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.core.plan import LogprobEntry
 from tokenmill.core.request import SamplingParams
 from tokenmill.model.backend import argmax_rows, sample_rows_kernel, sampling_kernel_applies
-
-LogprobEntry = tuple[float, list[tuple[int, float]]]
 
 _UNIT = 2.0**-53  # a 53-bit integer times this is a float in [0, 1), exactly
 
