@@ -19,8 +19,10 @@ running set is full, ``schedule`` preempts (by recompute; full blocks stay
 cached) as many samples past the cap as such requests need slots. When
 blocks run short, samples past their parent's cap are the first victims.
 So a request arriving behind a fan-out is admitted at the first ``schedule``
-after it arrives (blocks and token budget permitting), instead of waiting
-for ``n / max_num_seqs`` rounds of ``max_tokens`` decodes.
+after it arrives (blocks and token budget permitting): its first token comes
+after at most the plan in flight (``max_decode_steps`` steps) and its own
+prefill chunks, instead of ``n / max_num_seqs`` rounds of ``max_tokens``
+decodes.
 """
 
 from __future__ import annotations
