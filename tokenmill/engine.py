@@ -4,6 +4,15 @@
 processor. It validates and tokenizes requests, fans ``n`` samples out into
 core requests, and turns updates into ``RequestOutput``s. It has no thread of
 its own: callers (``LLM``, the async server engine) call ``step()``.
+
+Streaming a multi-step plan: a caller that sets ``Engine.on_partial`` gets
+each sub-step's tokens as they are sampled (the executor reports them
+through a callback), so a stream's inter-token gaps are decode steps, not
+plans. Those provisional outputs are checked against each request's stop
+rules with the same pure ``Request.check_output`` that ``update()`` applies
+at the end of the plan, so nothing past a stop is published; the scheduling
+state changes only in ``update()``, and a stop string found mid-plan finishes
+its request right after it.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tokenmill.core.plan import StepPlan
+from tokenmill.core.plan import SeqUpdate, StepPlan
 from tokenmill.core.request import FinishReason, Request, SamplingParams
 from tokenmill.core.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerStats
 from tokenmill.output_processor import OutputProcessor
@@ -37,6 +46,12 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     max_decode_steps: int = 8  # decode steps one plan may cover when nothing can change
     max_waiting: int | None = None
+    # Running slots the n samples of one request keep while other requests wait for
+    # one (None: no share); see core/scheduler.py.
+    max_seqs_per_request: int | None = 8
+    # Bound on n x max_tokens of one request (max_tokens=None counts as the rest of
+    # the context); None: no bound.
+    max_tokens_per_request: int | None = None
     policy: str = "fcfs"
     policy_options: dict[str, Any] = field(default_factory=dict)
     debug_checks: bool = False
@@ -73,6 +88,8 @@ class Engine:
         from tokenmill.executor.model_executor import ModelExecutor
         from tokenmill.tokenizer import load_tokenizer
 
+        if config.max_tokens_per_request is not None and config.max_tokens_per_request < 1:
+            raise ValueError(f"max_tokens_per_request must be >= 1 or None, got {config.max_tokens_per_request}")
         self.config = config
         self.clock = clock
         model_path = resolve_model_path(config.model)
@@ -106,12 +123,15 @@ class Engine:
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 max_decode_steps=config.max_decode_steps,
                 max_waiting=config.max_waiting,
+                max_seqs_per_request=config.max_seqs_per_request,
                 policy=config.policy,
                 policy_options=dict(config.policy_options),
                 debug_checks=config.debug_checks,
             )
         )
         self.outputs = OutputProcessor(self.tokenizer)
+        # Set by a caller that streams (the async engine): see the module docstring.
+        self.on_partial: Callable[[list[RequestOutput]], None] | None = None
         self._children: dict[str, list[Request]] = {}
         self._added_since_step: list[str] = []
         self.step_log: list[StepRecord] = []
@@ -166,13 +186,25 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context length is "
                 f"{self.max_model_len}"
             )
+        limit = self.config.max_tokens_per_request
+        if limit is not None:
+            per_sample = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
+            if params.n * per_sample > limit:
+                raise ValueError(
+                    f"the request asks for up to n x max_tokens = {params.n} x {per_sample} = "
+                    f"{params.n * per_sample} tokens; max_tokens_per_request is {limit}: lower n or max_tokens"
+                )
         arrival = self.clock() if arrival_time is None else arrival_time
         children = []
         for i in range(params.n):
             child_params = params
             if params.n > 1:
-                # Each sample gets its own seed so that seeded samples differ but stay reproducible.
-                child_params = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+                # The samples keep the request's seed: the sampler keys each sample's stream by
+                # (seed, sample index), so seeded samples differ, stay reproducible, and never
+                # collide with another request's seed (as seed + i would).
+                child_params = replace(params, n=1)
+                if i > 0:
+                    child_params.prompt_logprobs = None  # the samples share one prompt: sample 0 computes them
             children.append(
                 Request(
                     request_id=request_id if params.n == 1 else f"{request_id}#{i}",
@@ -222,31 +254,43 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one plan; return an output for every user request that advanced."""
+        """Run one plan; return an output for every user request that advanced.
+
+        With ``on_partial`` set, a multi-step plan streams: after each sub-step but
+        the last, ``on_partial`` gets the outputs of the requests that sampled a
+        token in it (see the module docstring); what it got is not returned again.
+        """
         plan = self.scheduler.schedule(self.clock())
         if plan.is_empty:
             return []
+        sink = self.on_partial
+        partial = _SubStepPublisher(self, plan, sink) if sink is not None and plan.num_steps > 1 else None
         t0 = self.clock()
-        result = self.executor.execute(plan)
+        result = self.executor.execute(plan, partial) if partial is not None else self.executor.execute(plan)
         result.duration = self.clock() - t0
         self._record(plan, result.duration)
         updates = self.scheduler.update(plan, result)
-        now = self.clock()
-        outputs, stopped = self.outputs.process(updates, now)
-        for child_id, stop in stopped:
-            self.scheduler.finish_request(child_id, FinishReason.STOP, stop, now)
         for u in updates:
             self.num_generation_tokens += len(u.new_token_ids)
+        now = self.clock()
+        if partial is not None:
+            updates = partial.unpublished(updates)
+        outputs, stopped = self.outputs.process(updates, now)
+        finished = [out for out in outputs if out.finished]
+        if partial is not None:
+            stopped = partial.stopped + stopped
+            finished += partial.finished
+        for child_id, stop in stopped:
+            self.scheduler.finish_request(child_id, FinishReason.STOP, stop, now)
         self.num_prompt_tokens += sum(s.num_new_tokens for s in plan.seqs if s.is_prefill)
         for child_id in plan.preempted_ids:
             self.executor.free_request(child_id)
-        for out in outputs:
-            if out.finished:
-                for child in self._children.pop(out.request_id, []):
-                    self.executor.free_request(child.request_id)
-                for o in out.outputs:
-                    reason = o.finish_reason or "stop"
-                    self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
+        for out in finished:
+            for child in self._children.pop(out.request_id, []):
+                self.executor.free_request(child.request_id)
+            for o in out.outputs:
+                reason = o.finish_reason or "stop"
+                self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
         return outputs
 
     def _record(self, plan: StepPlan, duration: float) -> None:
@@ -263,3 +307,59 @@ class Engine:
             num_generation_tokens=self.num_generation_tokens,
             finished_by_reason=dict(self.finished_by_reason),
         )
+
+
+class _SubStepPublisher:
+    """Publishes the tokens of a multi-step plan as they are sampled (``Engine.step``).
+
+    Called by the executor after each sub-step but the last. It reads requests
+    and never changes them: each sequence's tokens so far go through
+    ``Request.check_output`` (the stop rules ``update()`` will apply), and the
+    ones not yet published go to the output processor as provisional updates.
+    """
+
+    def __init__(self, engine: Engine, plan: StepPlan, sink: Callable[[list[RequestOutput]], None]) -> None:
+        self.engine = engine
+        self.sink = sink
+        self.seqs = [s for s in plan.seqs if s.samples]
+        self.published: dict[str, int] = {}  # request id -> tokens of this plan handed out
+        self.stopped: list[tuple[str, str]] = []  # (child id, stop string) found mid-plan
+        self.finished: list[RequestOutput] = []  # outputs that finished mid-plan
+
+    def __call__(self, sampled: dict[str, list[int]], logprobs: dict[str, list[Any]]) -> None:
+        engine = self.engine
+        updates: list[SeqUpdate] = []
+        for s in self.seqs:
+            req = s.request
+            rid = req.request_id
+            toks = sampled[rid]
+            done = self.published.get(rid, 0)
+            n, reason, stop_reason = req.check_output(toks, engine.max_model_len)
+            if n <= done:
+                continue  # stopped in an earlier sub-step
+            self.published[rid] = n
+            lps = logprobs.get(rid)
+            updates.append(
+                SeqUpdate(req, toks[done:n], lps[done:n] if lps else None, reason is not None, reason, stop_reason)
+            )
+        if not updates:
+            return
+        outputs, stopped = engine.outputs.process(updates, engine.clock())
+        self.stopped.extend(stopped)
+        self.finished.extend(out for out in outputs if out.finished)
+        if outputs:
+            self.sink(outputs)
+
+    def unpublished(self, updates: list[SeqUpdate]) -> list[SeqUpdate]:
+        """The plan's updates less what was published already (its prefix, by construction)."""
+        out = []
+        for u in updates:
+            done = self.published.get(u.request_id, 0)
+            if done:
+                u.new_token_ids = u.new_token_ids[done:]
+                if u.new_logprobs is not None:
+                    u.new_logprobs = u.new_logprobs[done:]
+                if not u.new_token_ids and not u.finished and u.prompt_logprobs is None:
+                    continue
+            out.append(u)
+        return out

@@ -77,6 +77,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences per step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step (default 2048)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-seqs-per-request", type=int, default=None,
+                   help="running slots the n samples of one request keep while other requests wait (default 8)")
+    p.add_argument("--max-tokens-per-request", type=int, default=None,
+                   help="refuse requests whose n x max_tokens exceeds this (default: no bound)")
     p.add_argument("--policy", default="fcfs", help="scheduling policy: " + ", ".join(_policies()))
     p.add_argument("--policy-option", action="append", type=_policy_option, default=[], metavar="KEY=VALUE",
                    help="an option of the policy (repeatable; VALUE parsed as JSON when it is)")
@@ -118,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_decode_steps": args.max_decode_steps,
+        "max_seqs_per_request": args.max_seqs_per_request,
+        "max_tokens_per_request": args.max_tokens_per_request,
     }
     config = EngineConfig(
         model=resolve_model_path(model),

@@ -69,19 +69,27 @@ class StepPlan:
         )
 
 
+# (logprob of a token, [(token_id, logprob), ...top-N])
+LogprobEntry = tuple[float, list[tuple[int, float]]]
+
+
 @dataclass(slots=True)
 class StepResult:
     """What an executor returns for a plan.
 
     ``sampled_token_ids[request_id]`` holds one token per sub-step for each
-    sampling sequence. ``logprobs[request_id]`` (when asked for) holds, per
-    sampled token, ``(logprob of the sampled token, [(token_id, logprob), ...top-N])``.
-    ``duration`` is the simulated or measured seconds the plan took.
+    sampling sequence. ``logprobs[request_id]`` (when asked for) holds a
+    ``LogprobEntry`` per sampled token. ``prompt_logprobs[request_id]`` (for
+    requests that want them, see ``Request.wants_prompt_logprobs``) is
+    ``(j, entries)``: the entries of prompt tokens ``j, j + 1, ...`` whose
+    predicting position the step computed. ``duration`` is the simulated or
+    measured seconds the plan took.
     """
 
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    logprobs: dict[str, list[tuple[float, list[tuple[int, float]]]]] | None = None
+    logprobs: dict[str, list[LogprobEntry]] | None = None
     duration: float | None = None
+    prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]] | None = None
 
 
 @dataclass(slots=True)
@@ -90,9 +98,11 @@ class SeqUpdate:
 
     request: Request
     new_token_ids: list[int]
-    new_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    new_logprobs: list[LogprobEntry] | None = None
     finished: bool = False
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id that finished it, if one did
+    prompt_logprobs: tuple[int, list[LogprobEntry]] | None = None  # as in StepResult
 
     @property
     def request_id(self) -> str:

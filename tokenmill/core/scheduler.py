@@ -9,6 +9,20 @@ prefill and decode; long prompts are chunked. When every scheduled sequence
 is a one-token decode and no admission can happen, a plan covers several
 decode steps at once. ``update(plan, result)`` appends sampled tokens, checks
 stop conditions and frees or caches blocks.
+
+Fan-out share: the ``n`` samples of one user request (core requests with one
+``parent_id``) may hold every free running slot while nobody else waits, but
+beyond ``max_seqs_per_request`` slots they give way to other requests,
+whatever the policy: while a request of another parent that may be admitted
+waits, the samples past the cap are not admitted ahead of it, and when the
+running set is full, ``schedule`` preempts (by recompute; full blocks stay
+cached) as many samples past the cap as such requests need slots. When
+blocks run short, samples past their parent's cap are the first victims.
+So a request arriving behind a fan-out is admitted at the first ``schedule``
+after it arrives (blocks and token budget permitting): its first token comes
+after at most the plan in flight (``max_decode_steps`` steps) and its own
+prefill chunks, instead of ``n / max_num_seqs`` rounds of ``max_tokens``
+decodes.
 """
 
 from __future__ import annotations
@@ -38,6 +52,9 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     max_decode_steps: int = 1  # > 1 lets one plan cover several decode steps
     max_waiting: int | None = None  # bound on the waiting queue; None: unbounded
+    # Running slots the samples of one user request keep while requests of other
+    # parents wait for one (see the module docstring); None: no share, plain policy order.
+    max_seqs_per_request: int | None = 8
     policy: str = "fcfs"
     policy_options: dict[str, Any] = field(default_factory=dict)
     debug_checks: bool = False  # check block invariants after every schedule and update
@@ -47,6 +64,8 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.max_decode_steps < 1:
             raise ValueError("max_decode_steps must be >= 1")
+        if self.max_seqs_per_request is not None and self.max_seqs_per_request < 1:
+            raise ValueError(f"max_seqs_per_request must be >= 1 or None, got {self.max_seqs_per_request}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 "without chunked prefill, max_num_batched_tokens must be >= max_model_len "
@@ -79,6 +98,8 @@ class Scheduler:
         self._seq = 0
         self._step = 0
         self.num_preemptions = 0
+        self._held: dict[str, int] = {}  # parent -> its running samples (parents with more than one)
+        self._over: set[str] = set()  # parents holding more than max_seqs_per_request slots
 
     # ---------------------------------------------------------------- inputs
 
@@ -116,6 +137,74 @@ class Scheduler:
     def _order(r: Request) -> tuple[float, int]:
         return (r.arrival_time, r.seq_no)
 
+    # ----------------------------------------------------------- fan-out share
+
+    @staticmethod
+    def _parent(r: Request) -> str:
+        return r.parent_id or r.request_id
+
+    def _start_running(self, req: Request) -> None:
+        self.running.append(req)
+        cap = self.config.max_seqs_per_request
+        if cap is not None and req.parent_id is not None:
+            p = req.parent_id
+            held = self._held[p] = self._held.get(p, 0) + 1
+            if held > cap:
+                self._over.add(p)
+
+    def _stop_running(self, req: Request) -> None:
+        self.running.remove(req)
+        p = req.parent_id
+        if p is not None and p in self._held:
+            held = self._held[p] - 1
+            if held:
+                self._held[p] = held
+            else:
+                del self._held[p]
+            if held <= self.config.max_seqs_per_request:  # type: ignore[operator]
+                self._over.discard(p)
+
+    def _holds_share(self, req: Request) -> bool:
+        """True when ``req``'s parent already holds its share of running slots."""
+        cap = self.config.max_seqs_per_request
+        return cap is not None and req.parent_id is not None and self._held.get(req.parent_id, 0) >= cap
+
+    def _reclaim(self, now: float) -> list[Request]:
+        """Preempt samples past their parent's share for the waiting requests within theirs.
+
+        Called when every running slot is taken. Only requests the policy would
+        admit count, and only as many slots as they lack, so a request that
+        cannot start for other reasons (blocks, token budget) leaves the slot
+        free rather than making samples bounce in and out.
+        """
+        cap = self.config.max_seqs_per_request
+        assert cap is not None
+        want = 0
+        counted: dict[str, int] = {}
+        for r in self.waiting:
+            p = self._parent(r)
+            k = counted.get(p, self._held.get(p, 0))
+            if k < cap and self.policy.may_admit(r, now, self):
+                counted[p] = k + 1
+                want += 1
+        want -= self.config.max_num_seqs - len(self.running)
+        victims: list[Request] = []
+        while want > 0 and self._over:
+            p = max(self._over, key=lambda q: (self._held[q], q))
+            victim = self.policy.choose_victim([r for r in self.running if r.parent_id == p], now, self)
+            self._preempt(victim)
+            victims.append(victim)
+            want -= 1
+        return victims
+
+    def _victim_candidates(self, candidates: list[Request]) -> list[Request]:
+        """Samples past their parent's share go first when blocks run short."""
+        if self._over:
+            over = [r for r in candidates if r.parent_id in self._over]
+            if over:
+                return over
+        return candidates
+
     def abort_request(self, request_id: str, now: float = 0.0) -> Request | None:
         """Finish a request with ``abort``; its blocks are freed (full ones stay cached)."""
         return self.finish_request(request_id, FinishReason.ABORT, now=now)
@@ -128,7 +217,7 @@ class Scheduler:
         if req is None or req.is_finished:
             return None
         if req.status is RequestStatus.RUNNING:
-            self.running.remove(req)
+            self._stop_running(req)
         else:
             self.waiting.remove(req)
         self._finish(req, reason, stop_reason, now)
@@ -159,6 +248,8 @@ class Scheduler:
 
     def prefix_match_tokens(self, req: Request) -> int:
         """Tokens of the request that the prefix cache would serve now (for cache-aware policies)."""
+        if req.wants_prompt_logprobs:
+            return 0
         return len(self.kv.get_computed_blocks(req)) * self.config.block_size
 
     def stats(self) -> SchedulerStats:
@@ -184,6 +275,10 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         preempted: list[Request] = []
+        # 0. Fan-out share: free slots held by samples past their parent's share.
+        reclaimed: list[Request] = []
+        if self._over and self.waiting and len(self.running) >= cfg.max_num_seqs:
+            reclaimed = self._reclaim(now)
         running = self.running
         kv = self.kv
         tables = kv.tables
@@ -201,7 +296,7 @@ class Scheduler:
             table = tables.get(req.request_id)
             if table is None or len(table) * bs < nc + n:  # else the blocks are held already
                 while not kv.allocate_slots(req, n):
-                    victim = self.policy.choose_victim(running[i:], now, self)
+                    victim = self.policy.choose_victim(self._victim_candidates(running[i:]), now, self)
                     self._preempt(victim)
                     preempted.append(victim)
                     if victim is req:
@@ -223,6 +318,7 @@ class Scheduler:
                 self.waiting = [r for r in self.waiting if id(r) not in admitted_set]
 
         num_batched = sum(s.num_new_tokens for s in seqs)
+        preempted = reclaimed + preempted
         num_steps = self._multi_step_count(seqs, preempted, max_steps)
         self._step += 1
         plan = StepPlan(
@@ -250,38 +346,65 @@ class Scheduler:
         )
 
     def _admit(self, now: float, budget: int, seqs: list[ScheduledSeq]) -> list[Request]:
+        """Admit waiting requests in policy order; samples whose parent holds its share
+        of slots go after the others (a second pass), so they only take what is left."""
         cfg = self.config
         admitted: list[Request] = []
+        deferred: list[Request] = []
+        blocked = False
         for req in self.policy.order_waiting(self.waiting, now, self):
             if budget <= 0 or len(self.running) >= cfg.max_num_seqs:
                 break
             if not self.policy.may_admit(req, now, self):
                 continue
-            computed = self.kv.get_computed_blocks(req)
-            num_cached = len(computed) * cfg.block_size
-            n = req.num_tokens - num_cached
-            if n > budget:
-                if not cfg.enable_chunked_prefill:
-                    break
-                n = budget
-            if not self.kv.allocate_slots(req, n, computed):
-                break  # blocks are short: later requests would only jump the queue
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_cached
-                req.first_scheduled_time = now
-                self.kv.record_prefix_query(req.num_prompt_tokens, num_cached)
-            req.num_computed_tokens = num_cached
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            if self._holds_share(req):
+                deferred.append(req)
+                continue
+            n = self._try_admit(req, now, budget, seqs)
+            if n is None:
+                blocked = True  # blocks are short: later requests would only jump the queue
+                break
             admitted.append(req)
-            seqs.append(self._plan_seq(req, n))
             budget -= n
-            self.policy.on_admitted(req, now)
+        if deferred and not blocked:
+            for req in deferred:
+                if budget <= 0 or len(self.running) >= cfg.max_num_seqs:
+                    break
+                n = self._try_admit(req, now, budget, seqs)
+                if n is None:
+                    break
+                admitted.append(req)
+                budget -= n
         return admitted
+
+    def _try_admit(self, req: Request, now: float, budget: int, seqs: list[ScheduledSeq]) -> int | None:
+        """Admit ``req`` with up to ``budget`` tokens; return the tokens planned, None if it cannot."""
+        cfg = self.config
+        # A request that wants its prompt's logprobs computes every prompt position,
+        # cached or not (as vLLM does): the cache holds KV, not logits.
+        computed = [] if req.wants_prompt_logprobs else self.kv.get_computed_blocks(req)
+        num_cached = len(computed) * cfg.block_size
+        n = req.num_tokens - num_cached
+        if n > budget:
+            if not cfg.enable_chunked_prefill:
+                return None
+            n = budget
+        if not self.kv.allocate_slots(req, n, computed):
+            return None
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = num_cached
+            req.first_scheduled_time = now
+            self.kv.record_prefix_query(req.num_prompt_tokens, num_cached)
+        req.num_computed_tokens = num_cached
+        req.status = RequestStatus.RUNNING
+        self._start_running(req)
+        seqs.append(self._plan_seq(req, n))
+        self.policy.on_admitted(req, now)
+        return n
 
     def _preempt(self, req: Request) -> None:
         """Preempt by recompute: keep full blocks in the prefix cache, free the rest."""
-        self.running.remove(req)
+        self._stop_running(req)
         self.kv.cache_blocks(req, req.num_computed_tokens)
         self.kv.free(req)
         req.num_computed_tokens = 0
@@ -355,6 +478,7 @@ class Scheduler:
         updates: list[SeqUpdate] = []
         sampled = result.sampled_token_ids
         logprobs = result.logprobs
+        prompt_lps = result.prompt_logprobs
         policy = self.policy
         on_generated = policy.on_generated
         max_model_len = self.config.max_model_len
@@ -370,6 +494,8 @@ class Scheduler:
                 # A long prompt shares each chunk as soon as its KV exists, so that
                 # requests with the same prefix need not wait for the whole prefill.
                 self.kv.cache_blocks(req, req.num_computed_tokens)
+                if prompt_lps and req.request_id in prompt_lps:
+                    updates.append(SeqUpdate(req, [], prompt_logprobs=prompt_lps[req.request_id]))
                 continue
             if s.num_new_tokens > 1:
                 policy.on_computed(req, s.num_new_tokens, t_plan)
@@ -380,13 +506,16 @@ class Scheduler:
             req.num_computed_tokens = len(req.prompt_token_ids) + len(req.output_token_ids) - 1
             on_generated(req, len(new), t_plan)
             if reason is not None:
-                self.running.remove(req)
+                self._stop_running(req)
                 self._finish(req, reason, stop_reason, now)
             elif s.num_new_tokens > 1:
                 # Share the prompt with later requests as soon as its KV exists.
                 self.kv.cache_blocks(req, req.num_computed_tokens)
             lps = logprobs.get(rid) if logprobs else None
-            updates.append(SeqUpdate(req, new, lps[: len(new)] if lps else None, reason is not None, reason))
+            updates.append(
+                SeqUpdate(req, new, lps[: len(new)] if lps else None, reason is not None, reason, stop_reason,
+                          prompt_lps.get(rid) if prompt_lps else None)  # fmt: skip
+            )
         if self.config.debug_checks:
             self._check()
         return updates
@@ -397,3 +526,11 @@ class Scheduler:
         for rid in self.kv.tables:
             if rid not in live:
                 raise AssertionError(f"request {rid} holds blocks but is not running")
+        cap = self.config.max_seqs_per_request
+        if cap is not None:
+            held: dict[str, int] = {}
+            for r in self.running:
+                if r.parent_id is not None:
+                    held[r.parent_id] = held.get(r.parent_id, 0) + 1
+            if held != self._held or self._over != {p for p, k in held.items() if k > cap}:
+                raise AssertionError(f"fan-out books {self._held} / {self._over} disagree with running {held}")

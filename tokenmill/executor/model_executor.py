@@ -5,12 +5,19 @@ one tensor) and the sampler. It never decides anything: the plan says which
 tokens of which request to compute, which cache blocks they live in, and who
 samples. A multi-step plan (``num_steps > 1``, one-token decodes only) loops
 its sub-steps here, feeding each sampled token back, so the scheduler and the
-engine pay their per-step cost once.
+engine pay their per-step cost once. A caller that streams passes
+``on_substep``: it sees the tokens sampled so far after every sub-step but the
+last, so that they can reach clients as they are sampled rather than in a
+burst at the end of the plan. For a request that wants its prompt's
+logprobs, the first sub-step also computes the logits of every prompt
+position of its chunk (in slices, so a long prompt never holds a
+``tokens x vocab`` tensor at once).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +30,13 @@ from tokenmill.model.sampler import LogprobEntry, Sampler, SamplingRow
 
 # A plan whose token count is below this builds slot mappings in Python; above it in torch.
 _TORCH_SLOTS_MIN_TOKENS = 64
+
+# Prompt logprobs: rows of logits computed at once (bounds the tokens x vocab tensor).
+_PROMPT_LOGPROB_ROWS = 256
+
+# ``on_substep(sampled, logprobs)``: per request, the tokens (and logprob entries, for
+# requests that asked) sampled so far in the plan. Read-only: the lists keep growing.
+SubStepCallback = Callable[[dict[str, list[int]], dict[str, list[LogprobEntry]]], None]
 
 
 @dataclass(slots=True)
@@ -91,8 +105,12 @@ class ModelExecutor:
     # -- one plan -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
-        """Run ``plan`` (all its sub-steps) and return the sampled tokens and logprobs."""
+    def execute(self, plan: StepPlan, on_substep: SubStepCallback | None = None) -> StepResult:
+        """Run ``plan`` (all its sub-steps) and return the sampled tokens and logprobs.
+
+        ``on_substep`` is called after each sub-step except the last with what has
+        been sampled so far (see ``SubStepCallback``).
+        """
         start = time.perf_counter()
         result = StepResult(sampled_token_ids={})
         if plan.is_empty:
@@ -107,6 +125,8 @@ class ModelExecutor:
             if step > 0:
                 batch = self._decode_batch(samplers, sampled, step)
             hidden = self._forward(batch)
+            if step == 0:
+                result.prompt_logprobs = self._prompt_logprobs(plan.seqs, batch, hidden)
             if not batch.sample_rows:
                 continue
             rows_idx = torch.tensor(batch.sample_rows, device=self.device)
@@ -117,17 +137,71 @@ class ModelExecutor:
                 sampled[s.request_id].append(out.token_ids[i])
                 if out.logprobs is not None and out.logprobs[i] is not None:
                     logprobs.setdefault(s.request_id, []).append(out.logprobs[i])
+            if on_substep is not None and step < plan.num_steps - 1:
+                on_substep(sampled, logprobs)
 
         result.sampled_token_ids = sampled
         result.logprobs = logprobs or None
         result.duration = time.perf_counter() - start
         return result
 
+    def _prompt_logprobs(
+        self, seqs: list[ScheduledSeq], batch: _Batch, hidden: torch.Tensor
+    ) -> dict[str, tuple[int, list[LogprobEntry]]] | None:
+        """Logprobs of the prompt tokens predicted by the prompt positions of this step.
+
+        Position ``p`` of a chunk predicts prompt token ``p + 1``; the last prompt
+        position predicts the first output token, so it is the sampler's, not ours.
+        """
+        rows: list[int] = []
+        targets: list[int] = []
+        spans: list[tuple[str, int, int, int]] = []  # request id, first token index, first row, count
+        for i, s in enumerate(seqs):
+            req = s.request
+            if not req.wants_prompt_logprobs:
+                continue
+            last = min(s.start_pos + s.num_new_tokens, req.num_prompt_tokens - 1)
+            if last <= s.start_pos:
+                continue
+            base = batch.query_start[i] - s.start_pos
+            spans.append((req.request_id, s.start_pos + 1, len(rows), last - s.start_pos))
+            rows.extend(range(base + s.start_pos, base + last))
+            targets.extend(req.prompt_token_ids[s.start_pos + 1 : last + 1])
+        if not rows:
+            return None
+        top_n = max(s.request.sampling_params.prompt_logprobs or 0 for s in seqs if s.request.wants_prompt_logprobs)
+        chosen: list[float] = []
+        top_vals: list[list[float]] = []
+        top_ids: list[list[int]] = []
+        for a in range(0, len(rows), _PROMPT_LOGPROB_ROWS):
+            idx = torch.tensor(rows[a : a + _PROMPT_LOGPROB_ROWS], device=self.device)
+            lp = self.model.compute_logits(hidden.index_select(0, idx)).float().log_softmax(dim=-1)
+            tgt = torch.tensor(targets[a : a + _PROMPT_LOGPROB_ROWS], device=self.device)
+            chosen.extend(lp.gather(1, tgt[:, None])[:, 0].tolist())
+            if top_n:
+                v, t = lp.topk(top_n, dim=-1)
+                top_vals.extend(v.tolist())
+                top_ids.extend(t.tolist())
+        out: dict[str, tuple[int, list[LogprobEntry]]] = {}
+        by_id = {s.request_id: s.request for s in seqs}
+        for rid, first, r0, count in spans:
+            n = by_id[rid].sampling_params.prompt_logprobs or 0
+            out[rid] = (
+                first,
+                [
+                    (chosen[r], list(zip(top_ids[r][:n], top_vals[r][:n], strict=True)) if n else [])
+                    for r in range(r0, r0 + count)
+                ],
+            )
+        return out
+
     @staticmethod
     def _sampling_row(seq: ScheduledSeq, earlier: list[int]) -> SamplingRow:
         req = seq.request
         outputs = req.output_token_ids + earlier if earlier else req.output_token_ids
-        return SamplingRow(req.sampling_params, outputs, req.prompt_token_ids, req.eos_token_ids)
+        return SamplingRow(
+            req.sampling_params, outputs, req.prompt_token_ids, req.eos_token_ids, req.sample_index
+        )
 
     def _first_batch(self, seqs: list[ScheduledSeq]) -> _Batch:
         b = _Batch()

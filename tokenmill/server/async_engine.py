@@ -9,6 +9,8 @@ waits on a forward pass, and it keeps every engine call on that thread:
   once, so a client that goes away costs at most the step in progress);
 - outputs go back to the event loop with ``loop.call_soon_threadsafe``, one
   call per step, into a per-request ``asyncio.Queue`` (a ``RequestStream``);
+  within a multi-step decode plan, one call per sub-step (``Engine.on_partial``),
+  so a stream gets each token when it is sampled;
 - adding a request is awaited, so bad input (``ValueError``) and a full
   queue (``QueueFullError``) reach the HTTP handler before it answers.
 
@@ -122,6 +124,7 @@ class AsyncEngine:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self.engine.on_partial = self._publish_partial
         self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
         self._thread.start()
 
@@ -133,6 +136,7 @@ class AsyncEngine:
         self._commands.put(_Stop())
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
         self._thread = None
+        self.engine.on_partial = None
 
     @property
     def num_in_flight(self) -> int:
@@ -303,6 +307,17 @@ class AsyncEngine:
             else:
                 stop = True
         return stop
+
+    def _publish_partial(self, outputs: list[RequestOutput]) -> None:
+        """Hand the outputs of one sub-step of a multi-step plan to the event loop now."""
+        for out in outputs:
+            if out.finished:
+                self._live.discard(out.request_id)
+        if self.metrics is not None:
+            now = self.engine.clock()
+            for out in outputs:
+                self.metrics.on_output(out, now)
+        self._post(self._deliver, _Delivery(outputs=outputs))
 
     def _publish(self, delivery: _Delivery) -> None:
         engine = self.engine

@@ -7,7 +7,7 @@ OpenAI numbers them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -40,7 +40,10 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         if text is None:
             check_token_ids(ids, state.vocab_size, "prompt")
         max_tokens = resolve_max_tokens(body.max_tokens, len(ids), state.max_model_len, "prompt")
-        params.append(sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs))
+        # echo with logprobs: the prompt's logprobs too, as vLLM and OpenAI give them
+        prompt_logprobs = body.logprobs if body.echo else None
+        params.append(sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs,
+                                      prompt_logprobs=prompt_logprobs))  # fmt: skip
     request_id = make_id("cmpl")
     stream, engine_ids = await state.add_all(
         request_id,
@@ -61,7 +64,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     if body.stream:
         opts = body.stream_options
         return streaming.sse_response(
-            _events(body, stream, index_of, echo, usage, request_id, created, model,
+            _events(body, stream, index_of, echo, usage, request_id, created, model, _decoder(state),
                     include_usage=bool(opts and opts.include_usage),
                     continuous_usage=bool(opts and opts.include_usage and opts.continuous_usage_stats)),
             lambda: state.abort(stream),
@@ -79,7 +82,13 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
                 raise APIError(503, ABORTED_MESSAGE, code="aborted")
             logprobs = None
             if body.logprobs is not None and o.logprobs is not None:
-                logprobs, _ = completion_logprobs(o.token_ids, o.logprobs, body.logprobs, 0)
+                if body.echo:
+                    logprobs, _ = completion_logprobs(
+                        out.prompt_token_ids + o.token_ids, [*(out.prompt_logprobs or []), *o.logprobs],
+                        body.logprobs, 0, _decoder(state),
+                    )  # fmt: skip
+                else:
+                    logprobs, _ = completion_logprobs(o.token_ids, o.logprobs, body.logprobs, 0)
             choices.append(
                 {
                     "index": i * body.n + o.index,
@@ -101,6 +110,11 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     }
 
 
+def _decoder(state: ServerState) -> Callable[[int], str]:
+    """Text of one token (for the first prompt token under echo, which has no logprob entry)."""
+    return lambda token_id: state.tokenizer.decode([token_id])
+
+
 async def _events(
     body: CompletionRequest,
     stream: Any,
@@ -110,6 +124,7 @@ async def _events(
     request_id: str,
     created: int,
     model: str,
+    decode: Callable[[int], str],
     *,
     include_usage: bool,
     continuous_usage: bool,
@@ -118,18 +133,29 @@ async def _events(
     want_logprobs = body.logprobs is not None
     finished: set[int] = set()
     offsets: dict[int, int] = {}
+    # echo with logprobs: a prompt's echo waits for its logprobs (they come with its first token)
+    echo_later = body.echo and want_logprobs
+    echoed: set[int] = set()
 
     def chunk(choice: dict[str, Any]) -> bytes:
         body_usage = usage.body() if include_usage and continuous_usage else None
         return streaming.chunk_event("text_completion", request_id, created, model, choice, body_usage, include_usage)
 
-    if body.echo:
+    if body.echo and not echo_later:
         for i, text in enumerate(echo):
             for j in range(n):
                 yield chunk({"index": i * n + j, "text": text, "logprobs": None, "finish_reason": None})
     try:
         async for out in stream:
             usage.update(out)
+            i = index_of[out.request_id]
+            if echo_later and i not in echoed and out.prompt_logprobs is not None:
+                echoed.add(i)
+                for j in range(n):
+                    logprobs, offsets[i * n + j] = completion_logprobs(
+                        out.prompt_token_ids, out.prompt_logprobs, body.logprobs or 0, 0, decode
+                    )
+                    yield chunk({"index": i * n + j, "text": echo[i], "logprobs": logprobs, "finish_reason": None})
             yield_list = _chunks_for(out, index_of[out.request_id], n, want_logprobs, body.logprobs or 0, finished, offsets)
             for choice in yield_list:
                 if choice.get("finish_reason") == "abort":

@@ -30,8 +30,6 @@ def reject_unsupported(body: SamplingFields) -> None:
             raise bad_request("best_of other than n is not supported", "best_of")
         if body.suffix:
             raise bad_request("suffix is not supported", "suffix")
-        if body.echo and body.logprobs is not None:
-            raise bad_request("echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
     if isinstance(body, ChatCompletionRequest):
         if body.tools:
             raise bad_request("tools are not supported", "tools")
@@ -71,7 +69,9 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_
     return room if requested is None else requested
 
 
-def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(
+    body: SamplingFields, *, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingParams:
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
 
@@ -93,6 +93,7 @@ def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | No
             ignore_eos=body.ignore_eos,
             include_stop_str_in_output=body.include_stop_str_in_output,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=body.skip_special_tokens,
         )
     except ValueError as exc:
