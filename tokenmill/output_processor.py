@@ -88,10 +88,13 @@ class OutputProcessor:
     def remove(self, request_id: str) -> None:
         self.parents.pop(request_id, None)
 
-    def process(self, updates: list[SeqUpdate], now: float) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
-        """Apply updates. Returns the outputs and the (child id, stop string) pairs that hit a stop string."""
+    def process(
+        self, updates: list[SeqUpdate], now: float
+    ) -> tuple[list[RequestOutput], list[tuple[str, str, int]]]:
+        """Apply updates. Returns the outputs and, for each sequence that hit a stop string,
+        ``(child id, stop string, tokens of its update taken up to the one that completed it)``."""
         touched: dict[str, ParentState] = {}
-        stopped: list[tuple[str, str]] = []
+        stopped: list[tuple[str, str, int]] = []
         for u in updates:
             req = u.request
             parent = self.parents.get(req.parent_id or req.request_id)
@@ -114,7 +117,7 @@ class OutputProcessor:
                 m.last_token_time = now
             hit = self._append(sample, u)
             if hit is not None:
-                stopped.append((req.request_id, hit))
+                stopped.append((req.request_id, *hit))
             elif u.finished:
                 self._finish(sample, u.finish_reason, u.stop_reason)
         outputs = []
@@ -125,7 +128,9 @@ class OutputProcessor:
             outputs.append(self._snapshot(parent))
         return outputs, stopped
 
-    def _append(self, s: SampleState, u: SeqUpdate) -> str | None:
+    def _append(self, s: SampleState, u: SeqUpdate) -> tuple[str, int] | None:
+        """Append the update's tokens; return the stop string they complete, if any, with
+        how many of them were taken (up to the one that completed it)."""
         tokens = u.new_token_ids
         if s.params.stop and len(tokens) > 1:
             # Several tokens at once (a multi-step plan): take them one at a time, so
@@ -136,9 +141,10 @@ class OutputProcessor:
                     s, [t], lps[i : i + 1] if lps else None, u.finished and i == len(tokens) - 1
                 )
                 if hit is not None:
-                    return hit
+                    return hit, i + 1
             return None
-        return self._append_tokens(s, tokens, u.new_logprobs, u.finished)
+        hit = self._append_tokens(s, tokens, u.new_logprobs, u.finished)
+        return None if hit is None else (hit, len(tokens))
 
     def _append_tokens(
         self, s: SampleState, tokens: list[int], lps: list[tuple[float, list[tuple[int, float]]]] | None, last: bool

@@ -20,6 +20,9 @@ class KVManager:
         self.pool = BlockPool(num_blocks)
         self.cache = PrefixCache(self.pool, block_size) if enable_prefix_caching else None
         self.tables: dict[str, list[int]] = {}
+        # Per request: how many leading entries of its table the executor already holds
+        # (sent in earlier plans and unchanged since), so a plan sends only the rest.
+        self._synced: dict[str, int] = {}
         # Each live request's block keys (token tuples of its full blocks), cut once:
         # a request's tokens only grow, so its keys only grow too.
         self._keys: dict[str, list[tuple[int, ...]]] = {}
@@ -131,6 +134,7 @@ class KVManager:
                 self.pool.incref([b])
                 self.pool.decref([table[i]])
                 table[i] = b
+                self._unsync(req.request_id, i)
 
     def trim(self, req: Request, num_tokens: int) -> None:
         """Give back the tail blocks of the request's table beyond what ``num_tokens`` tokens need.
@@ -147,10 +151,29 @@ class KVManager:
         extra = table[keep:]
         del table[keep:]
         self.pool.unpop(extra)
+        self._unsync(req.request_id, keep)
+
+    def _unsync(self, request_id: str, index: int) -> None:
+        synced = self._synced.get(request_id)
+        if synced is not None and index < synced:
+            self._synced[request_id] = index
+
+    def table_diff(self, request_id: str) -> tuple[int, list[int]]:
+        """``(offset, blocks)``: what a plan sends of the request's table; marks it sent.
+
+        The executor's copy, replaced from ``offset`` on by ``blocks``, equals
+        the table: the whole of it the first time, then only what was appended
+        or changed since the last call.
+        """
+        table = self.tables.get(request_id, [])
+        offset = self._synced.get(request_id, 0)
+        self._synced[request_id] = len(table)
+        return offset, table[offset:]
 
     def free(self, req: Request) -> None:
         """Drop the request's blocks, tail first (so its tail is reused or evicted first)."""
         self._keys.pop(req.request_id, None)
+        self._synced.pop(req.request_id, None)
         table = self.tables.pop(req.request_id, None)
         if table:
             self.pool.decref(table[::-1])

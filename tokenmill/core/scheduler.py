@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.core.kv_manager import KVManager
-from tokenmill.core.plan import ScheduledSeq, SeqUpdate, StepPlan, StepResult
+from tokenmill.core.plan import ScheduledSeq, SeqSetup, SeqUpdate, StepPlan, StepResult
 from tokenmill.core.policies import SchedulingPolicy, make_policy
 from tokenmill.core.request import FinishReason, Request, RequestStatus
 
@@ -99,6 +99,11 @@ class Scheduler:
         self._step = 0
         self.num_preemptions = 0
         self._held: dict[str, int] = {}  # parent -> its running samples (parents with more than one)
+        # The last plan's live requests, in its seq order: plans carry ids only, and
+        # ``update``/``shorten_plan`` take the plan that ``schedule`` returned last.
+        self._plan_step = 0
+        self._plan_requests: list[Request] = []
+        self._finished_ids: list[str] = []  # finished or aborted since the last plan
         self._over: set[str] = set()  # parents holding more than max_seqs_per_request slots
 
     # ---------------------------------------------------------------- inputs
@@ -224,6 +229,8 @@ class Scheduler:
         return req
 
     def _finish(self, req: Request, reason: FinishReason, stop_reason: int | str | None, now: float) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self._finished_ids.append(req.request_id)  # the executor holds state for it
         self.kv.cache_blocks(req, req.num_computed_tokens)
         self.kv.free(req)
         req.status = RequestStatus.FINISHED
@@ -273,7 +280,9 @@ class Scheduler:
         """Decide the next step. ``max_steps`` caps a multi-step plan (e.g. at the next arrival)."""
         cfg = self.config
         budget = cfg.max_num_batched_tokens
-        seqs: list[ScheduledSeq] = []
+        # (request, first token, tokens, admitted now): made into ScheduledSeqs at the end,
+        # once the blocks of every sub-step are reserved.
+        seqs: list[tuple[Request, int, int, bool]] = []
         preempted: list[Request] = []
         # 0. Fan-out share: free slots held by samples past their parent's share.
         reclaimed: list[Request] = []
@@ -283,6 +292,10 @@ class Scheduler:
         kv = self.kv
         tables = kv.tables
         bs = cfg.block_size
+        if self._finished_ids:
+            finished_ids, self._finished_ids = self._finished_ids, []
+        else:
+            finished_ids = []
 
         # 1. Running requests, in admission order. running[:i] are the ones scheduled so far.
         i = 0
@@ -303,8 +316,7 @@ class Scheduler:
                         break
                 if req.status is not RequestStatus.RUNNING:
                     continue  # preempted itself; self.running shifted left
-                table = tables[req.request_id]
-            seqs.append(ScheduledSeq(req, nc, n, table, nc + n == total))
+            seqs.append((req, nc, n, False))
             budget -= n
             i += 1
 
@@ -317,35 +329,48 @@ class Scheduler:
                 admitted_set = set(map(id, admitted))
                 self.waiting = [r for r in self.waiting if id(r) not in admitted_set]
 
-        num_batched = sum(s.num_new_tokens for s in seqs)
         preempted = reclaimed + preempted
         num_steps = self._multi_step_count(seqs, preempted, max_steps)
         self._step += 1
         plan = StepPlan(
             step_id=self._step,
             now=now,
-            seqs=seqs,
+            seqs=self._snapshot(seqs),
             num_steps=num_steps,
             preempted_ids=[r.request_id for r in preempted],
-            num_batched_tokens=num_batched,
+            finished_ids=finished_ids,
+            num_batched_tokens=sum(t[2] for t in seqs),
             num_waiting=len(self.waiting),
             num_running=len(self.running),
         )
+        self._plan_step = self._step
+        self._plan_requests = [t[0] for t in seqs]
         if cfg.debug_checks:
             self._check()
         return plan
 
-    def _plan_seq(self, req: Request, n: int) -> ScheduledSeq:
-        start = req.num_computed_tokens
-        return ScheduledSeq(
-            request=req,
-            start_pos=start,
-            num_new_tokens=n,
-            block_ids=self.kv.tables[req.request_id],
-            samples=start + n == req.num_tokens,
-        )
+    def _snapshot(self, picked: list[tuple[Request, int, int, bool]]) -> list[ScheduledSeq]:
+        """The plan's sequences as data: tokens to feed, block table diffs, setups of admissions."""
+        table_diff = self.kv.table_diff
+        seqs = []
+        for req, start, n, admitted in picked:
+            end = start + n
+            offset, blocks = table_diff(req.request_id)
+            setup = None
+            if admitted:
+                setup = SeqSetup(req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
+                                 req.eos_token_ids, req.sample_index)  # fmt: skip
+            seqs.append(ScheduledSeq(req.request_id, start, n, req.token_ids_slice(start, end), offset, blocks,
+                                     end == req.num_tokens, setup))  # fmt: skip
+        return seqs
 
-    def _admit(self, now: float, budget: int, seqs: list[ScheduledSeq]) -> list[Request]:
+    def _plan_of(self, plan: StepPlan) -> list[Request]:
+        """The live requests of ``plan``, which must be the last one scheduled."""
+        if plan.step_id != self._plan_step:
+            raise ValueError(f"plan {plan.step_id} is not the last one scheduled ({self._plan_step})")
+        return self._plan_requests
+
+    def _admit(self, now: float, budget: int, seqs: list[tuple[Request, int, int, bool]]) -> list[Request]:
         """Admit waiting requests in policy order; samples whose parent holds its share
         of slots go after the others (a second pass), so they only take what is left."""
         cfg = self.config
@@ -377,7 +402,7 @@ class Scheduler:
                 budget -= n
         return admitted
 
-    def _try_admit(self, req: Request, now: float, budget: int, seqs: list[ScheduledSeq]) -> int | None:
+    def _try_admit(self, req: Request, now: float, budget: int, seqs: list[tuple[Request, int, int, bool]]) -> int | None:
         """Admit ``req`` with up to ``budget`` tokens; return the tokens planned, None if it cannot."""
         cfg = self.config
         # A request that wants its prompt's logprobs computes every prompt position,
@@ -398,7 +423,7 @@ class Scheduler:
         req.num_computed_tokens = num_cached
         req.status = RequestStatus.RUNNING
         self._start_running(req)
-        seqs.append(self._plan_seq(req, n))
+        seqs.append((req, num_cached, n, True))
         self.policy.on_admitted(req, now)
         return n
 
@@ -413,7 +438,9 @@ class Scheduler:
         bisect.insort(self.waiting, req, key=self._order)
         self.num_preemptions += 1
 
-    def _multi_step_count(self, seqs: list[ScheduledSeq], preempted: list[Request], max_steps: int | None) -> int:
+    def _multi_step_count(
+        self, seqs: list[tuple[Request, int, int, bool]], preempted: list[Request], max_steps: int | None
+    ) -> int:
         k = self.config.max_decode_steps if max_steps is None else min(max_steps, self.config.max_decode_steps)
         if k <= 1 or preempted or not seqs:
             return 1
@@ -421,11 +448,10 @@ class Scheduler:
         if self.waiting and len(self.running) < self.config.max_num_seqs:
             return 1
         max_len = self.config.max_model_len
-        for s in seqs:
-            if s.num_new_tokens != 1 or not s.samples:
-                return 1
-            r = s.request
+        for r, start, n, _ in seqs:
             n_out = len(r.output_token_ids)
+            if n != 1 or start + 1 != len(r.prompt_token_ids) + n_out:
+                return 1  # a prefill chunk, or a sequence that does not sample
             mt = r.sampling_params.max_tokens
             if mt is not None and mt - n_out < k:
                 k = mt - n_out
@@ -435,17 +461,18 @@ class Scheduler:
         if k <= 1:
             return 1
         bs = self.kv.block_size
-        short: list[ScheduledSeq] = []
+        tables = self.kv.tables
+        short: list[Request] = []
         need = 0
-        for s in seqs:
-            extra = -(-(s.request.num_computed_tokens + k) // bs) - len(s.block_ids)
+        for r, _, _, _ in seqs:
+            extra = -(-(r.num_computed_tokens + k) // bs) - len(tables[r.request_id])
             if extra > 0:
                 need += extra
-                short.append(s)
+                short.append(r)
         if need > self.kv.num_available:
             return 1
-        for s in short:  # the others hold their blocks already
-            self.kv.allocate_slots(s.request, k)
+        for r in short:  # the others hold their blocks already
+            self.kv.allocate_slots(r, k)
         return k
 
     def shorten_plan(self, plan: StepPlan, num_steps: int) -> None:
@@ -464,8 +491,8 @@ class Scheduler:
         if num_steps == plan.num_steps:
             return
         # Reservations were made seq by seq in plan order; undo them in reverse.
-        for s in reversed(plan.seqs):
-            self.kv.trim(s.request, s.start_pos + s.num_new_tokens + num_steps - 1)
+        for s, req in zip(reversed(plan.seqs), reversed(self._plan_of(plan)), strict=True):
+            self.kv.trim(req, s.start_pos + s.num_new_tokens + num_steps - 1)
         plan.num_steps = num_steps
         if self.config.debug_checks:
             self._check()
@@ -473,19 +500,23 @@ class Scheduler:
     # --------------------------------------------------------------- update
 
     def update(self, plan: StepPlan, result: StepResult) -> list[SeqUpdate]:
-        """Advance the requests of ``plan`` by ``result``; return what changed, as data."""
+        """Advance the requests of ``plan`` by ``result``; return what changed, as data.
+
+        A request with an entry in ``result.stop_strings`` takes the tokens up to
+        the one that completed the stop string and finishes with ``stop``.
+        """
         now = plan.now + (result.duration or 0.0)
         updates: list[SeqUpdate] = []
         sampled = result.sampled_token_ids
         logprobs = result.logprobs
         prompt_lps = result.prompt_logprobs
+        stop_strings = result.stop_strings
         policy = self.policy
         on_generated = policy.on_generated
         max_model_len = self.config.max_model_len
         running_status = RequestStatus.RUNNING
         t_plan = plan.now
-        for s in plan.seqs:
-            req = s.request
+        for s, req in zip(plan.seqs, self._plan_of(plan), strict=True):
             if req.status is not running_status:
                 continue  # aborted or finished from outside since the plan was made
             if not s.samples:
@@ -500,7 +531,13 @@ class Scheduler:
             if s.num_new_tokens > 1:
                 policy.on_computed(req, s.num_new_tokens, t_plan)
             rid = req.request_id
-            new, reason, stop_reason = req.append_output(sampled[rid], max_model_len)
+            stop = stop_strings.get(rid) if stop_strings else None
+            if stop is None:
+                new, reason, stop_reason = req.append_output(sampled[rid], max_model_len)
+            else:
+                new, reason, stop_reason = req.append_output(sampled[rid][: stop[0]], max_model_len)
+                if len(new) == stop[0]:  # else a stop token came first
+                    reason, stop_reason = FinishReason.STOP, stop[1]
             if req.first_token_time is None and new:
                 req.first_token_time = now
             req.num_computed_tokens = len(req.prompt_token_ids) + len(req.output_token_ids) - 1

@@ -32,10 +32,7 @@ class SimExecutor:
         k = plan.num_steps
         # One list shared by every sequence: the scheduler reads sampled tokens and never mutates them.
         toks = [self.token_id] * k
-        sampled = dict.fromkeys([s.request.request_id for s in plan.seqs if s.samples], toks)
+        sampled = dict.fromkeys([s.request_id for s in plan.seqs if s.samples], toks)
         self.num_plans += 1
         self.num_steps += k
         return StepResult(sampled_token_ids=sampled, duration=self.cost_model.plan_time(plan))
-
-    def free_request(self, request_id: str) -> None:
-        """Nothing to free: the simulator keeps no per-request executor state."""
