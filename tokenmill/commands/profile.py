@@ -71,6 +71,8 @@ def _profile(args: argparse.Namespace) -> int:
                               kv_cache_memory=int(args.kv_cache_memory * 2**20), repeats=args.repeats,
                               stat=args.statistic, multistep=args.multistep, measure_overhead=not args.no_overhead,
                               progress=progress)  # fmt: skip
+    for note in table["clamped"]:
+        console.print(f"note: {note}", markup=False)
     out = Path(args.output or f"profile-{Path(path).name}.json")
     out.write_text(json.dumps(table, indent=1))
     over = table["engine_overhead"]
