@@ -63,7 +63,14 @@ def register(subparsers: Any) -> None:
     g.add_argument("--slo-tpot", type=float, default=0.1, help="seconds per output token")
     g.add_argument("--attainment", type=float, default=0.9, help="fraction of requests that must meet both SLOs")
     g.add_argument("--max-replicas", type=int, default=8, help="replicas per candidate, prefill and decode together")
-    g.add_argument("--num-requests", type=int, default=1000, help="requests per trial")
+    g.add_argument("--num-requests", type=int, default=1000, help="requests per trial, at least")
+    g.add_argument("--duration", type=float, default=60.0,
+                   help="seconds of arrivals per trial, at least: candidates are judged at a sustained rate")
+    g.add_argument("--warmup", type=float, default=0.2, help="fraction of a trial's arrivals not counted")
+    g.add_argument("--tail", type=float, default=0.25,
+                   help="final fraction of a trial's arrivals that must meet the target on its own")
+    g.add_argument("--confirm", type=float, default=3.0,
+                   help="each candidate's best rate is confirmed on a run this many times longer")
     g.add_argument("--prompt-len", default="azure", help="length distribution (see `sim run --help`)")
     g.add_argument("--output-len", default="azure")
     g.add_argument("--router", default="least_outstanding_tokens")
@@ -311,7 +318,8 @@ def _search(args: argparse.Namespace) -> int:
         prefill_deployment=_deployment(args, tp=args.prefill_tp) if args.prefill_tp else None,
         ttft_slo=args.slo_ttft, tpot_slo=args.slo_tpot, attainment=args.attainment,
         max_replicas=args.max_replicas, colocated=not args.no_colocated, disaggregated=not args.no_disagg,
-        num_requests=args.num_requests, prompt_len=args.prompt_len, output_len=args.output_len,
+        num_requests=args.num_requests, duration=args.duration, warmup=args.warmup, tail=args.tail,
+        confirm=args.confirm, prompt_len=args.prompt_len, output_len=args.output_len,
         router=args.router, kv_transfer_bandwidth=args.kv_link_gbps * 1e9 / 8 * (args.prefill_tp or args.tp),
         seed=args.seed,
     )  # fmt: skip
