@@ -38,7 +38,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--n", type=positive_int, default=1)
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... or auto (cuda if available)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--kv-cache-memory", type=size_in(1), default=256 << 20,
                    help="KV cache size, bytes or e.g. 64MiB, 1GiB (default 256MiB)")  # fmt: skip
     p.add_argument("--max-num-seqs", type=positive_int, default=64)
@@ -77,14 +77,15 @@ def run(args: argparse.Namespace) -> int:
         device = check_device(args.device, check_model(path, args.dtype).dtype)
         if args.output:
             # Opened before the model runs, so that a bad path costs nothing.
-            sink = open(args.output, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+            sink = open(args.output, "w", encoding="utf-8")
         llm = LLM(path, dtype=args.dtype, device=device, kv_cache_memory=args.kv_cache_memory,
                   max_num_seqs=args.max_num_seqs)  # fmt: skip
         tok = llm.get_tokenizer()
         prompts = [_prompt(tok, r, args.chat) for r in records]
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 or bool(args.output))
-    except (UsageError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UsageError, ValueError, OSError, RuntimeError) as e:
+        # RuntimeError: the device (e.g. out of memory); its message can run to many lines.
+        print(f"error: {(str(e).strip() or type(e).__name__).splitlines()[0]}", file=sys.stderr)
         if sink is not None:
             sink.close()
         return 2
