@@ -78,6 +78,8 @@ class KVManager:
         return self.cache.match_keys(self._block_keys(req, max_blocks), req.cache_namespace)
 
     def record_prefix_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        if self.cache is None:
+            return  # no cache, no lookup: the counters stay at zero (as vLLM's do)
         self.prefix_query_tokens += num_prompt_tokens
         self.prefix_hit_tokens += num_hit_tokens
 
