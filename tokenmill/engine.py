@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from tokenmill.core.plan import SeqUpdate, StepPlan
 from tokenmill.core.request import Request, SamplingParams
 from tokenmill.core.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerStats
+from tokenmill.executor import Executor
 from tokenmill.output_processor import OutputProcessor
 from tokenmill.outputs import RequestOutput
 
@@ -57,6 +58,12 @@ class EngineConfig:
     debug_checks: bool = False
     record_steps: bool = False  # keep a StepRecord per step (for replay in the simulator)
 
+    def scheduler_config(self, num_blocks: int, max_model_len: int) -> SchedulerConfig:
+        """The scheduler's share of this config: every ``SchedulerConfig`` field, by name."""
+        shared = {f.name: getattr(self, f.name) for f in fields(SchedulerConfig) if hasattr(self, f.name)}
+        shared.update(num_blocks=num_blocks, max_model_len=max_model_len, policy_options=dict(self.policy_options))
+        return SchedulerConfig(**shared)
+
 
 @dataclass
 class StepRecord:
@@ -84,51 +91,46 @@ def resolve_model_path(model: str | None) -> str:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
-        from tokenmill.executor.model_executor import ModelExecutor
-        from tokenmill.tokenizer import load_tokenizer
+    """The step loop around one scheduler, one executor and the output processor.
 
+    ``executor`` defaults to a ``ModelExecutor`` built from ``config`` (and then
+    ``tokenizer`` to the model's); any ``Executor`` will do (``executor/``):
+    with a ``SimExecutor`` and its ``VirtualClock`` as ``clock`` the same loop
+    runs in virtual time, as the scheduling benchmarks and the replay recorder
+    use it. Without a tokenizer, prompts are token ids and outputs carry no text.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        executor: Executor | None = None,
+        tokenizer: Any = None,
+    ) -> None:
         if config.max_tokens_per_request is not None and config.max_tokens_per_request < 1:
             raise ValueError(f"max_tokens_per_request must be >= 1 or None, got {config.max_tokens_per_request}")
         self.config = config
         self.clock = clock
-        model_path = resolve_model_path(config.model)
-        self.model_path = model_path
-        self.executor = ModelExecutor(
-            model_path,
-            dtype=config.dtype,
-            device=config.device,
-            kv_cache_memory=config.kv_cache_memory,
-            block_size=config.block_size,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_num_seqs=config.max_num_seqs,
-        )
-        mc = self.executor.model_config
-        self.model_config = mc
-        self.tokenizer = load_tokenizer(config.tokenizer or model_path)
-        self.max_model_len = min(config.max_model_len or mc.max_model_len, mc.max_model_len)
-        eos = set(mc.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
+        self.model_path = resolve_model_path(config.model)
+        if executor is None:
+            from tokenmill.executor.model_executor import ModelExecutor
+
+            executor = ModelExecutor.from_config(config)
+            if tokenizer is None:
+                from tokenmill.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(config.tokenizer or self.model_path)
+        self.executor = executor
+        self.model_config = getattr(executor, "model_config", None)
+        self.tokenizer = tokenizer
+        self.max_model_len = min(config.max_model_len or executor.max_model_len, executor.max_model_len)
+        eos = set(executor.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        self.vocab_size = mc.vocab_size
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                num_blocks=self.executor.num_blocks,
-                block_size=config.block_size,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=self.max_model_len,
-                enable_prefix_caching=config.enable_prefix_caching,
-                enable_chunked_prefill=config.enable_chunked_prefill,
-                max_decode_steps=config.max_decode_steps,
-                max_waiting=config.max_waiting,
-                max_seqs_per_request=config.max_seqs_per_request,
-                policy=config.policy,
-                policy_options=dict(config.policy_options),
-                debug_checks=config.debug_checks,
-            )
-        )
+        self.vocab_size = executor.vocab_size
+        self.scheduler = Scheduler(config.scheduler_config(executor.num_blocks, self.max_model_len))
         self.outputs = OutputProcessor(self.tokenizer)
         # Set by a caller that streams (the async engine): see the module docstring.
         self.on_partial: Callable[[list[RequestOutput]], None] | None = None
@@ -143,6 +145,8 @@ class Engine:
     # ---------------------------------------------------------------- inputs
 
     def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer: give the prompt as token ids")
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     def add_request(
@@ -166,6 +170,8 @@ class Engine:
         """
         params = params or SamplingParams()
         params.validate()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this engine has none")
         if request_id in self._children:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):

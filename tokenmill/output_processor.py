@@ -31,7 +31,7 @@ class SampleState:
     """One of a user request's ``n`` samples."""
 
     index: int
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None: no tokenizer, outputs carry token ids only
     params: SamplingParams
     text: str = ""
     emitted: int = 0  # characters of ``text`` already handed out
@@ -74,7 +74,8 @@ class OutputProcessor:
             samples.append(
                 SampleState(
                     index=child.sample_index,
-                    detok=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, sp.skip_special_tokens),
+                    detok=None if self.tokenizer is None
+                    else IncrementalDetokenizer(self.tokenizer, prompt_token_ids, sp.skip_special_tokens),
                     params=sp,
                     logprobs=[] if sp.logprobs is not None else None,
                     cumulative_logprob=0.0 if sp.logprobs is not None else None,
@@ -155,6 +156,8 @@ class OutputProcessor:
             for tok, (lp, top) in zip(tokens, lps, strict=False):
                 s.logprobs.append(self._format_logprobs(tok, lp, top))
                 s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp
+        if s.detok is None:
+            return None
         delta = s.detok.add(tokens)
         if last:
             delta += s.detok.flush()
@@ -191,12 +194,15 @@ class OutputProcessor:
             lp, top = entries[j - first]
             got.append(self._format_logprobs(ids[j], lp, top))
 
+    def _decode(self, token: int) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode([token])
+
     def _format_logprobs(self, token: int, lp: float, top: list[tuple[int, float]]) -> TokenLogprobs:
         out: TokenLogprobs = {}
         for rank, (tid, tlp) in enumerate(top, start=1):
-            out[tid] = Logprob(tlp, rank, self.tokenizer.decode([tid]))
+            out[tid] = Logprob(tlp, rank, self._decode(tid))
         if token not in out:
-            out[token] = Logprob(lp, None, self.tokenizer.decode([token]))
+            out[token] = Logprob(lp, None, self._decode(token))
         return out
 
     @staticmethod

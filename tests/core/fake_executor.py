@@ -24,7 +24,13 @@ def next_token(history: list[int]) -> int:
 
 
 class FakeKVExecutor:
+    # The model facts an engine asks its executor for.
+    max_model_len = 1 << 20
+    vocab_size = VOCAB
+    eos_token_ids: tuple[int, ...] = ()
+
     def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
         self.block_size = block_size
         self.slots: list[tuple[int, int] | None] = [None] * (num_blocks * block_size)
         self.steps = 0
@@ -44,7 +50,7 @@ class FakeKVExecutor:
             out.append(entry[1])
         return out
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, on_substep: object = None) -> StepResult:
         self.steps += plan.num_steps
         sampled: dict[str, list[int]] = {}
         for s, view in zip(plan.seqs, self.state.apply(plan), strict=True):

@@ -259,6 +259,37 @@ class Scheduler:
             return 0
         return len(self.kv.get_computed_blocks(req)) * self.config.block_size
 
+    def decode_run(self) -> tuple[int, int] | None:
+        """The decode run the next plan would be, if it can be a multi-step plan at all.
+
+        A multi-step plan can only consist of one-token decodes of running
+        requests while no admission is possible (no preemption, no prefill
+        chunk); when that holds now, returns (how many decode, their context
+        tokens), which a simulator prices to cap the plan's length before
+        ``schedule``. None: the next plan is a single step.
+        """
+        running = self.running
+        if not running or self._admission_possible():
+            return None
+        if self._over and self.waiting:
+            return None  # the fan-out share will reclaim a slot: a preemption, a single step
+        m = len(running)
+        budget = self.config.max_num_batched_tokens
+        if m > budget:
+            m = budget
+            running = running[:m]
+        ctx = 0
+        for r in running:
+            nt = len(r.prompt_token_ids) + len(r.output_token_ids)
+            if r.num_computed_tokens != nt - 1:
+                return None
+            ctx += nt
+        return m, ctx
+
+    def _admission_possible(self) -> bool:
+        """Whether a waiting request could be admitted if blocks and budget allowed."""
+        return bool(self.waiting) and len(self.running) < self.config.max_num_seqs
+
     def stats(self) -> SchedulerStats:
         kv = self.kv
         return SchedulerStats(
@@ -445,7 +476,7 @@ class Scheduler:
         if k <= 1 or preempted or not seqs:
             return 1
         # Admission must be impossible whatever happens inside the plan.
-        if self.waiting and len(self.running) < self.config.max_num_seqs:
+        if self._admission_possible():
             return 1
         max_len = self.config.max_model_len
         for r, start, n, _ in seqs:

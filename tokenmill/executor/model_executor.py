@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -94,6 +95,34 @@ class ModelExecutor:
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.sampler = Sampler(self.device)
         self.state = ExecutorState()
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelExecutor:
+        """The executor an ``EngineConfig`` describes."""
+        from tokenmill.engine import resolve_model_path
+
+        return cls(
+            resolve_model_path(config.model),
+            dtype=config.dtype,
+            device=config.device,
+            kv_cache_memory=config.kv_cache_memory,
+            block_size=config.block_size,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+        )
+
+    # The model facts an engine takes from its executor (see executor/__init__.py).
+    @property
+    def max_model_len(self) -> int:
+        return self.model_config.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(self.model_config.eos_token_ids)
 
     @staticmethod
     def kv_cache_bytes_per_block(

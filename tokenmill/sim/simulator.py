@@ -72,7 +72,7 @@ class _Track:
 class Replica:
     __slots__ = ("index", "role", "sched", "executor", "cm", "plan", "result", "t0", "end", "version",
                  "active", "known", "arr_pos", "next_sample", "series", "busy_time", "num_plans",
-                 "num_steps", "num_cuts", "gpus", "_kmax", "_budget", "_max_seqs")  # fmt: skip
+                 "num_steps", "num_cuts", "gpus", "_kmax")  # fmt: skip
 
     def __init__(self, index: int, role: str, pool: PoolConfig, token_id: int) -> None:
         self.index = index
@@ -97,8 +97,6 @@ class Replica:
         self.gpus = pool.gpus_per_replica
         cfg = self.sched.config
         self._kmax = cfg.max_decode_steps
-        self._budget = cfg.max_num_batched_tokens
-        self._max_seqs = cfg.max_num_seqs
 
 
 class Simulator:
@@ -298,24 +296,14 @@ class Simulator:
     def _cap(self, rep: Replica, t: float, t_next: float) -> tuple[int, int]:
         """``max_steps`` so that a decode run ends at the first boundary at or after ``t_next``.
 
-        A multi-step plan can only consist of the running requests' decodes
-        (any prefill chunk, preemption or admission forces a single step), so
-        it is priced on them before scheduling. Returns (cap, batch size priced).
+        The scheduler says what decode run the next plan would be
+        (``Scheduler.decode_run``); it is priced before scheduling. Returns
+        (cap, batch size priced).
         """
-        sched = rep.sched
-        running = sched.running
-        if not running or (sched.waiting and len(running) < rep._max_seqs):
+        run = rep.sched.decode_run()
+        if run is None:
             return 1, 0
-        m = len(running)
-        if m > rep._budget:
-            m = rep._budget
-            running = running[:m]
-        ctx = 0
-        for r in running:
-            nt = len(r.prompt_token_ids) + len(r.output_token_ids)
-            if r.num_computed_tokens != nt - 1:
-                return 1, 0
-            ctx += nt
+        m, ctx = run
         return steps_until(rep.cm, m, ctx, t_next - t, rep._kmax), m
 
     def _account(self, rep: Replica, plan: StepPlan, dur: float, updates: list[SeqUpdate]) -> None:
