@@ -231,14 +231,45 @@ class Scheduler:
     def _finish(self, req: Request, reason: FinishReason, stop_reason: int | str | None, now: float) -> None:
         if req.status is RequestStatus.RUNNING:
             self._finished_ids.append(req.request_id)  # the executor holds state for it
-        self.kv.cache_blocks(req, req.num_computed_tokens)
-        self.kv.free(req)
+        kv = self.kv
+        kv.cache_blocks(req, req.num_computed_tokens)
+        if req.hold_kv and reason is not FinishReason.ABORT:
+            kv.hold(req)  # its KV is exported before ``release_kv``
+        else:
+            kv.free(req)
+        kv.cancel_import(req.request_id)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
         req.finish_time = now
         del self.requests[req.request_id]
         self.policy.on_finished(req, now)
+
+    # ------------------------------------------------------ KV between replicas
+
+    def reserve_import(self, req: Request, num_tokens: int) -> tuple[int, list[int]] | None:
+        """Reserve blocks for KV that another replica computed (prefill/decode disaggregation).
+
+        Call before ``add_request(req)``; the request's first ``num_tokens``
+        tokens then need no compute, and it is admitted only once added (after
+        its KV has landed). Returns (tokens the prefix cache already held, the
+        fresh blocks to write the rest into), or None when the blocks are not
+        there (the caller adds the request plainly and it recomputes its prompt).
+        """
+        if req.request_id in self.requests:
+            raise ValueError(f"request {req.request_id!r} is already queued")
+        got = self.kv.reserve_import(req, num_tokens)
+        if got is not None:
+            self.kv.record_prefix_query(num_tokens, got[0])
+        return got
+
+    def cancel_import(self, request_id: str) -> bool:
+        """Give back an import reservation whose request will not be added."""
+        return self.kv.cancel_import(request_id)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free the blocks a finished ``hold_kv`` request kept for export."""
+        return self.kv.release(request_id)
 
     # -------------------------------------------------------------- queries
 
@@ -436,6 +467,8 @@ class Scheduler:
     def _try_admit(self, req: Request, now: float, budget: int, seqs: list[tuple[Request, int, int, bool]]) -> int | None:
         """Admit ``req`` with up to ``budget`` tokens; return the tokens planned, None if it cannot."""
         cfg = self.config
+        if req.request_id in self.kv.imports:
+            return self._admit_imported(req, now, budget, seqs)
         # A request that wants its prompt's logprobs computes every prompt position,
         # cached or not (as vLLM does): the cache holds KV, not logits.
         computed = [] if req.wants_prompt_logprobs else self.kv.get_computed_blocks(req)
@@ -455,6 +488,31 @@ class Scheduler:
         req.status = RequestStatus.RUNNING
         self._start_running(req)
         seqs.append((req, num_cached, n, True))
+        self.policy.on_admitted(req, now)
+        return n
+
+    def _admit_imported(
+        self, req: Request, now: float, budget: int, seqs: list[tuple[Request, int, int, bool]]
+    ) -> int | None:
+        """Admit a request whose first tokens' KV was imported: it computes only the rest."""
+        kv = self.kv
+        table, num_imported = kv.imports[req.request_id]
+        n = req.num_tokens - num_imported
+        if n > budget:
+            if not self.config.enable_chunked_prefill:
+                return None
+            n = budget
+        if kv.blocks_for(num_imported + n) - len(table) > kv.num_available:
+            return None
+        kv.take_import(req)
+        req.num_computed_tokens = num_imported
+        kv.allocate_slots(req, n)
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = num_imported
+            req.first_scheduled_time = now
+        req.status = RequestStatus.RUNNING
+        self._start_running(req)
+        seqs.append((req, num_imported, n, True))
         self.policy.on_admitted(req, now)
         return n
 
@@ -594,6 +652,9 @@ class Scheduler:
         for rid in self.kv.tables:
             if rid not in live:
                 raise AssertionError(f"request {rid} holds blocks but is not running")
+        for rid in self.kv.held:
+            if rid in self.requests:
+                raise AssertionError(f"request {rid} holds KV for export but has not finished")
         cap = self.config.max_seqs_per_request
         if cap is not None:
             held: dict[str, int] = {}
