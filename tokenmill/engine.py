@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from tokenmill.core.plan import SeqUpdate, StepPlan
-from tokenmill.core.request import FinishReason, Request, SamplingParams
+from tokenmill.core.request import Request, SamplingParams
 from tokenmill.core.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerStats
+from tokenmill.executor import Executor
 from tokenmill.output_processor import OutputProcessor
 from tokenmill.outputs import RequestOutput
 
@@ -57,6 +58,12 @@ class EngineConfig:
     debug_checks: bool = False
     record_steps: bool = False  # keep a StepRecord per step (for replay in the simulator)
 
+    def scheduler_config(self, num_blocks: int, max_model_len: int) -> SchedulerConfig:
+        """The scheduler's share of this config: every ``SchedulerConfig`` field, by name."""
+        shared = {f.name: getattr(self, f.name) for f in fields(SchedulerConfig) if hasattr(self, f.name)}
+        shared.update(num_blocks=num_blocks, max_model_len=max_model_len, policy_options=dict(self.policy_options))
+        return SchedulerConfig(**shared)
+
 
 @dataclass
 class StepRecord:
@@ -84,51 +91,46 @@ def resolve_model_path(model: str | None) -> str:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
-        from tokenmill.executor.model_executor import ModelExecutor
-        from tokenmill.tokenizer import load_tokenizer
+    """The step loop around one scheduler, one executor and the output processor.
 
+    ``executor`` defaults to a ``ModelExecutor`` built from ``config`` (and then
+    ``tokenizer`` to the model's); any ``Executor`` will do (``executor/``):
+    with a ``SimExecutor`` and its ``VirtualClock`` as ``clock`` the same loop
+    runs in virtual time, as the scheduling benchmarks and the replay recorder
+    use it. Without a tokenizer, prompts are token ids and outputs carry no text.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        executor: Executor | None = None,
+        tokenizer: Any = None,
+    ) -> None:
         if config.max_tokens_per_request is not None and config.max_tokens_per_request < 1:
             raise ValueError(f"max_tokens_per_request must be >= 1 or None, got {config.max_tokens_per_request}")
         self.config = config
         self.clock = clock
-        model_path = resolve_model_path(config.model)
-        self.model_path = model_path
-        self.executor = ModelExecutor(
-            model_path,
-            dtype=config.dtype,
-            device=config.device,
-            kv_cache_memory=config.kv_cache_memory,
-            block_size=config.block_size,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_num_seqs=config.max_num_seqs,
-        )
-        mc = self.executor.model_config
-        self.model_config = mc
-        self.tokenizer = load_tokenizer(config.tokenizer or model_path)
-        self.max_model_len = min(config.max_model_len or mc.max_model_len, mc.max_model_len)
-        eos = set(mc.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
+        self.model_path = resolve_model_path(config.model)
+        if executor is None:
+            from tokenmill.executor.model_executor import ModelExecutor
+
+            executor = ModelExecutor.from_config(config)
+            if tokenizer is None:
+                from tokenmill.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(config.tokenizer or self.model_path)
+        self.executor = executor
+        self.model_config = getattr(executor, "model_config", None)
+        self.tokenizer = tokenizer
+        self.max_model_len = min(config.max_model_len or executor.max_model_len, executor.max_model_len)
+        eos = set(executor.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        self.vocab_size = mc.vocab_size
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                num_blocks=self.executor.num_blocks,
-                block_size=config.block_size,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=self.max_model_len,
-                enable_prefix_caching=config.enable_prefix_caching,
-                enable_chunked_prefill=config.enable_chunked_prefill,
-                max_decode_steps=config.max_decode_steps,
-                max_waiting=config.max_waiting,
-                max_seqs_per_request=config.max_seqs_per_request,
-                policy=config.policy,
-                policy_options=dict(config.policy_options),
-                debug_checks=config.debug_checks,
-            )
-        )
+        self.vocab_size = executor.vocab_size
+        self.scheduler = Scheduler(config.scheduler_config(executor.num_blocks, self.max_model_len))
         self.outputs = OutputProcessor(self.tokenizer)
         # Set by a caller that streams (the async engine): see the module docstring.
         self.on_partial: Callable[[list[RequestOutput]], None] | None = None
@@ -143,6 +145,8 @@ class Engine:
     # ---------------------------------------------------------------- inputs
 
     def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer: give the prompt as token ids")
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     def add_request(
@@ -166,6 +170,8 @@ class Engine:
         """
         params = params or SamplingParams()
         params.validate()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this engine has none")
         if request_id in self._children:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -244,7 +250,6 @@ class Engine:
         now = self.clock()
         for child in children:
             if self.scheduler.abort_request(child.request_id, now) is not None:
-                self.executor.free_request(child.request_id)
                 self.finished_by_reason["abort"] = self.finished_by_reason.get("abort", 0) + 1
         return self.outputs.finish_aborted(request_id)
 
@@ -262,32 +267,23 @@ class Engine:
         """
         plan = self.scheduler.schedule(self.clock())
         if plan.is_empty:
+            if plan.finished_ids:
+                self.executor.execute(plan)  # only to drop the finished requests' state
             return []
         sink = self.on_partial
-        partial = _SubStepPublisher(self, plan, sink) if sink is not None and plan.num_steps > 1 else None
+        publisher = _Publisher(self, plan)
+        streaming = sink is not None and plan.num_steps > 1
         t0 = self.clock()
-        result = self.executor.execute(plan, partial) if partial is not None else self.executor.execute(plan)
+        result = self.executor.execute(plan, publisher.substep(sink)) if streaming else self.executor.execute(plan)
         result.duration = self.clock() - t0
         self._record(plan, result.duration)
-        updates = self.scheduler.update(plan, result)
-        for u in updates:
+        outputs = publisher.publish(result.sampled_token_ids, result.logprobs, result.prompt_logprobs)
+        result.stop_strings = publisher.stop_strings or None
+        for u in self.scheduler.update(plan, result):
             self.num_generation_tokens += len(u.new_token_ids)
-        now = self.clock()
-        if partial is not None:
-            updates = partial.unpublished(updates)
-        outputs, stopped = self.outputs.process(updates, now)
-        finished = [out for out in outputs if out.finished]
-        if partial is not None:
-            stopped = partial.stopped + stopped
-            finished += partial.finished
-        for child_id, stop in stopped:
-            self.scheduler.finish_request(child_id, FinishReason.STOP, stop, now)
         self.num_prompt_tokens += sum(s.num_new_tokens for s in plan.seqs if s.is_prefill)
-        for child_id in plan.preempted_ids:
-            self.executor.free_request(child_id)
-        for out in finished:
-            for child in self._children.pop(out.request_id, []):
-                self.executor.free_request(child.request_id)
+        for out in publisher.finished + [o for o in outputs if o.finished]:
+            self._children.pop(out.request_id, None)
             for o in out.outputs:
                 reason = o.finish_reason or "stop"
                 self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
@@ -309,57 +305,70 @@ class Engine:
         )
 
 
-class _SubStepPublisher:
-    """Publishes the tokens of a multi-step plan as they are sampled (``Engine.step``).
+class _Publisher:
+    """Turns a plan's sampled tokens into outputs before ``update`` (``Engine.step``).
 
-    Called by the executor after each sub-step but the last. It reads requests
-    and never changes them: each sequence's tokens so far go through
-    ``Request.check_output`` (the stop rules ``update()`` will apply), and the
-    ones not yet published go to the output processor as provisional updates.
+    It reads requests and never changes them: each sequence's tokens so far go
+    through ``Request.check_output`` (the stop rules ``update()`` applies) and
+    the output processor (detokenization, stop strings); what it found of stop
+    strings goes to ``update`` in the step result. A streaming caller gets a
+    publish after each sub-step of a multi-step plan (``substep``); the end of
+    the plan publishes the rest.
     """
 
-    def __init__(self, engine: Engine, plan: StepPlan, sink: Callable[[list[RequestOutput]], None]) -> None:
+    def __init__(self, engine: Engine, plan: StepPlan) -> None:
         self.engine = engine
-        self.sink = sink
-        self.seqs = [s for s in plan.seqs if s.samples]
+        self.plan = plan
         self.published: dict[str, int] = {}  # request id -> tokens of this plan handed out
-        self.stopped: list[tuple[str, str]] = []  # (child id, stop string) found mid-plan
-        self.finished: list[RequestOutput] = []  # outputs that finished mid-plan
+        self.stop_strings: dict[str, tuple[int, str]] = {}  # request id -> (tokens taken, stop string)
+        self.finished: list[RequestOutput] = []  # outputs that finished in a sub-step publish
 
-    def __call__(self, sampled: dict[str, list[int]], logprobs: dict[str, list[Any]]) -> None:
+    def substep(self, sink: Callable[[list[RequestOutput]], None]) -> Callable[..., None]:
+        def on_substep(sampled: dict[str, list[int]], logprobs: dict[str, list[Any]]) -> None:
+            outputs = self.publish(sampled, logprobs or None, None)
+            self.finished.extend(out for out in outputs if out.finished)
+            if outputs:
+                sink(outputs)
+
+        return on_substep
+
+    def publish(
+        self,
+        sampled: dict[str, list[int]],
+        logprobs: dict[str, list[Any]] | None,
+        prompt_logprobs: dict[str, Any] | None,
+    ) -> list[RequestOutput]:
         engine = self.engine
+        requests = engine.scheduler.requests
+        max_len = engine.max_model_len
         updates: list[SeqUpdate] = []
-        for s in self.seqs:
-            req = s.request
-            rid = req.request_id
+        before: dict[str, int] = {}  # request id -> tokens of the plan published before this call
+        for s in self.plan.seqs:
+            rid = s.request_id
+            req = requests.get(rid)
+            if req is None:
+                continue
+            plp = prompt_logprobs.get(rid) if prompt_logprobs else None
+            if not s.samples:
+                if plp is not None:
+                    updates.append(SeqUpdate(req, [], prompt_logprobs=plp))
+                continue
+            if rid in self.stop_strings:
+                continue  # a stop string ended it in an earlier sub-step
             toks = sampled[rid]
             done = self.published.get(rid, 0)
-            n, reason, stop_reason = req.check_output(toks, engine.max_model_len)
+            n, reason, stop_reason = req.check_output(toks, max_len)
             if n <= done:
                 continue  # stopped in an earlier sub-step
+            before[rid] = done
             self.published[rid] = n
-            lps = logprobs.get(rid)
-            updates.append(
-                SeqUpdate(req, toks[done:n], lps[done:n] if lps else None, reason is not None, reason, stop_reason)
-            )
+            lps = logprobs.get(rid) if logprobs else None
+            updates.append(SeqUpdate(req, toks[done:n], lps[done:n] if lps else None, reason is not None,
+                                     reason, stop_reason, plp))  # fmt: skip
         if not updates:
-            return
+            return []
         outputs, stopped = engine.outputs.process(updates, engine.clock())
-        self.stopped.extend(stopped)
-        self.finished.extend(out for out in outputs if out.finished)
-        if outputs:
-            self.sink(outputs)
-
-    def unpublished(self, updates: list[SeqUpdate]) -> list[SeqUpdate]:
-        """The plan's updates less what was published already (its prefix, by construction)."""
-        out = []
-        for u in updates:
-            done = self.published.get(u.request_id, 0)
-            if done:
-                u.new_token_ids = u.new_token_ids[done:]
-                if u.new_logprobs is not None:
-                    u.new_logprobs = u.new_logprobs[done:]
-                if not u.new_token_ids and not u.finished and u.prompt_logprobs is None:
-                    continue
-            out.append(u)
-        return out
+        for rid, stop, taken in stopped:
+            self.published[rid] = n = before[rid] + taken
+            self.stop_strings[rid] = (n, stop)
+        return outputs

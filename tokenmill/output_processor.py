@@ -31,7 +31,7 @@ class SampleState:
     """One of a user request's ``n`` samples."""
 
     index: int
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None: no tokenizer, outputs carry token ids only
     params: SamplingParams
     text: str = ""
     emitted: int = 0  # characters of ``text`` already handed out
@@ -74,7 +74,8 @@ class OutputProcessor:
             samples.append(
                 SampleState(
                     index=child.sample_index,
-                    detok=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, sp.skip_special_tokens),
+                    detok=None if self.tokenizer is None
+                    else IncrementalDetokenizer(self.tokenizer, prompt_token_ids, sp.skip_special_tokens),
                     params=sp,
                     logprobs=[] if sp.logprobs is not None else None,
                     cumulative_logprob=0.0 if sp.logprobs is not None else None,
@@ -88,10 +89,13 @@ class OutputProcessor:
     def remove(self, request_id: str) -> None:
         self.parents.pop(request_id, None)
 
-    def process(self, updates: list[SeqUpdate], now: float) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
-        """Apply updates. Returns the outputs and the (child id, stop string) pairs that hit a stop string."""
+    def process(
+        self, updates: list[SeqUpdate], now: float
+    ) -> tuple[list[RequestOutput], list[tuple[str, str, int]]]:
+        """Apply updates. Returns the outputs and, for each sequence that hit a stop string,
+        ``(child id, stop string, tokens of its update taken up to the one that completed it)``."""
         touched: dict[str, ParentState] = {}
-        stopped: list[tuple[str, str]] = []
+        stopped: list[tuple[str, str, int]] = []
         for u in updates:
             req = u.request
             parent = self.parents.get(req.parent_id or req.request_id)
@@ -114,7 +118,7 @@ class OutputProcessor:
                 m.last_token_time = now
             hit = self._append(sample, u)
             if hit is not None:
-                stopped.append((req.request_id, hit))
+                stopped.append((req.request_id, *hit))
             elif u.finished:
                 self._finish(sample, u.finish_reason, u.stop_reason)
         outputs = []
@@ -125,7 +129,9 @@ class OutputProcessor:
             outputs.append(self._snapshot(parent))
         return outputs, stopped
 
-    def _append(self, s: SampleState, u: SeqUpdate) -> str | None:
+    def _append(self, s: SampleState, u: SeqUpdate) -> tuple[str, int] | None:
+        """Append the update's tokens; return the stop string they complete, if any, with
+        how many of them were taken (up to the one that completed it)."""
         tokens = u.new_token_ids
         if s.params.stop and len(tokens) > 1:
             # Several tokens at once (a multi-step plan): take them one at a time, so
@@ -136,9 +142,10 @@ class OutputProcessor:
                     s, [t], lps[i : i + 1] if lps else None, u.finished and i == len(tokens) - 1
                 )
                 if hit is not None:
-                    return hit
+                    return hit, i + 1
             return None
-        return self._append_tokens(s, tokens, u.new_logprobs, u.finished)
+        hit = self._append_tokens(s, tokens, u.new_logprobs, u.finished)
+        return None if hit is None else (hit, len(tokens))
 
     def _append_tokens(
         self, s: SampleState, tokens: list[int], lps: list[tuple[float, list[tuple[int, float]]]] | None, last: bool
@@ -149,6 +156,8 @@ class OutputProcessor:
             for tok, (lp, top) in zip(tokens, lps, strict=False):
                 s.logprobs.append(self._format_logprobs(tok, lp, top))
                 s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp
+        if s.detok is None:
+            return None
         delta = s.detok.add(tokens)
         if last:
             delta += s.detok.flush()
@@ -185,12 +194,15 @@ class OutputProcessor:
             lp, top = entries[j - first]
             got.append(self._format_logprobs(ids[j], lp, top))
 
+    def _decode(self, token: int) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode([token])
+
     def _format_logprobs(self, token: int, lp: float, top: list[tuple[int, float]]) -> TokenLogprobs:
         out: TokenLogprobs = {}
         for rank, (tid, tlp) in enumerate(top, start=1):
-            out[tid] = Logprob(tlp, rank, self.tokenizer.decode([tid]))
+            out[tid] = Logprob(tlp, rank, self._decode(tid))
         if token not in out:
-            out[token] = Logprob(lp, None, self.tokenizer.decode([token]))
+            out[token] = Logprob(lp, None, self._decode(token))
         return out
 
     @staticmethod

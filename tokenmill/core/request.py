@@ -119,6 +119,7 @@ class Request:
     tpot_slo: float | None = None
     predicted_output_len: int | None = None  # hint for length-aware policies
     parent_id: str | None = None  # the user request this sample belongs to
+    hold_kv: bool = False  # keep its KV blocks after it finishes, for export (prefill of P/D)
     sample_index: int = 0
 
     status: RequestStatus = RequestStatus.WAITING

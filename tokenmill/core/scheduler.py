@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.core.kv_manager import KVManager
-from tokenmill.core.plan import ScheduledSeq, SeqUpdate, StepPlan, StepResult
+from tokenmill.core.plan import ScheduledSeq, SeqSetup, SeqUpdate, StepPlan, StepResult
 from tokenmill.core.policies import SchedulingPolicy, make_policy
 from tokenmill.core.request import FinishReason, Request, RequestStatus
 
@@ -99,6 +99,11 @@ class Scheduler:
         self._step = 0
         self.num_preemptions = 0
         self._held: dict[str, int] = {}  # parent -> its running samples (parents with more than one)
+        # The last plan's live requests, in its seq order: plans carry ids only, and
+        # ``update``/``shorten_plan`` take the plan that ``schedule`` returned last.
+        self._plan_step = 0
+        self._plan_requests: list[Request] = []
+        self._finished_ids: list[str] = []  # finished or aborted since the last plan
         self._over: set[str] = set()  # parents holding more than max_seqs_per_request slots
 
     # ---------------------------------------------------------------- inputs
@@ -224,14 +229,47 @@ class Scheduler:
         return req
 
     def _finish(self, req: Request, reason: FinishReason, stop_reason: int | str | None, now: float) -> None:
-        self.kv.cache_blocks(req, req.num_computed_tokens)
-        self.kv.free(req)
+        if req.status is RequestStatus.RUNNING:
+            self._finished_ids.append(req.request_id)  # the executor holds state for it
+        kv = self.kv
+        kv.cache_blocks(req, req.num_computed_tokens)
+        if req.hold_kv and reason is not FinishReason.ABORT:
+            kv.hold(req)  # its KV is exported before ``release_kv``
+        else:
+            kv.free(req)
+        kv.cancel_import(req.request_id)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
         req.finish_time = now
         del self.requests[req.request_id]
         self.policy.on_finished(req, now)
+
+    # ------------------------------------------------------ KV between replicas
+
+    def reserve_import(self, req: Request, num_tokens: int) -> tuple[int, list[int]] | None:
+        """Reserve blocks for KV that another replica computed (prefill/decode disaggregation).
+
+        Call before ``add_request(req)``; the request's first ``num_tokens``
+        tokens then need no compute, and it is admitted only once added (after
+        its KV has landed). Returns (tokens the prefix cache already held, the
+        fresh blocks to write the rest into), or None when the blocks are not
+        there (the caller adds the request plainly and it recomputes its prompt).
+        """
+        if req.request_id in self.requests:
+            raise ValueError(f"request {req.request_id!r} is already queued")
+        got = self.kv.reserve_import(req, num_tokens)
+        if got is not None:
+            self.kv.record_prefix_query(num_tokens, got[0])
+        return got
+
+    def cancel_import(self, request_id: str) -> bool:
+        """Give back an import reservation whose request will not be added."""
+        return self.kv.cancel_import(request_id)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free the blocks a finished ``hold_kv`` request kept for export."""
+        return self.kv.release(request_id)
 
     # -------------------------------------------------------------- queries
 
@@ -251,6 +289,37 @@ class Scheduler:
         if req.wants_prompt_logprobs:
             return 0
         return len(self.kv.get_computed_blocks(req)) * self.config.block_size
+
+    def decode_run(self) -> tuple[int, int] | None:
+        """The decode run the next plan would be, if it can be a multi-step plan at all.
+
+        A multi-step plan can only consist of one-token decodes of running
+        requests while no admission is possible (no preemption, no prefill
+        chunk); when that holds now, returns (how many decode, their context
+        tokens), which a simulator prices to cap the plan's length before
+        ``schedule``. None: the next plan is a single step.
+        """
+        running = self.running
+        if not running or self._admission_possible():
+            return None
+        if self._over and self.waiting:
+            return None  # the fan-out share will reclaim a slot: a preemption, a single step
+        m = len(running)
+        budget = self.config.max_num_batched_tokens
+        if m > budget:
+            m = budget
+            running = running[:m]
+        ctx = 0
+        for r in running:
+            nt = len(r.prompt_token_ids) + len(r.output_token_ids)
+            if r.num_computed_tokens != nt - 1:
+                return None
+            ctx += nt
+        return m, ctx
+
+    def _admission_possible(self) -> bool:
+        """Whether a waiting request could be admitted if blocks and budget allowed."""
+        return bool(self.waiting) and len(self.running) < self.config.max_num_seqs
 
     def stats(self) -> SchedulerStats:
         kv = self.kv
@@ -273,7 +342,9 @@ class Scheduler:
         """Decide the next step. ``max_steps`` caps a multi-step plan (e.g. at the next arrival)."""
         cfg = self.config
         budget = cfg.max_num_batched_tokens
-        seqs: list[ScheduledSeq] = []
+        # (request, first token, tokens, admitted now): made into ScheduledSeqs at the end,
+        # once the blocks of every sub-step are reserved.
+        seqs: list[tuple[Request, int, int, bool]] = []
         preempted: list[Request] = []
         # 0. Fan-out share: free slots held by samples past their parent's share.
         reclaimed: list[Request] = []
@@ -283,6 +354,10 @@ class Scheduler:
         kv = self.kv
         tables = kv.tables
         bs = cfg.block_size
+        if self._finished_ids:
+            finished_ids, self._finished_ids = self._finished_ids, []
+        else:
+            finished_ids = []
 
         # 1. Running requests, in admission order. running[:i] are the ones scheduled so far.
         i = 0
@@ -303,8 +378,7 @@ class Scheduler:
                         break
                 if req.status is not RequestStatus.RUNNING:
                     continue  # preempted itself; self.running shifted left
-                table = tables[req.request_id]
-            seqs.append(ScheduledSeq(req, nc, n, table, nc + n == total))
+            seqs.append((req, nc, n, False))
             budget -= n
             i += 1
 
@@ -317,35 +391,48 @@ class Scheduler:
                 admitted_set = set(map(id, admitted))
                 self.waiting = [r for r in self.waiting if id(r) not in admitted_set]
 
-        num_batched = sum(s.num_new_tokens for s in seqs)
         preempted = reclaimed + preempted
         num_steps = self._multi_step_count(seqs, preempted, max_steps)
         self._step += 1
         plan = StepPlan(
             step_id=self._step,
             now=now,
-            seqs=seqs,
+            seqs=self._snapshot(seqs),
             num_steps=num_steps,
             preempted_ids=[r.request_id for r in preempted],
-            num_batched_tokens=num_batched,
+            finished_ids=finished_ids,
+            num_batched_tokens=sum(t[2] for t in seqs),
             num_waiting=len(self.waiting),
             num_running=len(self.running),
         )
+        self._plan_step = self._step
+        self._plan_requests = [t[0] for t in seqs]
         if cfg.debug_checks:
             self._check()
         return plan
 
-    def _plan_seq(self, req: Request, n: int) -> ScheduledSeq:
-        start = req.num_computed_tokens
-        return ScheduledSeq(
-            request=req,
-            start_pos=start,
-            num_new_tokens=n,
-            block_ids=self.kv.tables[req.request_id],
-            samples=start + n == req.num_tokens,
-        )
+    def _snapshot(self, picked: list[tuple[Request, int, int, bool]]) -> list[ScheduledSeq]:
+        """The plan's sequences as data: tokens to feed, block table diffs, setups of admissions."""
+        table_diff = self.kv.table_diff
+        seqs = []
+        for req, start, n, admitted in picked:
+            end = start + n
+            offset, blocks = table_diff(req.request_id)
+            setup = None
+            if admitted:
+                setup = SeqSetup(req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
+                                 req.eos_token_ids, req.sample_index)  # fmt: skip
+            seqs.append(ScheduledSeq(req.request_id, start, n, req.token_ids_slice(start, end), offset, blocks,
+                                     end == req.num_tokens, setup))  # fmt: skip
+        return seqs
 
-    def _admit(self, now: float, budget: int, seqs: list[ScheduledSeq]) -> list[Request]:
+    def _plan_of(self, plan: StepPlan) -> list[Request]:
+        """The live requests of ``plan``, which must be the last one scheduled."""
+        if plan.step_id != self._plan_step:
+            raise ValueError(f"plan {plan.step_id} is not the last one scheduled ({self._plan_step})")
+        return self._plan_requests
+
+    def _admit(self, now: float, budget: int, seqs: list[tuple[Request, int, int, bool]]) -> list[Request]:
         """Admit waiting requests in policy order; samples whose parent holds its share
         of slots go after the others (a second pass), so they only take what is left."""
         cfg = self.config
@@ -377,9 +464,11 @@ class Scheduler:
                 budget -= n
         return admitted
 
-    def _try_admit(self, req: Request, now: float, budget: int, seqs: list[ScheduledSeq]) -> int | None:
+    def _try_admit(self, req: Request, now: float, budget: int, seqs: list[tuple[Request, int, int, bool]]) -> int | None:
         """Admit ``req`` with up to ``budget`` tokens; return the tokens planned, None if it cannot."""
         cfg = self.config
+        if req.request_id in self.kv.imports:
+            return self._admit_imported(req, now, budget, seqs)
         # A request that wants its prompt's logprobs computes every prompt position,
         # cached or not (as vLLM does): the cache holds KV, not logits.
         computed = [] if req.wants_prompt_logprobs else self.kv.get_computed_blocks(req)
@@ -398,7 +487,32 @@ class Scheduler:
         req.num_computed_tokens = num_cached
         req.status = RequestStatus.RUNNING
         self._start_running(req)
-        seqs.append(self._plan_seq(req, n))
+        seqs.append((req, num_cached, n, True))
+        self.policy.on_admitted(req, now)
+        return n
+
+    def _admit_imported(
+        self, req: Request, now: float, budget: int, seqs: list[tuple[Request, int, int, bool]]
+    ) -> int | None:
+        """Admit a request whose first tokens' KV was imported: it computes only the rest."""
+        kv = self.kv
+        table, num_imported = kv.imports[req.request_id]
+        n = req.num_tokens - num_imported
+        if n > budget:
+            if not self.config.enable_chunked_prefill:
+                return None
+            n = budget
+        if kv.blocks_for(num_imported + n) - len(table) > kv.num_available:
+            return None
+        kv.take_import(req)
+        req.num_computed_tokens = num_imported
+        kv.allocate_slots(req, n)
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = num_imported
+            req.first_scheduled_time = now
+        req.status = RequestStatus.RUNNING
+        self._start_running(req)
+        seqs.append((req, num_imported, n, True))
         self.policy.on_admitted(req, now)
         return n
 
@@ -413,19 +527,20 @@ class Scheduler:
         bisect.insort(self.waiting, req, key=self._order)
         self.num_preemptions += 1
 
-    def _multi_step_count(self, seqs: list[ScheduledSeq], preempted: list[Request], max_steps: int | None) -> int:
+    def _multi_step_count(
+        self, seqs: list[tuple[Request, int, int, bool]], preempted: list[Request], max_steps: int | None
+    ) -> int:
         k = self.config.max_decode_steps if max_steps is None else min(max_steps, self.config.max_decode_steps)
         if k <= 1 or preempted or not seqs:
             return 1
         # Admission must be impossible whatever happens inside the plan.
-        if self.waiting and len(self.running) < self.config.max_num_seqs:
+        if self._admission_possible():
             return 1
         max_len = self.config.max_model_len
-        for s in seqs:
-            if s.num_new_tokens != 1 or not s.samples:
-                return 1
-            r = s.request
+        for r, start, n, _ in seqs:
             n_out = len(r.output_token_ids)
+            if n != 1 or start + 1 != len(r.prompt_token_ids) + n_out:
+                return 1  # a prefill chunk, or a sequence that does not sample
             mt = r.sampling_params.max_tokens
             if mt is not None and mt - n_out < k:
                 k = mt - n_out
@@ -435,17 +550,18 @@ class Scheduler:
         if k <= 1:
             return 1
         bs = self.kv.block_size
-        short: list[ScheduledSeq] = []
+        tables = self.kv.tables
+        short: list[Request] = []
         need = 0
-        for s in seqs:
-            extra = -(-(s.request.num_computed_tokens + k) // bs) - len(s.block_ids)
+        for r, _, _, _ in seqs:
+            extra = -(-(r.num_computed_tokens + k) // bs) - len(tables[r.request_id])
             if extra > 0:
                 need += extra
-                short.append(s)
+                short.append(r)
         if need > self.kv.num_available:
             return 1
-        for s in short:  # the others hold their blocks already
-            self.kv.allocate_slots(s.request, k)
+        for r in short:  # the others hold their blocks already
+            self.kv.allocate_slots(r, k)
         return k
 
     def shorten_plan(self, plan: StepPlan, num_steps: int) -> None:
@@ -464,8 +580,8 @@ class Scheduler:
         if num_steps == plan.num_steps:
             return
         # Reservations were made seq by seq in plan order; undo them in reverse.
-        for s in reversed(plan.seqs):
-            self.kv.trim(s.request, s.start_pos + s.num_new_tokens + num_steps - 1)
+        for s, req in zip(reversed(plan.seqs), reversed(self._plan_of(plan)), strict=True):
+            self.kv.trim(req, s.start_pos + s.num_new_tokens + num_steps - 1)
         plan.num_steps = num_steps
         if self.config.debug_checks:
             self._check()
@@ -473,19 +589,23 @@ class Scheduler:
     # --------------------------------------------------------------- update
 
     def update(self, plan: StepPlan, result: StepResult) -> list[SeqUpdate]:
-        """Advance the requests of ``plan`` by ``result``; return what changed, as data."""
+        """Advance the requests of ``plan`` by ``result``; return what changed, as data.
+
+        A request with an entry in ``result.stop_strings`` takes the tokens up to
+        the one that completed the stop string and finishes with ``stop``.
+        """
         now = plan.now + (result.duration or 0.0)
         updates: list[SeqUpdate] = []
         sampled = result.sampled_token_ids
         logprobs = result.logprobs
         prompt_lps = result.prompt_logprobs
+        stop_strings = result.stop_strings
         policy = self.policy
         on_generated = policy.on_generated
         max_model_len = self.config.max_model_len
         running_status = RequestStatus.RUNNING
         t_plan = plan.now
-        for s in plan.seqs:
-            req = s.request
+        for s, req in zip(plan.seqs, self._plan_of(plan), strict=True):
             if req.status is not running_status:
                 continue  # aborted or finished from outside since the plan was made
             if not s.samples:
@@ -500,7 +620,13 @@ class Scheduler:
             if s.num_new_tokens > 1:
                 policy.on_computed(req, s.num_new_tokens, t_plan)
             rid = req.request_id
-            new, reason, stop_reason = req.append_output(sampled[rid], max_model_len)
+            stop = stop_strings.get(rid) if stop_strings else None
+            if stop is None:
+                new, reason, stop_reason = req.append_output(sampled[rid], max_model_len)
+            else:
+                new, reason, stop_reason = req.append_output(sampled[rid][: stop[0]], max_model_len)
+                if len(new) == stop[0]:  # else a stop token came first
+                    reason, stop_reason = FinishReason.STOP, stop[1]
             if req.first_token_time is None and new:
                 req.first_token_time = now
             req.num_computed_tokens = len(req.prompt_token_ids) + len(req.output_token_ids) - 1
@@ -526,6 +652,9 @@ class Scheduler:
         for rid in self.kv.tables:
             if rid not in live:
                 raise AssertionError(f"request {rid} holds blocks but is not running")
+        for rid in self.kv.held:
+            if rid in self.requests:
+                raise AssertionError(f"request {rid} holds KV for export but has not finished")
         cap = self.config.max_seqs_per_request
         if cap is not None:
             held: dict[str, int] = {}

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tokenmill.core.plan import ScheduledSeq, StepPlan
+from tokenmill.core.plan import StepPlan, standalone_seq
 from tokenmill.core.request import Request, SamplingParams
 from tokenmill.sim.profiled import FORMAT
 
@@ -127,10 +127,10 @@ def build_plan(prefill: int, decode: int, context: int, blocks: _Blocks, vocab: 
         prior = context if decode == 0 else 0
         total = prior + prefill
         req = Request("p", tokens(total), greedy)
-        seqs.append(ScheduledSeq(req, prior, prefill, blocks.table(total), True))
+        seqs.append(standalone_seq(req, prior, prefill, blocks.table(total), True))
     for i in range(decode):
         req = Request(f"d{i}", tokens(context), greedy)
-        seqs.append(ScheduledSeq(req, context - 1, 1, blocks.table(context + num_steps - 1), True))
+        seqs.append(standalone_seq(req, context - 1, 1, blocks.table(context + num_steps - 1), True))
     return StepPlan(step_id=0, now=0.0, seqs=seqs, num_steps=num_steps, num_batched_tokens=prefill + decode)
 
 
