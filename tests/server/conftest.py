@@ -36,3 +36,20 @@ def openai_client(server: ServerProcess) -> Any:
     from openai import OpenAI
 
     return OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=60.0)
+
+
+@pytest.fixture(scope="session")
+def open_server(server_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server as ``tokenmill serve`` starts by default: loopback, no API key (so the Host check is on).
+
+    It trusts request chat templates and takes 8 MiB bodies, so that hostile
+    templates and huge prompts reach the limits behind those two gates.
+    """
+    proc = ServerProcess(
+        server_model_dir, tmp_path_factory.mktemp("open-server") / "server.log",
+        "--trust-request-chat-template", "--chat-template-timeout", "1", "--max-body-bytes", "8MiB",
+        api_key=None,
+    )  # fmt: skip
+    proc.wait_ready()
+    yield proc
+    proc.stop()

@@ -17,13 +17,8 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.server import streaming
 from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.logprobs import completion_logprobs
-from tokenmill.server.params import (
-    check_token_ids,
-    completion_prompts,
-    reject_unsupported,
-    resolve_max_tokens,
-    sampling_params,
-)
+from tokenmill.server.params import reject_unsupported, resolve_max_tokens, sampling_params
+from tokenmill.server.prompts import split_completion_prompt, tokenize_prompts
 from tokenmill.server.protocol import CompletionRequest, make_id, now_s
 from tokenmill.server.state import ServerState, collect
 from tokenmill.server.usage import UsageCounter
@@ -34,27 +29,33 @@ ABORTED_MESSAGE = "the request was aborted: the server is shutting down"
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
     model = state.check_model(body.model)
     reject_unsupported(body)
-    prompts = completion_prompts(state.tokenizer, body.prompt)
-    params = []
-    for text, ids in prompts:
-        if text is None:
-            check_token_ids(ids, state.vocab_size, "prompt")
-        max_tokens = resolve_max_tokens(body.max_tokens, len(ids), state.max_model_len, "prompt")
-        params.append(sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs))
-    request_id = make_id("cmpl")
-    stream, engine_ids = await state.add_all(
-        request_id,
-        [ids for _, ids in prompts],
-        params,
-        arrival_time=state.async_engine.engine.clock(),
-        client_id=state.client_id(request, body.user),
-        priority=body.priority,
-        ttft_slo=body.ttft_slo,
-        tpot_slo=body.tpot_slo,
-        cache_namespace=body.cache_salt or "",
-    )
+    texts = split_completion_prompt(body.prompt, state.limits)  # count and sizes: no work yet
+    state.admission.check_fits(len(texts) * body.n, "n")
+    with state.admission.reserve(len(texts) * body.n) as reservation:
+        prompts = await state.preprocessor.run(tokenize_prompts, state.tokenizer, texts, state.limits, body.echo)
+        params = [
+            sampling_params(
+                body,
+                max_tokens=resolve_max_tokens(body.max_tokens, len(ids), state.max_model_len, "prompt"),
+                logprobs=body.logprobs,
+            )
+            for _, ids in prompts
+        ]
+        request_id = make_id("cmpl")
+        stream, engine_ids = await state.add_all(
+            request_id,
+            [ids for _, ids in prompts],
+            params,
+            reservation,
+            arrival_time=state.async_engine.engine.clock(),
+            client_id=state.client_id(request, body.user),
+            priority=body.priority,
+            ttft_slo=body.ttft_slo,
+            tpot_slo=body.tpot_slo,
+            cache_namespace=body.cache_salt or "",
+        )
     index_of = {rid: i for i, rid in enumerate(engine_ids)}
-    echo = [(text if text is not None else state.tokenizer.decode(ids)) if body.echo else "" for text, ids in prompts]
+    echo = [(text or "") if body.echo else "" for text, _ in prompts]
     usage = UsageCounter([len(ids) for _, ids in prompts])
     created = now_s()
 
@@ -67,9 +68,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             lambda: state.abort(stream),
         )
 
-    final = await collect(state, stream, request)
-    if final is None:
-        return Response(status_code=499)  # the client is gone; nobody reads this
+    final = await collect(state, stream)
     choices = []
     for rid, out in final.items():
         usage.update(out)

@@ -25,6 +25,7 @@ _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
 _MAX_N = 128  # samples per prompt; more is almost surely a mistake and would hold the queue
 _MAX_STOP = 16  # stop strings per request
 _MAX_LOGPROBS = 20
+MAX_TEMPLATE_CHARS = 65536  # a request's own chat template; those on the Hub are a few KB
 
 TokenIds = list[Annotated[int, Field(ge=0, le=2**31 - 1)]]
 
@@ -98,10 +99,23 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON string, as the model wrote them")
+
+
+class ToolCall(_Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant message's calls, for the template")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
 
     def text(self) -> str:
         if self.content is None:
@@ -109,6 +123,23 @@ class ChatMessage(_Request):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+    def text_length(self) -> int:
+        """Characters of text this message brings to the prompt (content and tool calls)."""
+        n = len(self.content) if isinstance(self.content, str) else sum(len(p.text) for p in self.content or ())
+        for call in self.tool_calls or ():
+            n += len(call.function.name) + len(call.function.arguments)
+        return n
+
+    def template_dict(self, content: str | None) -> dict[str, Any]:
+        """The message as chat templates see it (transformers' shape); None values are dropped later."""
+        return {
+            "role": self.role,
+            "content": content,
+            "name": self.name,
+            "tool_calls": [c.model_dump() for c in self.tool_calls] if self.tool_calls else None,
+            "tool_call_id": self.tool_call_id,
+        }
 
 
 class ResponseFormat(_Request):
@@ -128,6 +159,9 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = Field(
+        None, max_length=MAX_TEMPLATE_CHARS, description="needs --trust-request-chat-template"
+    )
 
 
 # ------------------------------------------------------------------ responses
@@ -249,6 +283,10 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
 
 
 class ErrorDetail(BaseModel):
