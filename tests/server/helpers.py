@@ -154,7 +154,9 @@ class InProcessServer:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         # log_config=None: records reach the root logger, where tests can see them
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on", timeout_graceful_shutdown=1
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
 

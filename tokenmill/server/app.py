@@ -27,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response
+from pydantic.json_schema import models_json_schema
 
 from tokenmill.server.admission import Admission
 from tokenmill.server.async_engine import AsyncEngine
@@ -38,6 +39,7 @@ from tokenmill.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from tokenmill.server.middleware import GuardMiddleware
 from tokenmill.server.prompts import Preprocessor, PromptLimits
 from tokenmill.server.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -57,12 +59,28 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 # Every route may answer these: the Host check (421) and the drain (503) run before any route.
 _GUARD_ERRORS = (421, 503)
 _POST_ERRORS = _errors(400, 401, 404, 413, 429, *_GUARD_ERRORS)
-_EVENT_STREAM = {
-    "text/event-stream": {
-        "schema": {"type": "string", "description": "with stream=true: server-sent events, one chunk per "
-                   "'data: {json}' event, ending with 'data: [DONE]'"}
+
+
+def _event_stream(chunk_model: str) -> dict[str, Any]:
+    """The ``text/event-stream`` alternative of a streaming route: each event's data is a chunk, an error, or [DONE].
+
+    ``itemSchema`` describes one event, as FastAPI writes it for its own
+    event streams (OpenAPI 3.2's field).
+    """
+    chunk = {"anyOf": [{"$ref": f"#/components/schemas/{chunk_model}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}
+    data = {
+        "oneOf": [
+            {"const": "[DONE]"},
+            {"type": "string", "contentMediaType": "application/json", "contentSchema": chunk},
+        ]
     }
-}  # fmt: skip
+    item = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": data, "event": {"type": "string"}, "id": {"type": "string"}},
+        "description": "with stream=true: one chunk per 'data: {json}' event, then 'data: [DONE]'",
+    }
+    return {"text/event-stream": {"itemSchema": item}}
 
 
 def build_state(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> ServerState:
@@ -150,7 +168,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post(
         "/v1/completions",
         response_model=CompletionResponse,
-        responses={200: {"content": _EVENT_STREAM}, **_POST_ERRORS},
+        responses={200: {"content": _event_stream("CompletionResponse")}, **_POST_ERRORS},
     )
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return _json(await unless_disconnected(request, create_completion(state, body, request)))
@@ -158,7 +176,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post(
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
-        responses={200: {"content": _EVENT_STREAM}, **_POST_ERRORS},
+        responses={200: {"content": _event_stream("ChatCompletionChunk")}, **_POST_ERRORS},
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return _json(await unless_disconnected(request, create_chat_completion(state, body, request)))
@@ -199,16 +217,21 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema without the 422 it adds to every route with a body: schema errors are 400 here."""
+    """FastAPI's schema, without the 422 it adds to every route with a body (schema errors are 400
+    here), with the models that only streamed events use."""
     if app.openapi_schema is None:
-        schema = get_openapi(
-            title=app.title, version=app.version, summary=app.summary, routes=app.routes
-        )
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         for ops in schema.get("paths", {}).values():
             for op in ops.values():
                 op.get("responses", {}).pop("422", None)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
+            components.pop(name, None)
+        _, defs = models_json_schema(
+            [(ChatCompletionChunk, "serialization")], ref_template="#/components/schemas/{model}"
+        )
+        for name, definition in defs.get("$defs", {}).items():
+            components.setdefault(name, definition)
         app.openapi_schema = schema
     return app.openapi_schema
 

@@ -109,16 +109,21 @@ async def _events(
         return streaming.chunk_event("chat.completion.chunk", request_id, created, model, choice, body_usage, include_usage)
 
     # OpenAI opens every choice with the role and empty content.
-    for j in range(body.n):
-        yield chunk({"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+    yield b"".join(
+        chunk({"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+        for j in range(body.n)
+    )
     try:
         async for out in stream:
             usage.update(out)
+            # One write per engine output, not per sample: n=128 is 128 chunks a step.
+            events: list[bytes] = []
             for o in out.outputs:
                 if o.index in finished:
                     continue
                 if o.finish_reason == "abort":
-                    yield streaming.event(error_body(ABORTED_MESSAGE, "service_unavailable", None, "aborted"))
+                    events.append(streaming.event(error_body(ABORTED_MESSAGE, "service_unavailable", None, "aborted")))
+                    yield b"".join(events)
                     return
                 has_logprobs = num_top is not None and bool(o.delta_token_ids) and o.delta_logprobs is not None
                 if not (o.delta_text or o.finish_reason or has_logprobs):
@@ -137,7 +142,9 @@ async def _events(
                 if o.finish_reason is not None:
                     finished.add(o.index)
                     choice["stop_reason"] = o.stop_reason
-                yield chunk(choice)
+                events.append(chunk(choice))
+            if events:
+                yield b"".join(events)
     except APIError as exc:
         yield streaming.event(exc.body())
         return

@@ -123,18 +123,24 @@ async def _events(
         return streaming.chunk_event("text_completion", request_id, created, model, choice, body_usage, include_usage)
 
     if body.echo:
-        for i, text in enumerate(echo):
-            for j in range(n):
-                yield chunk({"index": i * n + j, "text": text, "logprobs": None, "finish_reason": None})
+        yield b"".join(
+            chunk({"index": i * n + j, "text": text, "logprobs": None, "finish_reason": None})
+            for i, text in enumerate(echo)
+            for j in range(n)
+        )
     try:
         async for out in stream:
             usage.update(out)
-            yield_list = _chunks_for(out, index_of[out.request_id], n, want_logprobs, body.logprobs or 0, finished, offsets)
-            for choice in yield_list:
+            # One write per engine output, not per sample: n=128 is 128 chunks a step.
+            events: list[bytes] = []
+            for choice in _chunks_for(out, index_of[out.request_id], n, want_logprobs, body.logprobs or 0, finished, offsets):
                 if choice.get("finish_reason") == "abort":
-                    yield streaming.event(error_body(ABORTED_MESSAGE, "service_unavailable", None, "aborted"))
+                    events.append(streaming.event(error_body(ABORTED_MESSAGE, "service_unavailable", None, "aborted")))
+                    yield b"".join(events)
                     return
-                yield chunk(choice)
+                events.append(chunk(choice))
+            if events:
+                yield b"".join(events)
     except APIError as exc:
         yield streaming.event(exc.body())
         return

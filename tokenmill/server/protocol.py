@@ -3,8 +3,9 @@
 Requests follow OpenAI's field names and defaults; the extra fields that
 OpenAI does not have (``top_k``, ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``priority``, ``ttft_slo`` ...) follow vLLM's "extra body"
-names, so clients that already send them to vLLM work unchanged. Unknown
-fields are ignored, as vLLM does, so that clients sending newer OpenAI
+names, so clients that already send them to vLLM work unchanged. Types are
+strict, as OpenAI checks them (``"n": "2"`` or ``"max_tokens": 16.0`` are
+400s). Unknown fields are ignored, as vLLM does, so that clients sending newer OpenAI
 parameters are not refused for a field that would not change the result.
 
 Ranges are checked here (a violation is a 400 ``invalid_request_error``
@@ -31,8 +32,10 @@ TokenIds = list[Annotated[int, Field(ge=0, le=2**31 - 1)]]
 
 
 class _Request(BaseModel):
-    # No NaN or infinity: JSON has neither, but Python's parser accepts them.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # No NaN or infinity: JSON has neither, but Python's parser accepts them. Strict
+    # types, as OpenAI checks them: no "5" or 5.0 for an integer, no true for a number
+    # (an integer is still a number); the published schema says exactly what is taken.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Request):
