@@ -3,8 +3,10 @@
 The process is started once per session (``python -m tokenmill.server``,
 the same entry point as ``tokenmill serve``) on a free loopback port, on the
 tiny random-weight Llama from ``tests/conftest.py``, with an API key and a
-small body limit so that the error tests need no second server. Tests that
-need a server of their own (the SIGTERM drain) start a ``ServerProcess``.
+small body limit so that the error tests need no second server; a second one
+(``open_server``) runs as ``tokenmill serve`` does by default, without a key.
+Tests that need a server of their own (the SIGTERM drain) start a
+``ServerProcess``; those that look inside the engine run an ``InProcessServer``.
 """
 
 from __future__ import annotations

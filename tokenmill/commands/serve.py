@@ -117,6 +117,12 @@ def run(args: argparse.Namespace) -> int:
     if args.policy not in _policies():
         print(f"error: unknown policy {args.policy!r}; available: {', '.join(_policies())}", file=sys.stderr)
         return 2
+    for flag, value in (("--max-prompts-per-request", args.max_prompts_per_request),
+                        ("--max-prompt-chars", args.max_prompt_chars),
+                        ("--chat-template-timeout", args.chat_template_timeout)):  # fmt: skip
+        if value is not None and value <= 0:
+            print(f"error: {flag} must be positive, got {value}", file=sys.stderr)
+            return 2
 
     from tokenmill.engine import Engine, EngineConfig, resolve_model_path
     from tokenmill.server.app import build_state, create_app

@@ -6,8 +6,13 @@ the status codes OpenAI uses:
 =====  ===========================  ==========================================
  400   ``invalid_request_error``    invalid JSON, wrong types or ranges (schema
                                     errors included: tokenmill maps pydantic's
-                                    422 to 400, as OpenAI does), prompt +
-                                    max_tokens over the context length
+                                    422 to 400, as OpenAI does); by code:
+                                    ``context_length_exceeded`` (prompt +
+                                    max_tokens, or prompt characters, over the
+                                    limit), ``too_many_prompts``,
+                                    ``request_too_large`` (more sequences than
+                                    the queue holds), ``untrusted_chat_template``,
+                                    ``chat_template_limit``, ``chat_template_error``
  401   ``authentication_error``     ``--api-key`` set and no valid Bearer token
  404   ``not_found_error``          unknown model or route
  405   ``invalid_request_error``    wrong method for a route
