@@ -45,9 +45,9 @@ class GuardMiddleware:
                 state.metrics.reject("invalid_host")
                 response = error_response(
                     421,
-                    f"this server does not answer to Host {host!r}: it listens on loopback without an API key, "
-                    "and takes only loopback names (protection against DNS rebinding); "
-                    "start it with --allowed-hosts NAME to allow others",
+                    f"this server does not answer to Host {host!r} (protection against DNS rebinding: on "
+                    "loopback without an API key it takes only loopback names); start it with "
+                    "--allowed-hosts NAME to allow others",
                     code="invalid_host",
                 )
                 await response(scope, receive, send)

@@ -47,7 +47,7 @@ class ServerSettings:
     chat_template_timeout: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S
     max_prompt_chars: int | None = None  # None: the context length x DEFAULT_CHARS_PER_TOKEN
     max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST
-    # Host header values taken (DNS-rebinding protection); None: any. See middleware.py.
+    # Host header values taken (DNS-rebinding protection); None: any. See hosts.py.
     allowed_hosts: list[str] | None = None
     preprocess_threads: int = DEFAULT_PREPROCESS_THREADS
 
