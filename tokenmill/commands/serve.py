@@ -1,7 +1,9 @@
 """``tokenmill serve [MODEL]``: the OpenAI-compatible server (bundled model by default).
 
-Safe defaults: it listens on loopback only, bounds the waiting queue and the
-request body size, and drains on SIGTERM. Pass ``--host 0.0.0.0`` to serve
+Safe defaults: it listens on loopback only (and then, without an API key,
+answers only to loopback ``Host`` names), bounds the waiting queue, the
+request body, the prompts and what a chat template may do, runs no template
+sent with a request, and drains on SIGTERM. Pass ``--host 0.0.0.0`` to serve
 other machines, and then set ``--api-key``.
 """
 
@@ -25,10 +27,14 @@ from tokenmill.commands.options import (
     size_in,
 )
 from tokenmill.server.defaults import (
+    DEFAULT_CHARS_PER_TOKEN,
+    DEFAULT_CHAT_TEMPLATE_TIMEOUT_S,
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_PROMPTS_PER_REQUEST,
     DEFAULT_MAX_QUEUE,
 )
+from tokenmill.server.hosts import allowed_hosts_for
 
 
 def _policies() -> list[str]:
@@ -57,6 +63,19 @@ def register(subparsers: Any) -> None:
                    help="largest request body, bytes or e.g. 4MiB (default 4MiB; 0: unlimited)")
     p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
                    help="seconds in-flight requests may finish after SIGTERM before they are aborted")
+    p.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longest prompt in characters, refused before tokenizing "
+                        f"(default: the context length x {DEFAULT_CHARS_PER_TOKEN})")
+    p.add_argument("--max-prompts-per-request", type=int, default=DEFAULT_MAX_PROMPTS_PER_REQUEST,
+                   help=f"prompts in one completions request (default {DEFAULT_MAX_PROMPTS_PER_REQUEST})")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="run chat templates sent with requests ('chat_template', "
+                        "'chat_template_kwargs.chat_template'); refused by default")
+    p.add_argument("--chat-template-timeout", type=float, default=DEFAULT_CHAT_TEMPLATE_TIMEOUT_S,
+                   help=f"seconds a chat template may take to render (default {DEFAULT_CHAT_TEMPLATE_TIMEOUT_S:g})")
+    p.add_argument("--allowed-hosts", default=None, metavar="HOST[,HOST...]",
+                   help="Host header values to answer to (name, name:port, *.domain; '*': any). Default: "
+                        "loopback names only when listening on loopback without --api-key, else any")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--kv-cache-memory", type=size_in(1), default=None,
@@ -88,6 +107,12 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for flag, value in (("--max-prompts-per-request", args.max_prompts_per_request),
+                        ("--max-prompt-chars", args.max_prompt_chars),
+                        ("--chat-template-timeout", args.chat_template_timeout)):  # fmt: skip
+        if value is not None and value <= 0:
+            print(f"error: {flag} must be positive, got {value}", file=sys.stderr)
+            return 2
 
     from tokenmill.engine import Engine
     from tokenmill.server.app import build_state, create_app
@@ -107,6 +132,11 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes or None,
         drain_timeout=args.drain_timeout,
+        trust_request_chat_template=args.trust_request_chat_template,
+        chat_template_timeout=args.chat_template_timeout,
+        max_prompt_chars=args.max_prompt_chars,
+        max_prompts_per_request=args.max_prompts_per_request,
+        allowed_hosts=allowed_hosts_for(args.host, args.port, api_key=args.api_key or None, flag=args.allowed_hosts),
     )
     state = build_state(engine, settings)
     app = create_app(state)
