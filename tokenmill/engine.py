@@ -29,6 +29,8 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | int8 (weight-only)
     device: str = "cpu"
     kv_cache_memory: int = 1 << 30  # bytes of KV cache
+    # MoE models: bytes of RAM for experts, the rest memory-mapped (None: all experts in RAM)
+    expert_cache_memory: int | None = None
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
@@ -82,6 +84,7 @@ class Engine:
             dtype=config.dtype,
             device=config.device,
             kv_cache_memory=config.kv_cache_memory,
+            expert_cache_memory=config.expert_cache_memory,
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,

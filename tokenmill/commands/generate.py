@@ -24,6 +24,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
     p.add_argument("--kv-cache-memory", type=int, default=256 << 20, help="bytes of KV cache")
+    p.add_argument("--expert-cache-memory", type=int, default=None,
+                   help="MoE models: bytes of RAM for experts, the rest memory-mapped (default: all)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.set_defaults(func=run)
 
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         params = [SamplingParams(**{**defaults, **{k: r[k] for k in _SAMPLING_FIELDS if k in r}}) for r in records]
-        llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
+        llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                  expert_cache_memory=args.expert_cache_memory)
         tok = llm.get_tokenizer()
         prompts = [
             tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)

@@ -73,6 +73,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="KV cache size, bytes or e.g. 512MiB, 4GiB (default 1GiB)")
+    p.add_argument("--expert-cache-memory", type=parse_size, default=None,
+                   help="MoE models: RAM for experts, e.g. 8GiB; the rest stay memory-mapped "
+                        "(default: every expert in RAM)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences per step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step (default 2048)")
@@ -114,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         names = [model]
     overrides = {
         "kv_cache_memory": args.kv_cache_memory,
+        "expert_cache_memory": args.expert_cache_memory,
         "block_size": args.block_size,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,

@@ -48,12 +48,15 @@ class ModelExecutor:
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
         kv_cache_memory: int = 256 * 2**20,
+        expert_cache_memory: int | None = None,
         block_size: int = 16,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
     ) -> None:
         self.device = torch.device(device)
-        self.model, self.model_config = load_model(model_path, dtype=dtype, device=self.device)
+        self.model, self.model_config = load_model(
+            model_path, dtype=dtype, device=self.device, expert_cache_memory=expert_cache_memory
+        )
         self.dtype = self.model_config.dtype
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
