@@ -62,3 +62,32 @@ def test_greedy_batch_matches_transformers(models, case: str) -> None:
     if case == "mixtral":
         for layer in model.layers:
             assert bool((layer.moe.tokens_per_expert > 0).all()), layer.moe.tokens_per_expert
+
+
+def test_offloaded_experts_generate_the_same_tokens(models) -> None:
+    path = models("mixtral")
+    prompts = prompts_for_test(vocab=VOCAB, seed=3)
+    full = LLM(str(path), dtype="float32", kv_cache_memory=8 << 20)
+    want = [o.outputs[0].token_ids for o in full.generate(prompts, GREEDY)]
+    half = full.engine.executor.model.experts
+    total = sum(e.nbytes for layer in half.layers.values() for e in layer) // 2
+    llm = LLM(str(path), dtype="float32", kv_cache_memory=8 << 20, expert_cache_memory=total)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == want
+    stats = llm.engine.stats().expert_cache
+    assert stats.misses > 0 and stats.evictions > 0 and stats.bytes_read > 0
+    assert full.engine.stats().expert_cache is None
+    # and the server exports them
+    from tokenmill.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    metrics.on_stats(llm.engine.stats(), in_flight=0)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {
+        (s.name, s.labels.get("result")): s.value
+        for fam in text_string_to_metric_families(metrics.render().decode())
+        for s in fam.samples
+    }
+    assert samples[("tokenmill_expert_cache_lookups_total", "miss")] == stats.misses
+    assert samples[("tokenmill_expert_cache_lookups_total", "hit")] == stats.hits
+    assert samples[("tokenmill_expert_cache_read_bytes_total", None)] == stats.bytes_read

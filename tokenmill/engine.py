@@ -60,6 +60,8 @@ class EngineStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     finished_by_reason: dict[str, int]
+    # counters of an offloaded MoE model's expert cache (model.expert_cache.ExpertCacheStats)
+    expert_cache: Any = None
 
 
 def resolve_model_path(model: str | None) -> str:
@@ -265,4 +267,9 @@ class Engine:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
             finished_by_reason=dict(self.finished_by_reason),
+            expert_cache=self._expert_cache_stats(),
         )
+
+    def _expert_cache_stats(self) -> Any:
+        stats = getattr(getattr(self.executor.model, "experts", None), "stats", None)
+        return None if stats is None else replace(stats)  # a snapshot: the cache's are live
