@@ -160,7 +160,10 @@ def rope_params(hf: dict[str, Any]) -> dict[str, Any]:
     scaling = hf.get("rope_scaling") or {}
     merged = {**scaling, **params}
     merged.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    merged.setdefault("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    # either spelling of a partial rotary factor counts (refused below unless 1)
+    top_partial = float(hf.get("partial_rotary_factor") or 1.0)
+    if top_partial != 1.0:
+        merged["partial_rotary_factor"] = top_partial
     if "original_max_position_embeddings" in hf:
         merged.setdefault("original_max_position_embeddings", hf["original_max_position_embeddings"])
     return merged
