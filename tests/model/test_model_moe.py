@@ -109,3 +109,21 @@ def test_qk_norm_and_gelu_kernels_match_reference(dtype: torch.dtype) -> None:
     torch.testing.assert_close(
         CpuKernelOps.gelu_mul(x).float(), TorchOps.gelu_mul(x).float(), **TOL[dtype]
     )
+
+
+@pytest.mark.parametrize("ops", [TorchOps(), CpuKernelOps(use_packed_gemm=True)], ids=["torch", "kernels"])
+@pytest.mark.parametrize(("source", "dtype", "quant"), [
+    (torch.float32, torch.float32, None), (torch.bfloat16, torch.float32, None),
+    (torch.float32, torch.bfloat16, None), (torch.float32, torch.float32, "int8"),
+])  # fmt: skip
+def test_filling_a_cache_slot_equals_preparing_the_expert(ops, source, dtype, quant) -> None:
+    # hidden 72: the down projection's last panel is partial
+    g = torch.Generator().manual_seed(1)
+    gate, up, down = (torch.randn(*s, generator=g).to(source) for s in ((32, 72), (32, 72), (72, 32)))
+    want = ops.prepare_expert(torch.cat([gate, up]).to(dtype), down.to(dtype), quant)
+    slot = want.empty_like()
+    for t in slot.tensors():
+        t.fill_(7)  # stale contents of an earlier expert
+    ops.fill_expert(slot, gate, up, down, dtype, quant)
+    for a, b in zip(slot.tensors(), want.tensors(), strict=True):
+        assert torch.equal(a, b)

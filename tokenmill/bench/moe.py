@@ -90,6 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-fraction", type=float, default=0.5, help="expert cache / all expert bytes")
     p.add_argument("--no-prefetch-row", action="store_true", help="also run offloading without prefetch")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--skip-offload", action="store_true", help="only tokenmill and transformers")
     p.add_argument("--threads", type=int, default=None, help="torch threads of every cell (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-file", default=None, help="write all figures as JSON here")
@@ -123,8 +124,9 @@ def run(args: argparse.Namespace) -> int:
         rows = {"tokenmill": dict(system="tokenmill")}
         if not args.skip_transformers and args.dtype != "int8":
             rows["transformers"] = dict(system="transformers")
-        rows["tokenmill offload"] = dict(system="tokenmill", expert_cache_memory=cache)
-        if args.no_prefetch_row:
+        if not args.skip_offload:
+            rows["tokenmill offload"] = dict(system="tokenmill", expert_cache_memory=cache)
+        if args.no_prefetch_row and not args.skip_offload:
             rows["tokenmill offload, no prefetch"] = dict(system="tokenmill", expert_cache_memory=cache, prefetch=False)
         cells = {name: _cell({**base, **extra}) for name, extra in rows.items()}
         ref = cells["tokenmill"]["tokens"]

@@ -87,12 +87,27 @@ class Expert:
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors holding this expert, in a fixed order."""
+        return [
+            t
             for lin in (self.gate_up, self.down)
             for t in (lin.weight, lin.packed, lin.scale)
             if t is not None
-        )
+        ]
+
+    def empty_like(self) -> Expert:
+        """An expert of the same layout with uninitialised tensors (a cache slot)."""
+
+        def lin(x: Linear) -> Linear:
+            def e(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else torch.empty_like(t)
+
+            return Linear(x.out_features, e(x.weight), None, e(x.packed), e(x.scale), x.silu_gate)
+
+        return Expert(lin(self.gate_up), lin(self.down))
 
 
 def pack_panels(w: torch.Tensor) -> torch.Tensor:
@@ -230,6 +245,21 @@ class TorchOps:
     ) -> Expert:
         """Lay out one expert's ``[gate; up]`` and ``down`` weights for ``moe_experts``."""
         return Expert(self.prepare_linear(gate_up, None, quant), self.prepare_linear(down, None, quant))
+
+    def fill_expert(
+        self,
+        slot: Expert,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        dtype: torch.dtype,
+        quant: str | None = None,
+    ) -> None:
+        """Write the expert of checkpoint tensors ``gate``, ``up``, ``down`` (cast to ``dtype``
+        first) into ``slot``, an expert this ops prepared before (same shapes)."""
+        fresh = self.prepare_expert(torch.cat([gate, up]).to(dtype), down.to(dtype).contiguous(), quant)
+        for dst, src in zip(slot.tensors(), fresh.tensors(), strict=True):
+            dst.copy_(src)
 
     def moe_experts(
         self,
@@ -420,6 +450,30 @@ class CpuKernelOps(TorchOps):
             lin.silu_gate = gated
             lins.append(lin)
         return Expert(*lins)
+
+    def fill_expert(
+        self,
+        slot: Expert,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        dtype: torch.dtype,
+        quant: str | None = None,
+    ) -> None:
+        gu, dn = slot.gate_up.packed, slot.down.packed
+        if quant is not None or gu is None or dn is None or gu.dtype != dtype:
+            return super().fill_expert(slot, gate, up, down, dtype, quant)
+        # straight from the (mapped) checkpoint into the slot's panels, one strided copy each:
+        # gate|up interleaved by 16-row panel (interleave_gate_up), then [P, K, 16] (pack_panels)
+        inter, hidden = gate.shape
+        panels = gu.view(inter // PANEL, 2, hidden, PANEL)
+        panels[:, 0].copy_(gate.view(inter // PANEL, PANEL, hidden).transpose(1, 2))
+        panels[:, 1].copy_(up.view(inter // PANEL, PANEL, hidden).transpose(1, 2))
+        full = down.shape[0] // PANEL
+        dn[:full].copy_(down[: full * PANEL].view(full, PANEL, inter).transpose(1, 2))
+        if full < dn.shape[0]:  # a partial last panel: zero padded
+            dn[full].zero_()
+            dn[full, :, : down.shape[0] - full * PANEL].copy_(down[full * PANEL :].T)
 
     def moe_experts(
         self,

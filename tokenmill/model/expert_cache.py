@@ -4,8 +4,10 @@ On a CPU box this is how a mixture-of-experts model bigger than its memory
 budget is still served: ``OffloadedExperts`` keeps each expert as a view of the
 safetensors file (the OS reads it on use and may drop it again) and holds at
 most ``capacity`` bytes of experts prepared for the kernels (cast, quantized,
-packed). A layer asks for the experts its tokens were routed to; a miss reads
-and prepares the expert on the spot.
+packed), in fixed slots allocated once and rewritten in place (no allocator
+churn; fp32/bf16 experts go from the mapping into their slot's packed panels in
+one strided copy). A layer asks for the experts its tokens were routed to; a
+miss reads and prepares the expert on the spot.
 
 Replacement follows HybriMoE's score-based caching, "Minus Recent Score"
 (Zhong et al., 2025, arXiv:2504.05897; its ``KScoreAwareCache``): each expert
@@ -21,9 +23,10 @@ gating of Eliseev & Mazur (2023, "Fast Inference of Mixture-of-Experts Language
 Models with Offloading") and Pre-gated MoE (Hwang et al., ISCA 2024), which
 DAOP (Zhang et al., DATE 2025) also builds its predictions on — and starts
 reading the predicted experts in a background thread while the current layer
-computes. As in HybriMoE's impact-driven prefetch, a prefetch never displaces
-an expert worth more: it only evicts experts whose priority is below the
-predicted expert's routing probability.
+computes: at most ``top_k`` experts per layer, the most probable ones. As in
+HybriMoE's impact-driven prefetch, a prefetch never displaces an expert worth
+more: it only evicts experts whose priority is below the predicted expert's
+routing probability.
 
 Outputs do not depend on the cache: a cached expert is the same prepared
 tensor a resident one would be. ``stats`` counts hits, misses, prefetches,
@@ -74,7 +77,8 @@ class ExpertCacheStats:
 
 @dataclass
 class _Entry:
-    expert: Expert | None = None
+    slot: Expert  # the memory it is (being) written into
+    expert: Expert | None = None  # ``slot`` once filled
     loading: Future | None = None  # an in-flight prefetch
     pins: int = 0  # layers computing with it right now
     prefetched: bool = False  # brought in by a prefetch and not used yet
@@ -124,6 +128,9 @@ class OffloadedExperts(ExpertSource):
         self._tick = 0
         self._ops: TorchOps | None = None
         self._quant: str | None = None
+        self._template: Expert | None = None
+        self._free_slots: list[Expert] = []
+        self._num_slots = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch") if prefetch else None
 
     # ------------------------------------------------------------------ setup
@@ -131,15 +138,15 @@ class OffloadedExperts(ExpertSource):
     def set_ops(self, ops: TorchOps, quant: str | None) -> None:
         """Prepare experts for ``ops`` from now on (drops what is cached)."""
         self._drain()
+        gate, up, down = next(iter(self.sources.values()))
+        zeros = torch.zeros(gate.shape[0] + up.shape[0], gate.shape[1], dtype=self.load_dtype)
+        template = ops.prepare_expert(zeros, torch.zeros(down.shape, dtype=self.load_dtype), quant)
         with self._lock:
             self._entries.clear()
             self.used_bytes = 0
-            self._ops, self._quant = ops, quant
-        gate, up, down = next(iter(self.sources.values()))
-        zeros = torch.zeros(gate.shape[0] + up.shape[0], gate.shape[1], dtype=self.load_dtype)
-        self.expert_bytes = ops.prepare_expert(
-            zeros, torch.zeros(down.shape, dtype=self.load_dtype), quant
-        ).nbytes
+            self._ops, self._quant, self._template = ops, quant, template
+            self._free_slots, self._num_slots = [], 0
+            self.expert_bytes = template.nbytes
 
     def total_expert_bytes(self) -> int:
         """RAM that every expert, prepared, would take (what full residency holds)."""
@@ -188,9 +195,8 @@ class OffloadedExperts(ExpertSource):
         if self._pool is None or self._ops is None:
             return
         mean = predicted.mean(dim=0)
-        wanted = torch.unique(torch.topk(predicted, self.moe.top_k, dim=-1).indices)
-        order = sorted(wanted.tolist(), key=lambda e: -float(mean[e]))
-        for e in order:
+        # the top_k most probable experts: a batch's union would read (and evict) far more
+        for e in torch.topk(mean, self.moe.top_k).indices.tolist():
             key = (layer, e)
             with self._lock:
                 if key in self._entries:
@@ -198,9 +204,8 @@ class OffloadedExperts(ExpertSource):
                 # only displace experts worth less than this guess (HybriMoE's impact rule)
                 if not self._evict(self.expert_bytes, below=float(mean[e])):
                     return
-                entry = _Entry(prefetched=True, last_use=self._next_tick())
+                entry = _Entry(self._take_slot(), prefetched=True, last_use=self._next_tick())
                 self._entries[key] = entry
-                self.used_bytes += self.expert_bytes
                 self.stats.prefetches += 1
                 entry.loading = self._pool.submit(self._fill, key, entry)
 
@@ -224,9 +229,8 @@ class OffloadedExperts(ExpertSource):
             else:
                 self.stats.misses += 1
                 self._evict(self.expert_bytes)  # may stay over capacity: the layer needs it
-                entry = _Entry(pins=1, last_use=self._next_tick())
+                entry = _Entry(self._take_slot(), pins=1, last_use=self._next_tick())
                 self._entries[key] = entry
-                self.used_bytes += self.expert_bytes
                 loading = None
         if loading is not None:
             loading.result()  # a prefetch still reading: wait for it (it was a head start)
@@ -239,11 +243,13 @@ class OffloadedExperts(ExpertSource):
         """Read an expert from the mapped file and prepare it (outside the lock)."""
         assert self._ops is not None
         gate, up, down = self.sources[key]
-        gate_up = torch.cat([gate, up]).to(self.load_dtype)
-        expert = self._ops.prepare_expert(gate_up, down.to(self.load_dtype).contiguous(), self._quant)
+        # slots are inference tensors (made during a forward pass); the prefetch thread
+        # does not inherit the caller's inference mode
+        with torch.inference_mode():
+            self._ops.fill_expert(entry.slot, gate, up, down, self.load_dtype, self._quant)
         nbytes = sum(t.numel() * t.element_size() for t in (gate, up, down))
         with self._lock:
-            entry.expert = expert
+            entry.expert = entry.slot
             entry.loading = None
             self.stats.bytes_read += nbytes
 
@@ -264,10 +270,27 @@ class OffloadedExperts(ExpertSource):
             if not victims:
                 return False
             _, _, key = min(victims)
-            del self._entries[key]
-            self.used_bytes -= self.expert_bytes
+            self._release_slot(self._entries.pop(key).slot)
             self.stats.evictions += 1
         return True
+
+    def _take_slot(self) -> Expert:
+        """A slot for one more cached expert (lock held): a free one, else a new one."""
+        self.used_bytes += self.expert_bytes
+        if self._free_slots:
+            return self._free_slots.pop()
+        assert self._template is not None
+        self._num_slots += 1
+        with torch.inference_mode():
+            return self._template.empty_like()
+
+    def _release_slot(self, slot: Expert) -> None:
+        """Back to the free list, or freed if it was one of a layer's overflow (lock held)."""
+        self.used_bytes -= self.expert_bytes
+        if self._num_slots * self.expert_bytes <= self.capacity:
+            self._free_slots.append(slot)
+        else:
+            self._num_slots -= 1
 
     def cached(self) -> set[tuple[int, int]]:
         """The (layer, expert) pairs held in RAM now."""
