@@ -97,14 +97,14 @@ class MoeBlock:
         probs, weights, ids = self.route(x)
         src = self.source
         src.observe(self.layer, probs)
-        if src.prefetches and self.next_router is not None:
-            # the next layer's router applied to this layer's input guesses its experts
-            # (hidden states change little between adjacent layers), so their reads start
-            # while this layer computes
-            guess = torch.softmax(F.linear(x, self.next_router).float(), dim=-1)
-            src.prefetch(self.layer + 1, guess)
-        experts, local_ids = src.acquire(self.layer, ids)
+        experts, local_ids = src.acquire(self.layer, ids)  # pinned: a prefetch cannot evict them
         try:
+            if src.prefetches and self.next_router is not None:
+                # the next layer's router applied to this layer's input guesses its experts
+                # (hidden states change little between adjacent layers), so their reads start
+                # while this layer computes
+                guess = torch.softmax(F.linear(x, self.next_router).float(), dim=-1)
+                src.prefetch(self.layer + 1, guess)
             out = ops.moe_experts(x, local_ids, weights, experts)
         finally:
             src.release(self.layer)
