@@ -13,7 +13,8 @@ from tokenmill.bench import moe
 def test_moe_bench_runs_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "moe.json"
     code = moe.main(["--shape", "tiny", "--work-dir", str(tmp_path), "--batch-sizes", "2",
-                     "--prompt-len", "6", "--output-len", "4", "--threads", "1", "--result-file", str(out)])  # fmt: skip
+                     "--prompt-len", "6", "--output-len", "4", "--threads", "1", "--repeats", "1",
+                     "--result-file", str(out)])  # fmt: skip
     assert code == 0
     res = json.loads(out.read_text())
     rows = {r["system"]: r for r in res["results"]}

@@ -1,11 +1,11 @@
 """One cell of ``tokenmill bench moe`` in a fresh process: tokenmill or transformers decoding.
 
 Job on stdin: ``{"system", "model_dir", "dtype", "prompts", "output_len",
-"expert_cache_memory", "prefetch", "experts_implementation", "threads"}`` (equal-length
-prompts). After a warm-up it times greedy generation of 1 and of
-``output_len`` new tokens for the whole batch; the difference is decode only.
-Prints ``TOKENMILL_RESULT {"t_one", "t_full", "tokens", "expert_cache",
-"rss_anon_mb", "rss_file_mb"}``.
+"expert_cache_memory", "prefetch", "experts_implementation", "threads", "repeats"}``
+(equal-length prompts). After a warm-up it times greedy generation of 1 and of
+``output_len`` new tokens for the whole batch, ``repeats`` times; the difference
+is decode only. Prints ``TOKENMILL_RESULT {"t_one": [...], "t_full": [...],
+"tokens", "expert_cache", "rss_anon_mb", "rss_file_mb"}``.
 """
 
 from __future__ import annotations
@@ -84,12 +84,15 @@ def main() -> None:
         torch.set_num_threads(int(job["threads"]))
     gen, stats = (_tokenmill if job["system"] == "tokenmill" else _transformers)(job)
     gen(2)  # warm-up: same batch, short
-    t0 = time.perf_counter()
-    gen(1)
-    t1 = time.perf_counter()
-    tokens = gen(job["output_len"])
-    t2 = time.perf_counter()
-    result = {"t_one": t1 - t0, "t_full": t2 - t1, "tokens": tokens, "expert_cache": stats(), **_rss_mb()}
+    t_one, t_full = [], []
+    for _ in range(int(job.get("repeats", 1))):
+        t0 = time.perf_counter()
+        gen(1)
+        t1 = time.perf_counter()
+        tokens = gen(job["output_len"])
+        t_one.append(t1 - t0)
+        t_full.append(time.perf_counter() - t1)
+    result = {"t_one": t_one, "t_full": t_full, "tokens": tokens, "expert_cache": stats(), **_rss_mb()}
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
