@@ -106,16 +106,17 @@ def _cell(job: dict[str, Any]) -> dict[str, Any]:
     return _venv.run_script(sys.executable, Path(__file__).with_name("moe_runner.py"), job)
 
 
-def decode_rates(res: dict[str, Any], batch: int, output_len: int) -> list[float]:
-    """Decode tokens/s of each timed repetition."""
+def decode_rates(res: dict[str, Any], batch: int, output_len: int, clock: str = "t") -> list[float]:
+    """Decode tokens per second of each timed repetition, by wall time (``clock="t"``) or by
+    the process's CPU time (``"cpu"``)."""
     return [
         batch * (output_len - 1) / (full - one) if full > one else float("inf")
-        for one, full in zip(res["t_one"], res["t_full"], strict=True)
+        for one, full in zip(res[f"{clock}_one"], res[f"{clock}_full"], strict=True)
     ]
 
 
-def decode_tps(res: dict[str, Any], batch: int, output_len: int) -> float:
-    return max(decode_rates(res, batch, output_len))
+def decode_tps(res: dict[str, Any], batch: int, output_len: int, clock: str = "t") -> float:
+    return max(decode_rates(res, batch, output_len, clock))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
             row = {
                 "batch": batch, "system": name, "decode_tokens_per_s": tps,
                 "decode_tokens_per_s_median": statistics.median(decode_rates(res, batch, args.output_len)),
+                "decode_tokens_per_cpu_s": decode_tps(res, batch, args.output_len, "cpu"),
+                "cpu_vs_transformers": decode_tps(res, batch, args.output_len, "cpu")
+                / decode_tps(hf, batch, args.output_len, "cpu") if hf else None,
                 "vs_transformers": tps / decode_tps(hf, batch, args.output_len) if hf else None,
                 "same_tokens_as_tokenmill": res["tokens"] == ref,
                 "expert_cache": res.get("expert_cache"),
@@ -157,18 +161,20 @@ def run(args: argparse.Namespace) -> int:
                 row["token_agreement_with_tokenmill"] = same / (batch * args.output_len)
             results.append(row)
     load_after = os.getloadavg()
-    print("\n| batch | system | decode tok/s | vs transformers | hit rate | read MiB | anon MiB | same tokens |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| batch | system | decode tok/s | vs transformers | tok/CPU-s | vs transformers (CPU) "
+          "| hit rate | read MiB | anon MiB | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ec = r["expert_cache"] or {}
         ratio = f"{r['vs_transformers']:.2f}x" if r["vs_transformers"] else "-"
+        cpu_ratio = f"{r['cpu_vs_transformers']:.2f}x" if r["cpu_vs_transformers"] else "-"
         hit = f"{ec['hit_rate']:.3f}" if ec else "-"
         read = f"{ec['bytes_read'] / 2**20:.0f}" if ec else "-"
         same = "yes" if r["same_tokens_as_tokenmill"] else "NO"
         if r["system"] == "transformers":
             same = f"{r['token_agreement_with_tokenmill']:.0%} agree"
-        print(f"| {r['batch']} | {r['system']} | {r['decode_tokens_per_s']:.1f} | {ratio} | {hit} | {read} | "
-              f"{r['rss_anon_mb']:.0f} | {same} |")  # fmt: skip
+        print(f"| {r['batch']} | {r['system']} | {r['decode_tokens_per_s']:.1f} | {ratio} | "
+              f"{r['decode_tokens_per_cpu_s']:.1f} | {cpu_ratio} | {hit} | {read} | {r['rss_anon_mb']:.0f} | {same} |")  # fmt: skip
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     if args.result_file:
         Path(args.result_file).write_text(json.dumps(

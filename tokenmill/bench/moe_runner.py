@@ -5,7 +5,9 @@ Job on stdin: ``{"system", "model_dir", "dtype", "prompts", "output_len",
 (equal-length prompts). After a warm-up it times greedy generation of 1 and of
 ``output_len`` new tokens for the whole batch, ``repeats`` times; the difference
 is decode only. Prints ``TOKENMILL_RESULT {"t_one": [...], "t_full": [...],
-"tokens", "expert_cache", "rss_anon_mb", "rss_file_mb"}``.
+"cpu_one": [...], "cpu_full": [...], "tokens", "expert_cache", "rss_anon_mb",
+"rss_file_mb"}`` (``cpu_*``: the process's CPU seconds, all its threads, for the
+same runs: on a shared machine they vary much less than wall time).
 """
 
 from __future__ import annotations
@@ -84,15 +86,20 @@ def main() -> None:
         torch.set_num_threads(int(job["threads"]))
     gen, stats = (_tokenmill if job["system"] == "tokenmill" else _transformers)(job)
     gen(2)  # warm-up: same batch, short
-    t_one, t_full = [], []
+    t_one, t_full, cpu_one, cpu_full = [], [], [], []
     for _ in range(int(job.get("repeats", 1))):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         gen(1)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         tokens = gen(job["output_len"])
         t_one.append(t1 - t0)
         t_full.append(time.perf_counter() - t1)
-    result = {"t_one": t_one, "t_full": t_full, "tokens": tokens, "expert_cache": stats(), **_rss_mb()}
+        cpu_one.append(c1 - c0)
+        cpu_full.append(time.process_time() - c1)
+    result = {
+        "t_one": t_one, "t_full": t_full, "cpu_one": cpu_one, "cpu_full": cpu_full,
+        "tokens": tokens, "expert_cache": stats(), **_rss_mb(),
+    }  # fmt: skip
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
