@@ -87,12 +87,14 @@ def test_longrope_switches_to_long_factors_past_the_original_context(
     assert not torch.allclose(prefill_logits(model, ids, [45])[:32], short, atol=1e-3)
 
 
-def test_bfloat16_and_int8_close_to_float32(checkpoints: dict[str, Path]) -> None:
-    for case in ("gemma2", "mixtral"):
-        path = checkpoints[case]
-        ids = torch.randint(0, 500, (30,), generator=torch.Generator().manual_seed(5))
-        ref = prefill_logits(load_model(path, dtype="float32")[0], ids, [30])
-        for dtype in ("bfloat16", "int8"):
-            got = prefill_logits(load_model(path, dtype=dtype)[0], ids, [20, 10])
-            assert (got - ref).abs().max() < 0.1 * ref.abs().max(), (case, dtype)
-            assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8, (case, dtype)
+@pytest.mark.parametrize("case", list(CASES))
+def test_bfloat16_and_int8_close_to_float32(checkpoints: dict[str, Path], case: str) -> None:
+    path = checkpoints[case]
+    ids = torch.randint(0, 500, (30,), generator=torch.Generator().manual_seed(5))
+    ref = prefill_logits(load_model(path, dtype="float32")[0], ids, [30])
+    for dtype in ("bfloat16", "int8"):
+        model, cfg = load_model(path, dtype=dtype)
+        assert model.dtype == torch.bfloat16 and cfg.quantization == (dtype if dtype == "int8" else None)
+        got = prefill_logits(model, ids, [20, 10])
+        assert (got - ref).abs().max() < 0.1 * ref.abs().max(), dtype
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8, dtype

@@ -18,7 +18,10 @@ Rows per batch size:
 
 It prints tokens/s, the ratio to transformers, the cache's hit rate and
 bytes read, resident memory, and whether the offloaded outputs equal the
-fully resident ones (they must), with the load average before and after.
+fully resident ones (they must), with the load average before and after, and
+the decode roofline of this machine: a step reads every non-expert weight and
+the experts its tokens reach (``ModelShape.experts_touched``) at the read
+bandwidth measured in the same run (with the cells' thread count).
 """
 
 from __future__ import annotations
@@ -119,12 +122,37 @@ def decode_tps(res: dict[str, Any], batch: int, output_len: int, clock: str = "t
     return max(decode_rates(res, batch, output_len, clock))
 
 
+BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "int8": 1}
+
+
+def roofline_tps(cfg: dict[str, Any], dtype: str, batch: int, bandwidth_gbs: float) -> float:
+    """Decode tokens/s if a step only read its weights at ``bandwidth_gbs``."""
+    from tokenmill.sim.model_spec import ModelShape
+
+    shape = ModelShape.from_hf_config(cfg)
+    experts = shape.num_moe_layers * shape.num_experts * shape.expert_params
+    embedding = shape.vocab_size * shape.hidden_size  # a lookup reads a row, not the table
+    touched = shape.num_moe_layers * shape.experts_touched(batch) * shape.expert_params
+    step_bytes = (shape.num_params - experts - embedding + touched) * BYTES_PER_PARAM[dtype]
+    return batch * bandwidth_gbs * 1e9 / step_bytes
+
+
 def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else make_mixtral(Path(args.work_dir) / args.shape, args.shape)
     cfg = json.loads((model_dir / "config.json").read_text())
     total = expert_bytes(model_dir, args.dtype)
     cache = int(total * args.cache_fraction)
+    import torch
+
+    from tokenmill.bench.roofline import measure_bandwidth
+
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bandwidth = measure_bandwidth()
+    torch.set_num_threads(threads)
     load_before = os.getloadavg()
+    print(f"read bandwidth {bandwidth:.1f} GB/s ({args.threads or threads} threads)")
     print(f"model {model_dir} ({args.dtype}, threads {args.threads or 'default'}); experts {total / 2**20:.1f} MiB, cache {cache / 2**20:.1f} MiB; "
           f"load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")  # fmt: skip
     results: list[dict[str, Any]] = []
@@ -147,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
             tps = decode_tps(res, batch, args.output_len)
             row = {
                 "batch": batch, "system": name, "decode_tokens_per_s": tps,
+                "roofline_tokens_per_s": roofline_tps(cfg, args.dtype, batch, bandwidth),
                 "decode_tokens_per_s_median": statistics.median(decode_rates(res, batch, args.output_len)),
                 "decode_tokens_per_cpu_s": decode_tps(res, batch, args.output_len, "cpu"),
                 "cpu_vs_transformers": decode_tps(res, batch, args.output_len, "cpu")
@@ -162,8 +191,8 @@ def run(args: argparse.Namespace) -> int:
             results.append(row)
     load_after = os.getloadavg()
     print("\n| batch | system | decode tok/s | vs transformers | tok/CPU-s | vs transformers (CPU) "
-          "| hit rate | read MiB | anon MiB | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| of roofline | hit rate | read MiB | anon MiB | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ec = r["expert_cache"] or {}
         ratio = f"{r['vs_transformers']:.2f}x" if r["vs_transformers"] else "-"
@@ -174,11 +203,14 @@ def run(args: argparse.Namespace) -> int:
         if r["system"] == "transformers":
             same = f"{r['token_agreement_with_tokenmill']:.0%} agree"
         print(f"| {r['batch']} | {r['system']} | {r['decode_tokens_per_s']:.1f} | {ratio} | "
-              f"{r['decode_tokens_per_cpu_s']:.1f} | {cpu_ratio} | {hit} | {read} | {r['rss_anon_mb']:.0f} | {same} |")  # fmt: skip
+              f"{r['decode_tokens_per_cpu_s']:.1f} | {cpu_ratio} | "
+              f"{r['decode_tokens_per_s'] / r['roofline_tokens_per_s']:.0%} | {hit} | {read} | "
+              f"{r['rss_anon_mb']:.0f} | {same} |")  # fmt: skip
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     if args.result_file:
         Path(args.result_file).write_text(json.dumps(
             {"model": str(model_dir), "dtype": args.dtype, "expert_bytes": total, "cache_bytes": cache,
+             "bandwidth_gbs": bandwidth, "threads": args.threads,
              "load_before": load_before, "load_after": load_after, "results": results}, indent=1))  # fmt: skip
     offload_ok = all(r["same_tokens_as_tokenmill"] for r in results if r["system"].startswith("tokenmill"))
     return 0 if offload_ok else 1
