@@ -86,7 +86,7 @@ def test_routing_follows_transformers_mixtral_and_qwen3_moe() -> None:
         hf_router.weight.data.normal_()
         moe = MoeConfig(6, 2, 16, norm_topk_prob=norm, sparse_layers=(True,))
         cfg = type("Cfg", (), {"moe": moe})()
-        block = MoeBlock(cfg, 0, hf_router.weight.data, ResidentExperts({}))
+        block = MoeBlock(cfg, 0, hf_router.weight.data, ResidentExperts({}, torch.float32))
         _, weights, ids = block.route(x)
         with torch.no_grad():
             _, hf_weights, hf_ids = hf_router(x)

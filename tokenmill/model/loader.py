@@ -122,7 +122,8 @@ def load_model(
     # quantized weights are rounded from fp32, not from the (already rounded) bf16 copy;
     # the model casts everything that stays unquantized to ``config.dtype``
     load_dtype = torch.float32 if config.quantization else config.dtype
-    state = load_state_dict(path, load_dtype, mapped=expert_names.__contains__ if offload else None)
+    # experts stay views of the mapped file: they are cast / packed once, straight into place
+    state = load_state_dict(path, load_dtype, mapped=expert_names.__contains__)
     source: ExpertSource | None = None
     if offload:
         from tokenmill.model.expert_cache import OffloadedExperts
@@ -136,12 +137,10 @@ def load_model(
     elif experts:
         source = ResidentExperts(
             {
-                key: (
-                    torch.cat([_take(state, n) for n in names["gate_up"]]).to(device),
-                    _take(state, names["down"][0]).to(device).contiguous(),
-                )
+                key: tuple(_take(state, n).to(device) for n in (*names["gate_up"], *names["down"]))
                 for key, names in experts.items()
-            }
+            },
+            load_dtype,
         )
     model = DecoderModel.from_state_dict(
         config, state, device=torch.device(device), experts=source

@@ -48,20 +48,36 @@ class ExpertSource:
 class ResidentExperts(ExpertSource):
     """Every expert prepared once and held in memory."""
 
-    def __init__(self, weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        # (layer, expert) -> ([gate; up] [2I, H], down [H, I]), until set_ops lays them out
+    def __init__(
+        self, weights: dict[tuple[int, int], tuple[torch.Tensor, ...]], dtype: torch.dtype
+    ) -> None:
+        # (layer, expert) -> (gate [I, H], up [I, H], down [H, I]) as the checkpoint stores them
+        # (memory-mapped views), laid out by set_ops in ``dtype`` (quantized from it for int8)
         self._raw = weights
+        self.dtype = dtype
         self.layers: dict[int, list[Expert]] = {}
 
     def set_ops(self, ops: TorchOps, quant: str | None) -> None:
         if not self._raw:  # a backend switch: lay out again from the current experts
             for layer, experts in self.layers.items():
                 for e, ex in enumerate(experts):
-                    self._raw[(layer, e)] = (ex.gate_up.dense_weight(), ex.down.dense_weight())
+                    gate_up = ex.gate_up.dense_weight()
+                    half = gate_up.shape[0] // 2
+                    self._raw[(layer, e)] = (gate_up[:half], gate_up[half:], ex.down.dense_weight())
         layers: dict[int, list[Expert]] = {}
+        template: Expert | None = None
         for layer, e in sorted(self._raw):
-            gate_up, down = self._raw.pop((layer, e))  # pop: each raw copy is freed once laid out
-            layers.setdefault(layer, []).append(ops.prepare_expert(gate_up, down, quant))
+            gate, up, down = self._raw.pop((layer, e))  # pop: each raw copy is freed once laid out
+            if template is None:
+                template = ops.prepare_expert(
+                    torch.cat([gate, up]).to(self.dtype), down.to(self.dtype).contiguous(), quant
+                )
+                expert = template
+            else:
+                # straight into fresh tensors of the template's layout: no temporaries per expert
+                expert = template.empty_like()
+                ops.fill_expert(expert, gate, up, down, self.dtype, quant)
+            layers.setdefault(layer, []).append(expert)
         self.layers = layers
 
     def acquire(self, layer: int, ids: torch.Tensor) -> tuple[list[Expert], torch.Tensor]:
