@@ -31,6 +31,7 @@ class EngineConfig:
     kv_cache_memory: int = 1 << 30  # bytes of KV cache
     # MoE models: bytes of RAM for experts, the rest memory-mapped (None: all experts in RAM)
     expert_cache_memory: int | None = None
+    expert_prefetch: bool = True  # read the next layer's likely experts ahead (with a cache)
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
@@ -87,6 +88,7 @@ class Engine:
             device=config.device,
             kv_cache_memory=config.kv_cache_memory,
             expert_cache_memory=config.expert_cache_memory,
+            expert_prefetch=config.expert_prefetch,
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,

@@ -125,3 +125,9 @@ def test_dense_models_refuse_an_expert_cache(tmp_path: Path) -> None:
     path = make_tiny_checkpoint(tmp_path / "llama", "llama")
     with pytest.raises(ValueError, match="mixture-of-experts"):
         load_model(path, expert_cache_memory=1 << 20)
+
+
+def test_prefetch_can_be_turned_off(mixtral: Path) -> None:
+    model, _ = load_model(mixtral, dtype="float32", expert_cache_memory=10**9, expert_prefetch=False)
+    run(model, 0)
+    assert not model.experts.prefetches and model.experts.stats.prefetches == 0

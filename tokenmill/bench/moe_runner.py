@@ -35,12 +35,9 @@ def _tokenmill(job: dict[str, Any]):
     prompts = job["prompts"]
     llm = LLM(
         job["model_dir"], dtype=job["dtype"], kv_cache_memory=256 << 20, max_num_seqs=len(prompts),
-        expert_cache_memory=job.get("expert_cache_memory"),
+        expert_cache_memory=job.get("expert_cache_memory"), expert_prefetch=job.get("prefetch", True),
         enable_prefix_caching=False,  # the 1-token and full runs must both prefill
     )  # fmt: skip
-    experts = llm.engine.executor.model.experts
-    if not job.get("prefetch", True) and experts is not None:
-        experts.prefetches = False
 
     def gen(n: int) -> list[list[int]]:
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)

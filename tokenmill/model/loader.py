@@ -102,11 +102,13 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     expert_cache_memory: int | None = None,
+    expert_prefetch: bool = True,
 ) -> tuple[DecoderModel, ModelConfig]:
     """Load ``path`` (a checkpoint directory) and return ``(model, model_config)``.
 
     ``expert_cache_memory``: bytes of RAM for experts of a mixture-of-experts model;
     the rest stay memory-mapped in the checkpoint (None: every expert in memory).
+    ``expert_prefetch``: with a cache, read the next layer's predicted experts ahead.
     """
     config = read_model_config(path, dtype)
     if expert_cache_memory is not None and config.moe is None:
@@ -133,7 +135,7 @@ def load_model(
             for key, names in experts.items()
         }
         assert expert_cache_memory is not None
-        source = OffloadedExperts(config, mapped, expert_cache_memory, load_dtype)
+        source = OffloadedExperts(config, mapped, expert_cache_memory, load_dtype, expert_prefetch)
     elif experts:
         source = ResidentExperts(
             {
