@@ -97,7 +97,7 @@ class MoeBlock:
         self.source = source
         self.next_router: torch.Tensor | None = None  # the next sparse layer's, for prefetch
         # tokens routed to each expert since load (the experts' load; a metric)
-        self.tokens_per_expert = torch.zeros(config.moe.num_experts, dtype=torch.long)
+        self.tokens_per_expert = torch.zeros(config.moe.num_experts, dtype=torch.long, device=router.device)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(probs [T, E] fp32, topk_weights [T, k] fp32, topk_ids [T, k])`` as transformers."""
