@@ -39,6 +39,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | int8 (weight-only)
     device: str = "cpu"
     kv_cache_memory: int = 1 << 30  # bytes of KV cache
+    # MoE models: bytes of RAM for experts, the rest memory-mapped (None: all experts in RAM)
+    expert_cache_memory: int | None = None
+    expert_prefetch: bool = True  # read the next layer's likely experts ahead (with a cache)
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
@@ -80,6 +83,8 @@ class EngineStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     finished_by_reason: dict[str, int]
+    # counters of an offloaded MoE model's expert cache (model.expert_cache.ExpertCacheStats)
+    expert_cache: Any = None
 
 
 def resolve_model_path(model: str | None) -> str:
@@ -302,7 +307,12 @@ class Engine:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
             finished_by_reason=dict(self.finished_by_reason),
+            expert_cache=self._expert_cache_stats(),
         )
+
+    def _expert_cache_stats(self) -> Any:
+        stats = getattr(getattr(getattr(self.executor, "model", None), "experts", None), "stats", None)
+        return None if stats is None else replace(stats)  # a snapshot: the cache's are live
 
 
 class _Publisher:
