@@ -7,6 +7,8 @@ scheduler decides whom to preempt.
 
 from __future__ import annotations
 
+from itertools import groupby, islice, repeat
+
 from tokenmill.core.block_pool import BlockPool
 from tokenmill.core.prefix_cache import PrefixCache
 from tokenmill.core.request import Request
@@ -60,9 +62,16 @@ class KVManager:
             keys = self._keys[req.request_id] = []
         have = len(keys)
         if have < num_blocks:
-            assert self.cache is not None
             bs = self.block_size
-            keys.extend(self.cache._block_keys(req.token_ids_slice(have * bs, num_blocks * bs), num_blocks - have))
+            start, stop = have * bs, num_blocks * bs
+            prompt = req.prompt_token_ids
+            # zip over one iterator taken bs at a time cuts the tuples in C; within the
+            # prompt the iterator reads it in place rather than from a copied slice.
+            it = islice(prompt, start, stop) if stop <= len(prompt) else iter(req.token_ids_slice(start, stop))
+            # Equal neighbouring blocks (a run of padding or repeated text) share one key
+            # object: the prefix cache keeps a key per cached block, a tuple of bs tokens each.
+            for key, run in groupby(zip(*([it] * bs), strict=True)):
+                keys.extend(repeat(key, len(list(run))))
             return keys
         return keys if have == num_blocks else keys[:num_blocks]
 
