@@ -113,7 +113,7 @@ class KVManager:
         pool = self.pool
         # Computed blocks that nobody owns are counted as evictable; taking them
         # removes them from what eviction could free.
-        unowned_computed = sum(1 for b in computed if pool.ref_counts[b] == 0)
+        unowned_computed = sum(1 for b in computed if pool.ref_counts[b] == 0) if computed else 0
         if need > pool.num_free + pool.num_evictable - unowned_computed:
             return False
         if table is None:

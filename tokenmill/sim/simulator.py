@@ -50,7 +50,7 @@ from tokenmill.core.router import RoundRobinRouter, Router, make_router
 from tokenmill.core.scheduler import QueueFullError, Scheduler
 from tokenmill.executor.sim_executor import SimExecutor
 from tokenmill.sim.config import PoolConfig, SimConfig, SimResult, pool_description
-from tokenmill.sim.cost_model import steps_until
+from tokenmill.sim.cost_model import CostModel, steps_until
 from tokenmill.sim.metrics import LogHistogram, RequestRecords, merge_series, summarize
 from tokenmill.sim.workload import RequestSpec, Workload
 
@@ -77,7 +77,7 @@ class _Track:
 class Replica:
     __slots__ = ("index", "role", "sched", "executor", "cm", "plan", "result", "t0", "end", "version",
                  "active", "known", "arr_pos", "next_sample", "series", "busy_time", "num_plans",
-                 "num_steps", "num_cuts", "gpus", "_kmax", "prefill_tokens")  # fmt: skip
+                 "num_steps", "num_cuts", "gpus", "_kmax", "prefill_tokens", "stateful_cm")  # fmt: skip
 
     def __init__(self, index: int, role: str, pool: PoolConfig, token_id: int) -> None:
         self.index = index
@@ -105,6 +105,8 @@ class Replica:
         self.gpus = pool.gpus_per_replica
         cfg = self.sched.config
         self._kmax = cfg.max_decode_steps
+        # Only stateful cost models (a replay) need to hear of each finished plan.
+        self.stateful_cm = type(self.cm).on_plan_done is not CostModel.on_plan_done
 
 
 class Simulator:
@@ -264,7 +266,8 @@ class Simulator:
             if self._record:
                 self.plan_log.append((rep.index, plan.summary()))
             updates = rep.sched.update(plan, result)
-            rep.cm.on_plan_done(plan)
+            if rep.stateful_cm:
+                rep.cm.on_plan_done(plan)
             self._account(rep, plan, result.duration or 0.0, updates)
             rep.plan = None
         self._start(rep, t)
