@@ -65,9 +65,10 @@ class KVManager:
             bs = self.block_size
             start, stop = have * bs, num_blocks * bs
             prompt = req.prompt_token_ids
-            # zip over one iterator taken bs at a time cuts the tuples in C; within the
-            # prompt the iterator reads it in place rather than from a copied slice.
-            it = islice(prompt, start, stop) if stop <= len(prompt) else iter(req.token_ids_slice(start, stop))
+            # zip over one iterator taken bs at a time cuts the tuples in C. The first cut
+            # reads the prompt in place; later ones (a few blocks each) copy just their
+            # tokens, as islice would step through every token before ``start``.
+            it = islice(prompt, stop) if start == 0 and stop <= len(prompt) else iter(req.token_ids_slice(start, stop))
             # Equal neighbouring blocks (a run of padding or repeated text) share one key
             # object: the prefix cache keeps a key per cached block, a tuple of bs tokens each.
             for key, run in groupby(zip(*([it] * bs), strict=True)):
