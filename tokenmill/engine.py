@@ -372,6 +372,8 @@ class Engine:
             except LoraLoadError as exc:
                 self.loras.drop_ids(set(exc.lora_ids))
                 gone = set(exc.request_ids)
+                if not gone:
+                    raise
                 parents = {self.scheduler.requests[r].parent_id or r for r in gone if r in self.scheduler.requests}
                 for parent in parents:
                     out = self.abort_request(parent)

@@ -264,10 +264,10 @@ class DecoderModel:
             )
             q = qkv[:, :q_size].view(t, cfg.num_heads, cfg.head_dim)
             att = ops.attention(q, kv_cache, meta, scale, layer.window, cfg.attn_softcap)
-            att2 = att.view(t, q_size)
-            h = ops.linear(att2, layer.o)
+            att_out = att.view(t, q_size)
+            h = ops.linear(att_out, layer.o)
             if lora is not None and lora.touches(i, "o"):
-                ops.lora_apply(h, att2, lora, i, "o")
+                ops.lora_apply(h, att_out, lora, i, "o")
             if layer.post_attn_norm is not None:
                 h = ops.rms_norm(h, layer.post_attn_norm, eps)
             x = ops.add_rms_norm(h, residual, layer.post_norm, eps)
