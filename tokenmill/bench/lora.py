@@ -14,9 +14,12 @@ gate/up/down: the most LoRA work per token), one engine runs the same
 Greedy, exactly ``--output-len`` new tokens each, prefill included, prefix
 caching off (the repeats would otherwise hit the cache). It prints each
 run's output tokens/s, the best and median per mode, the ratio of the
-medians (lora / base), and the load average before and after: the machine
-is shared, so runs are interleaved and repeated rather than trusted one by
-one.
+medians (lora / base), the share of requests whose tokens differ from the
+base model's (the adapters did run), and the load average before and after:
+the machine is shared, so runs are interleaved and repeated rather than
+trusted one by one.
+
+    tokenmill bench lora --batch 32 --adapters 8 --rank 16
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backend", default="auto", help="ops backend (auto, torch, cpu_kernels)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--work-dir", default=str(DEFAULT_CACHE), help="where the synthetic model and adapters are written")
     p.add_argument("--result-file", default=None, help="write all figures as JSON here")
 
 
@@ -61,19 +66,26 @@ def make_adapters(model_dir: Path, out: Path, count: int, rank: int) -> list[Pat
     return paths
 
 
-def _timed(llm: Any, prompts: list[list[int]], params: Any, loras: list[Any] | None) -> tuple[float, int]:
+def _timed(
+    llm: Any, prompts: list[list[int]], params: Any, loras: list[Any] | None
+) -> tuple[float, list[list[int]]]:
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora=loras)
     dt = time.perf_counter() - t0
-    return dt, sum(len(o.outputs[0].token_ids) for o in outs)
+    return dt, [list(o.outputs[0].token_ids) for o in outs]
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from tokenmill import LLM, SamplingParams
     from tokenmill.bench.synthetic_model import make_model
 
-    model_dir = Path(args.model) if args.model else make_model(DEFAULT_CACHE / "models" / args.shape, args.shape)
-    adapters = make_adapters(model_dir, DEFAULT_CACHE / "lora" / model_dir.name, args.adapters, args.rank)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    model_dir = Path(args.model) if args.model else make_model(work / "models" / args.shape, args.shape)
+    adapters = make_adapters(model_dir, work / "lora" / model_dir.name, args.adapters, args.rank)
     load_before = os.getloadavg()
     llm = LLM(
         str(model_dir),
@@ -98,14 +110,19 @@ def run(args: argparse.Namespace) -> int:
     _timed(llm, prompts, warm, None)
     _timed(llm, prompts, warm, per_request)
     runs: dict[str, list[float]] = {"base": [], "lora": []}
+    generated: dict[str, list[list[int]]] = {}
     for r in range(args.repeats):
         for mode in ("base", "lora") if r % 2 == 0 else ("lora", "base"):
-            dt, tokens = _timed(llm, prompts, params, per_request if mode == "lora" else None)
+            dt, outs = _timed(llm, prompts, params, per_request if mode == "lora" else None)
+            generated[mode] = outs
+            tokens = sum(map(len, outs))
             runs[mode].append(tokens / dt)
             print(f"run {r} {mode:>4}: {tokens / dt:8.1f} output tok/s ({dt:.2f} s)", flush=True)
     load_after = os.getloadavg()
     med = {m: statistics.median(v) for m, v in runs.items()}
     ratio = med["lora"] / med["base"]
+    # the adapters must have run: requests whose tokens differ from the base model's
+    differ = sum(a != b for a, b in zip(generated["lora"], generated["base"], strict=True)) / args.batch
     print(
         f"\n{model_dir.name}, {args.dtype}, batch {args.batch}, {args.adapters} adapters of rank {args.rank} "
         f"on q/k/v/o/gate/up/down, prompt {args.prompt_len}, output {args.output_len}"
@@ -113,21 +130,22 @@ def run(args: argparse.Namespace) -> int:
     for m in ("base", "lora"):
         print(f"  {m:>4}: median {med[m]:.1f}  best {max(runs[m]):.1f} output tok/s")
     print(f"  lora / base (medians): {ratio:.1%}")
+    print(f"  requests whose output differs from the base model's: {differ:.0%}")
     print(f"  load average before {load_before[0]:.2f} {load_before[1]:.2f}, after {load_after[0]:.2f} {load_after[1]:.2f}")
     if args.result_file:
         Path(args.result_file).write_text(json.dumps({
             "model": str(model_dir), "dtype": args.dtype, "batch": args.batch, "adapters": args.adapters,
             "rank": args.rank, "prompt_len": args.prompt_len, "output_len": args.output_len,
-            "runs": runs, "median": med, "ratio": ratio, "load_before": load_before, "load_after": load_after,
+            "runs": runs, "median": med, "ratio": ratio, "differ_from_base": differ, "load_before": load_before, "load_after": load_after,
         }, indent=2))  # fmt: skip
     return 0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
-    raise SystemExit(run(p.parse_args()))
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
