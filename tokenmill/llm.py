@@ -31,27 +31,9 @@ class LLM:
     """
 
     def __init__(
-        self,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        kv_cache_memory: int = 1 << 30,
-        block_size: int = 16,
-        max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 64,
-        lora_modules: dict[str, str] | None = None,
-        **engine_options: Any,
+        self, model: str | None = None, *, lora_modules: dict[str, str] | None = None, **engine_options: Any
     ) -> None:
-        config = EngineConfig(
-            model=model,
-            dtype=dtype,
-            kv_cache_memory=kv_cache_memory,
-            block_size=block_size,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs,
-            **engine_options,
-        )
-        self.engine = Engine(config)
+        self.engine = Engine(EngineConfig(model=model, **engine_options))
         self._ids = itertools.count()
         for name, path in (lora_modules or {}).items():
             self.engine.add_lora(name, path)
@@ -67,6 +49,14 @@ class LLM:
         if isinstance(lora, str) and lora not in self.engine.loras and Path(lora).is_dir():
             return self.engine.add_lora(lora, lora)  # a directory, registered under its path
         return self.engine.resolve_lora(lora)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        """An ``LLM`` on an engine built from ``config`` as it is."""
+        llm = cls.__new__(cls)
+        llm.engine = Engine(config)
+        llm._ids = itertools.count()
+        return llm
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
