@@ -127,9 +127,11 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         engine = self.engine
         if use_tqdm:
+            from rich.console import Console
             from rich.progress import Progress
 
-            with Progress(transient=True) as progress:
+            # on stderr: stdout may carry results (tokenmill generate --input prints JSONL there)
+            with Progress(transient=True, console=Console(stderr=True)) as progress:
                 task = progress.add_task("generating", total=len(ids))
                 while engine.has_unfinished():
                     for out in engine.step():
