@@ -20,6 +20,7 @@ def test_lora_bench_runs_both_modes(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert set(res["runs"]) == {"base", "lora"}
     assert all(len(v) == 2 and min(v) > 0 for v in res["runs"].values())
     assert res["ratio"] == pytest.approx(res["median"]["lora"] / res["median"]["base"])
+    assert len(res["pair_ratios"]) == 2 and res["cpu_ratio"] > 0
     assert res["differ_from_base"] > 0  # the adapters changed what the model says
     assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["tiny"]
     assert len(list((tmp_path / "lora" / "tiny").iterdir())) == 2

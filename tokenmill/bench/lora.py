@@ -13,8 +13,9 @@ gate/up/down: the most LoRA work per token), one engine runs the same
 
 Greedy, exactly ``--output-len`` new tokens each, prefill included, prefix
 caching off (the repeats would otherwise hit the cache). It prints each
-run's output tokens/s, the best and median per mode, the ratio of the
-medians (lora / base), the share of requests whose tokens differ from the
+run's output tokens/s (and per CPU second of the process), the best and
+median per mode, the ratio of the medians (lora / base) and of each
+repeat's two runs, the share of requests whose tokens differ from the
 base model's (the adapters did run), and the load average before and after:
 the machine is shared, so runs are interleaved and repeated rather than
 trusted one by one.
@@ -68,11 +69,12 @@ def make_adapters(model_dir: Path, out: Path, count: int, rank: int) -> list[Pat
 
 def _timed(
     llm: Any, prompts: list[list[int]], params: Any, loras: list[Any] | None
-) -> tuple[float, list[list[int]]]:
-    t0 = time.perf_counter()
+) -> tuple[float, float, list[list[int]]]:
+    """(wall seconds, CPU seconds of this process, each request's tokens) of one batch."""
+    c0, t0 = time.process_time(), time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora=loras)
-    dt = time.perf_counter() - t0
-    return dt, [list(o.outputs[0].token_ids) for o in outs]
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return dt, cpu, [list(o.outputs[0].token_ids) for o in outs]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,17 +112,23 @@ def run(args: argparse.Namespace) -> int:
     _timed(llm, prompts, warm, None)
     _timed(llm, prompts, warm, per_request)
     runs: dict[str, list[float]] = {"base": [], "lora": []}
+    cpu_runs: dict[str, list[float]] = {"base": [], "lora": []}  # output tokens per CPU second
     generated: dict[str, list[list[int]]] = {}
     for r in range(args.repeats):
         for mode in ("base", "lora") if r % 2 == 0 else ("lora", "base"):
-            dt, outs = _timed(llm, prompts, params, per_request if mode == "lora" else None)
+            dt, cpu, outs = _timed(llm, prompts, params, per_request if mode == "lora" else None)
             generated[mode] = outs
             tokens = sum(map(len, outs))
             runs[mode].append(tokens / dt)
-            print(f"run {r} {mode:>4}: {tokens / dt:8.1f} output tok/s ({dt:.2f} s)", flush=True)
+            cpu_runs[mode].append(tokens / cpu)
+            print(f"run {r} {mode:>4}: {tokens / dt:8.1f} output tok/s ({dt:.2f} s), "
+                  f"{tokens / cpu:8.1f} tok/CPU-s", flush=True)  # fmt: skip
     load_after = os.getloadavg()
     med = {m: statistics.median(v) for m, v in runs.items()}
     ratio = med["lora"] / med["base"]
+    # each repeat's two back-to-back runs, as a ratio: less exposed to the load drifting
+    pair_ratios = [lo / b for lo, b in zip(runs["lora"], runs["base"], strict=True)]
+    cpu_ratio = statistics.median(cpu_runs["lora"]) / statistics.median(cpu_runs["base"])
     # the adapters must have run: requests whose tokens differ from the base model's
     differ = sum(a != b for a, b in zip(generated["lora"], generated["base"], strict=True)) / args.batch
     print(
@@ -129,14 +137,17 @@ def run(args: argparse.Namespace) -> int:
     )
     for m in ("base", "lora"):
         print(f"  {m:>4}: median {med[m]:.1f}  best {max(runs[m]):.1f} output tok/s")
-    print(f"  lora / base (medians): {ratio:.1%}")
+    print(f"  lora / base (medians): {ratio:.1%}; per repeat: {', '.join(f'{x:.1%}' for x in pair_ratios)}")
+    print(f"  by CPU time: base {statistics.median(cpu_runs['base']):.1f}, lora {statistics.median(cpu_runs['lora']):.1f}"
+          f" tok/CPU-s (medians), lora / base {cpu_ratio:.1%}")  # fmt: skip
     print(f"  requests whose output differs from the base model's: {differ:.0%}")
     print(f"  load average before {load_before[0]:.2f} {load_before[1]:.2f}, after {load_after[0]:.2f} {load_after[1]:.2f}")
     if args.result_file:
         Path(args.result_file).write_text(json.dumps({
             "model": str(model_dir), "dtype": args.dtype, "batch": args.batch, "adapters": args.adapters,
             "rank": args.rank, "prompt_len": args.prompt_len, "output_len": args.output_len,
-            "runs": runs, "median": med, "ratio": ratio, "differ_from_base": differ, "load_before": load_before, "load_after": load_after,
+            "runs": runs, "median": med, "ratio": ratio, "pair_ratios": pair_ratios,
+            "cpu_runs": cpu_runs, "cpu_ratio": cpu_ratio, "differ_from_base": differ, "load_before": load_before, "load_after": load_after,
         }, indent=2))  # fmt: skip
     return 0
 
