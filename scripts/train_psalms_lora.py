@@ -16,7 +16,7 @@ script makes it, reproducibly, with ``peft`` (a test extra: ``pip install -e
    tenth psalms, so the held-out comparison on them favours the base; the
    three psalms unseen by both are the fair comparison, and both are reported.
 3. **Adapter.** LoRA of rank 8 (alpha 16, dropout 0.05) on q/k/v/o and
-   gate/up/down of all six layers: 224k parameters, 0.9 MB in fp32.
+   gate/up/down of all six layers: 222k parameters, 0.9 MB in fp32.
    AdamW (0.9, 0.95, no weight decay), peak LR 2e-3 with 20 warm-up steps
    and a linear decay to zero, batches of 8 windows of 256 tokens,
    ``--epochs`` passes (4) over the training psalms, fp32, seeded.
@@ -25,7 +25,7 @@ script makes it, reproducibly, with ``peft`` (a test extra: ``pip install -e
    (the held-out psalms, for the tests) and a README.md card with the held-out
    loss and perplexity of the base and the adapter, the wall time, and samples.
 
-Run it in the background (about 10 minutes on one thread of a busy 2-core VM)::
+Run it in the background (about 18 minutes on one thread of a busy 2-core VM)::
 
     nohup .venv/bin/python scripts/train_psalms_lora.py > psalms.log 2>&1 &
 """

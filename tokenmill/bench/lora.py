@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             runs[mode].append(tokens / dt)
             cpu_runs[mode].append(tokens / cpu)
             print(f"run {r} {mode:>4}: {tokens / dt:8.1f} output tok/s ({dt:.2f} s), "
-                  f"{tokens / cpu:8.1f} tok/CPU-s", flush=True)  # fmt: skip
+                  f"{tokens / cpu:8.1f} tok/CPU-s, load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     load_after = os.getloadavg()
     med = {m: statistics.median(v) for m, v in runs.items()}
     ratio = med["lora"] / med["base"]
