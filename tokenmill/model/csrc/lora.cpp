@@ -174,6 +174,9 @@ void lora_impl(T* y, int64_t ldy, const T* x, int64_t K, const std::vector<LoraS
   const int64_t n_shrink = static_cast<int64_t>(shrink.size());
   const int64_t n_expand = static_cast<int64_t>(expand.size());
   const int nt = flops >= (1 << 17) ? num_threads() : 1;
+  // one thread takes every task in one go: handing them out one by one costs a runtime call
+  // each, as much as a decode row's expand task itself
+  const int64_t chunk = nt > 1 ? 1 : std::max<int64_t>({n_shrink, n_expand, 1});
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp for schedule(static)
@@ -182,7 +185,7 @@ void lora_impl(T* y, int64_t ldy, const T* x, int64_t K, const std::vector<LoraS
       float* dst = xs.data() + j * K;
       for (int64_t k = 0; k < K; ++k) dst[k] = to_f(src[k]);
     }
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t t = 0; t < n_shrink; ++t) {
       const ShrinkTask& task = shrink[t];
       const LoraSlot& s = slots[task.slot];
@@ -192,7 +195,7 @@ void lora_impl(T* y, int64_t ldy, const T* x, int64_t K, const std::vector<LoraS
         shrink_block<W>(mr, xs.data() + j * K, K, a, h.data() + j * ldh + task.panel * LP, ldh, valid);
       });
     }
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t t = 0; t < n_expand; ++t) {
       const ExpandTask& task = expand[t];
       const LoraPartDesc& part = slots[task.slot].part[task.part];
