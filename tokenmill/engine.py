@@ -17,6 +17,7 @@ its request right after it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -55,6 +56,9 @@ class EngineConfig:
     max_tokens_per_request: int | None = None
     policy: str = "fcfs"
     policy_options: dict[str, Any] = field(default_factory=dict)
+    # Structured-output JSON without free whitespace unless a request asks for it (vLLM's
+    # disable_any_whitespace): small models fill free whitespace without end.
+    structured_disable_any_whitespace: bool = False
     debug_checks: bool = False
     record_steps: bool = False  # keep a StepRecord per step (for replay in the simulator)
 
@@ -135,6 +139,8 @@ class Engine:
         # Set by a caller that streams (the async engine): see the module docstring.
         self.on_partial: Callable[[list[RequestOutput]], None] | None = None
         self._children: dict[str, list[Request]] = {}
+        self._grammar_compiler: Any = None  # tokenmill.structured.compiler.GrammarCompiler, made on first use
+        self._grammar_lock = threading.Lock()
         self._added_since_step: list[str] = []
         self.step_log: list[StepRecord] = []
         self.num_steps = 0
@@ -143,6 +149,23 @@ class Engine:
         self.finished_by_reason: dict[str, int] = {}
 
     # ---------------------------------------------------------------- inputs
+
+    @property
+    def grammar_compiler(self) -> Any:
+        """The structured-output compiler for this engine's tokenizer (built on first use;
+        the server calls it from its threads, so requests arrive compiled)."""
+        if self._grammar_compiler is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer, and this engine has none")
+            with self._grammar_lock:
+                if self._grammar_compiler is None:
+                    from tokenmill.structured.compiler import GrammarCompiler
+
+                    self._grammar_compiler = GrammarCompiler(
+                        self.tokenizer, self.vocab_size, self.eos_token_ids,
+                        disable_any_whitespace=self.config.structured_disable_any_whitespace,
+                    )  # fmt: skip
+        return self._grammar_compiler
 
     def tokenize(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
@@ -170,6 +193,11 @@ class Engine:
         """
         params = params or SamplingParams()
         params.validate()
+        if params.structured_outputs is not None:
+            # A cache hit when the server compiled it already; a GrammarError (ValueError) if bad.
+            bound = self.grammar_compiler.compile(params.structured_outputs)
+            if bound is not params.structured_outputs:
+                params = replace(params, structured_outputs=bound)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this engine has none")
         if request_id in self._children:

@@ -93,10 +93,12 @@ class GrammarCompiler:
         *,
         max_threads: int = 2,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        disable_any_whitespace: bool = False,
     ) -> None:
         import xgrammar as xgr
 
         self.vocab_size = vocab_size
+        self.disable_any_whitespace = disable_any_whitespace  # for params that leave it None
         self.info = tokenizer_info(tokenizer, vocab_size, stop_token_ids)
         self._xgr = xgr.GrammarCompiler(self.info, max_threads=max_threads)
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
@@ -113,7 +115,7 @@ class GrammarCompiler:
 
     def compiled_grammar(self, params: StructuredOutputsParams) -> Any:
         """The ``xgrammar.CompiledGrammar`` of ``params``, from the cache or compiled now."""
-        key = params.key()
+        key = params.key(self.disable_any_whitespace)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -132,17 +134,18 @@ class GrammarCompiler:
 
     def _compile(self, params: StructuredOutputsParams) -> Any:
         kind = params.kind
+        compact = params.key(self.disable_any_whitespace)[2]
         try:
             if kind == "json":
                 schema = params.json
                 if isinstance(schema, str):
                     schema = json.loads(schema)
                 check_schema(schema)  # type: ignore[arg-type]
-                return self._compile_schema(json.dumps(schema), not params.disable_any_whitespace)
+                return self._compile_schema(json.dumps(schema), not compact)
             if kind == "json_object":
                 # any object: strict mode would allow only the properties the schema lists (none)
                 return self._xgr.compile_json_schema(
-                    '{"type": "object"}', any_whitespace=not params.disable_any_whitespace, strict_mode=False
+                    '{"type": "object"}', any_whitespace=not compact, strict_mode=False
                 )
             if kind == "regex":
                 return self._xgr.compile_regex(params.regex)  # type: ignore[arg-type]

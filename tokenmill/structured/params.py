@@ -29,7 +29,8 @@ class StructuredOutputsParams:
     structural tag, as a dict or a JSON string; tool calls use it).
 
     ``disable_any_whitespace``: JSON without free whitespace between tokens (vLLM's
-    option), which small models tend to fill without end.
+    option), which small models tend to fill without end; None takes the engine's
+    default (``EngineConfig.structured_disable_any_whitespace``, off unless set).
     """
 
     json: dict[str, Any] | bool | str | None = None
@@ -38,7 +39,7 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     structural_tag: dict[str, Any] | str | None = None
-    disable_any_whitespace: bool = False
+    disable_any_whitespace: bool | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,9 +97,10 @@ class StructuredOutputsParams:
             return value
         return json.dumps(value, ensure_ascii=False)
 
-    def key(self) -> tuple[str, str, bool]:
+    def key(self, default_compact: bool = False) -> tuple[str, str, bool]:
         """What the compiled grammar depends on: equal keys compile to the same grammar."""
-        return (self.kind, self.spec_text(), self.disable_any_whitespace)
+        compact = default_compact if self.disable_any_whitespace is None else self.disable_any_whitespace
+        return (self.kind, self.spec_text(), compact)
 
     # -- the compiled grammar, attached by the engine ----------------------------------
 
