@@ -96,6 +96,12 @@ def register(subparsers: Any) -> None:
                    help="decode steps one plan may cover when nothing can change (default 8)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "none"],
+                   help="how tool calls are read from the model's text for tool_choice auto "
+                        "(hermes: <tool_call> JSON blocks; none: refuse auto)")  # fmt: skip
+    p.add_argument("--disable-any-whitespace", action="store_true",
+                   help="structured-output JSON without free whitespace unless a request asks for it "
+                        "(small models tend to fill free whitespace without end)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_chars=args.max_prompt_chars,
         max_prompts_per_request=args.max_prompts_per_request,
         allowed_hosts=allowed_hosts_for(args.host, args.port, api_key=args.api_key or None, flag=args.allowed_hosts),
+        tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser,
     )
     state = build_state(engine, settings)
     app = create_app(state)
@@ -187,6 +194,7 @@ def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         max_waiting=args.max_queue or None,
         policy=args.policy,
         policy_options=options,
+        structured_disable_any_whitespace=args.disable_any_whitespace,
         **{k: v for k, v in overrides.items() if v is not None},
     )
     return config, names

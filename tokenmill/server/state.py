@@ -50,6 +50,8 @@ class ServerSettings:
     # Host header values taken (DNS-rebinding protection); None: any. See hosts.py.
     allowed_hosts: list[str] | None = None
     preprocess_threads: int = DEFAULT_PREPROCESS_THREADS
+    # How tool calls are read from the model's text (tool_choice auto); None: auto is refused.
+    tool_call_parser: str | None = "hermes"
 
 
 @dataclass

@@ -157,8 +157,16 @@ class GrammarCompiler:
                     return self._xgr.compile_grammar(text)
                 return self._xgr.compile_lark(text)
             if kind == "structural_tag":
+                import xgrammar as xgr
+
                 tag = params.structural_tag
-                return self._xgr.compile_structural_tag(tag if isinstance(tag, str) else json.dumps(tag))
+                text = tag if isinstance(tag, str) else json.dumps(tag)
+                tag = json.loads(text)
+                _check_tag_schemas(tag)
+                if compact:
+                    _compact_tag(tag)
+                    text = json.dumps(tag)
+                return self._compile_fixed(xgr.Grammar.from_structural_tag(text))
         except SchemaError as exc:
             raise GrammarError(kind, str(exc)) from None
         except GrammarError:
@@ -171,7 +179,12 @@ class GrammarCompiler:
     def _compile_schema(self, schema: str, any_whitespace: bool) -> Any:
         import xgrammar as xgr
 
-        grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=any_whitespace, strict_mode=True)
+        return self._compile_fixed(
+            xgr.Grammar.from_json_schema(schema, any_whitespace=any_whitespace, strict_mode=True)
+        )
+
+    def _compile_fixed(self, grammar: Any) -> Any:
+        """Compile ``grammar``, with xgrammar's length-bounded string rule replaced (see below)."""
         text = str(grammar)
         if _LENGTH_CHAR_RULE in text:
             return self._xgr.compile_grammar(text.replace(_LENGTH_CHAR_RULE, _JSON_CHAR_RULE))
@@ -184,6 +197,31 @@ class GrammarCompiler:
 # a surrogate pair would count as two characters and break minLength).
 _LENGTH_CHAR_RULE = r'(([^\"\\\r\n]))'
 _JSON_CHAR_RULE = r'(([^\"\\\0-\x1f]) | ("\\" [\"\\/bfnrt]))'
+
+
+def _check_tag_schemas(node: Any) -> None:
+    """``check_schema`` on every JSON schema a structural tag holds."""
+    if isinstance(node, dict):
+        if node.get("type") == "json_schema" and "json_schema" in node:
+            check_schema(node["json_schema"])
+        for value in node.values():
+            _check_tag_schemas(value)
+    elif isinstance(node, list):
+        for value in node:
+            _check_tag_schemas(value)
+
+
+def _compact_tag(node: Any) -> None:
+    """At most one whitespace character in a row in the JSON a structural tag holds (its
+    JSON formats have no switch for none)."""
+    if isinstance(node, dict):
+        if node.get("type") == "json_schema" and node.get("max_whitespace_cnt") is None:
+            node["max_whitespace_cnt"] = 1
+        for value in node.values():
+            _compact_tag(value)
+    elif isinstance(node, list):
+        for value in node:
+            _compact_tag(value)
 
 
 def choice_grammar(choices: Sequence[str]) -> str:
