@@ -143,9 +143,11 @@ class GrammarCompiler:
                 check_schema(schema)  # type: ignore[arg-type]
                 return self._compile_schema(json.dumps(schema), not compact)
             if kind == "json_object":
+                import xgrammar as xgr
+
                 # any object: strict mode would allow only the properties the schema lists (none)
-                return self._xgr.compile_json_schema(
-                    '{"type": "object"}', any_whitespace=not compact, strict_mode=False
+                return self._compile_fixed(
+                    xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=not compact, strict_mode=False)
                 )
             if kind == "regex":
                 return self._xgr.compile_regex(params.regex)  # type: ignore[arg-type]
@@ -184,11 +186,10 @@ class GrammarCompiler:
         )
 
     def _compile_fixed(self, grammar: Any) -> Any:
-        """Compile ``grammar``, with xgrammar's length-bounded string rule replaced (see below)."""
+        """Compile ``grammar`` with the fixes below applied to its JSON string characters."""
         text = str(grammar)
-        if _LENGTH_CHAR_RULE in text:
-            return self._xgr.compile_grammar(text.replace(_LENGTH_CHAR_RULE, _JSON_CHAR_RULE))
-        return self._xgr.compile_grammar(grammar)
+        fixed = _CONTROL_CLASS.sub(_no_surrogates, text.replace(_LENGTH_CHAR_RULE, _JSON_CHAR_RULE))
+        return self._xgr.compile_grammar(fixed if fixed != text else grammar)
 
 
 # xgrammar 0.2.8 writes the characters of a string with minLength / maxLength as this rule,
@@ -197,6 +198,15 @@ class GrammarCompiler:
 # a surrogate pair would count as two characters and break minLength).
 _LENGTH_CHAR_RULE = r'(([^\"\\\r\n]))'
 _JSON_CHAR_RULE = r'(([^\"\\\0-\x1f]) | ("\\" [\"\\/bfnrt]))'
+
+# The character classes of JSON strings (those that exclude the control characters) take
+# any UTF-8 sequence that decodes to a code point, surrogates included (ED A0 80 ...):
+# bytes no UTF-8 decoder accepts, which turn into U+FFFD and break lengths and patterns.
+_CONTROL_CLASS = re.compile(r"\[\^([^\]]*\\0-\\x1f[^\]]*)\]")
+
+
+def _no_surrogates(m: re.Match[str]) -> str:
+    return f"[^{m.group(1)}\\uD800-\\uDFFF]"
 
 
 def _check_tag_schemas(node: Any) -> None:
