@@ -128,7 +128,7 @@ class Sampler:
         special_rows = [rows[i] for i in special]
         mask = None  # the special rows' bitmask, every bit set for unconstrained ones
         if token_bitmask is not None and any(r.constrained for r in special_rows):
-            mask = token_bitmask[special].clone()
+            mask = token_bitmask[special].to(x.device)  # indexing copies: the caller's stays as it is
             free = [j for j, r in enumerate(special_rows) if not r.constrained]
             if free:
                 mask[free] = -1
