@@ -74,12 +74,6 @@ class SequenceGrammar:
         self.matcher.fill_next_token_bitmask(bitmask, row)
         return True
 
-    def jump_forward(self) -> str:
-        """The text the grammar forces next (empty if it allows a choice)."""
-        if self.matcher.is_terminated():
-            return ""
-        return self.matcher.find_jump_forward_string()
-
 
 class StepMasks:
     """Token bitmasks for the sampling rows of a plan's sub-steps (one buffer, reused)."""
