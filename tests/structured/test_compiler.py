@@ -73,12 +73,14 @@ def test_random_schemas_only_allow_valid_json(compiler: GrammarCompiler, bundled
     rng = random.Random(7)
     checker = jsonschema.FormatChecker()
     finished = 0
-    for i in range(40):
+    # 200 generated schemas (the acceptance set; on the bundled model itself in
+    # `tokenmill bench structured`), one walk each: every walk that ends is valid JSON
+    for i in range(200):
         schema = random_schema(rng)
-        for text in _walks(compiler, bundled_tokenizer, Spec(json=schema, disable_any_whitespace=i % 2 == 0), 2, seed=i):
+        for text in _walks(compiler, bundled_tokenizer, Spec(json=schema, disable_any_whitespace=i % 2 == 0), 1, seed=i):
             jsonschema.validate(json.loads(text), schema, format_checker=checker)
             finished += 1
-    assert finished >= 60
+    assert finished >= 150
 
 
 def test_length_bounded_strings_are_json_strings(compiler: GrammarCompiler, bundled_tokenizer: Any) -> None:

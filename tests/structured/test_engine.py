@@ -30,7 +30,7 @@ def _texts(llm: LLM, specs: list[Spec], max_tokens: int = 160, n: int = 1, **kw:
 
 
 def test_generated_schemas_give_valid_json(llm: LLM) -> None:
-    # the full 200-request run is `tokenmill bench structured` (docs/benchmarks.md)
+    # 200 schemas: test_compiler (random walks) and `tokenmill bench structured` (this model, docs/benchmarks.md)
     rng = random.Random(11)
     schemas = [random_schema(rng) for _ in range(16)]
     outs = _texts(llm, [Spec(json=s, disable_any_whitespace=True) for s in schemas], max_tokens=160)
