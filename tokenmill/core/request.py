@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.structured.params import StructuredOutputsParams
-
 from tokenmill.core.lora import LoRARequest
+from tokenmill.structured.params import StructuredOutputsParams
 
 
 class RequestStatus(enum.Enum):
