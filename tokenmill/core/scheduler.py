@@ -451,7 +451,7 @@ class Scheduler:
         """The plan's sequences as data: tokens to feed, block table diffs, setups of admissions."""
         if self.lean_plans:
             return [ScheduledSeq(req.request_id, start, n, _NONE, 0, _NONE,
-                                 start + n == len(req.prompt_token_ids) + len(req.output_token_ids))
+                                 start + n == len(req.prompt_token_ids) + len(req.output_token_ids), None, req.lora_id)
                     for req, start, n, _ in picked]  # fmt: skip
         table_diff = self.kv.table_diff
         seqs = []
