@@ -44,6 +44,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--expert-cache-memory", type=size_in(1), default=None,
                    help="MoE models: RAM for experts, e.g. 8GiB; the rest memory-mapped (default: all)")
     p.add_argument("--max-num-seqs", type=positive_int, default=64)
+    p.add_argument("--trace-file", help="write each request's timeline (queued, prefill chunks, decode steps, "
+                                        "preemptions, first token, finish) as Chrome trace JSON, for Perfetto")
     p.set_defaults(func=run)
 
 
@@ -80,11 +82,18 @@ def run(args: argparse.Namespace) -> int:
         if args.output:
             # Opened before the model runs, so that a bad path costs nothing.
             sink = open(args.output, "w", encoding="utf-8")
+        traced = sum(p.n for p in params) if args.trace_file else 0
         llm = LLM(path, dtype=args.dtype, device=device, kv_cache_memory=args.kv_cache_memory,
-                  max_num_seqs=args.max_num_seqs, expert_cache_memory=args.expert_cache_memory)  # fmt: skip
+                  max_num_seqs=args.max_num_seqs, expert_cache_memory=args.expert_cache_memory,
+                  timeline_requests=traced)  # fmt: skip
         tok = llm.get_tokenizer()
         prompts = [_prompt(tok, r, args.chat) for r in records]
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 or bool(args.output))
+        if args.trace_file:
+            from tokenmill.sim.trace_file import write_trace
+
+            write_trace(args.trace_file, [llm.engine.scheduler.timeline], {"command": "tokenmill generate"})
+            print(f"timeline: {args.trace_file}", file=sys.stderr)
     except (UsageError, ValueError, OSError, RuntimeError) as e:
         # RuntimeError: the device (e.g. out of memory); its message can run to many lines.
         print(f"error: {(str(e).strip() or type(e).__name__).splitlines()[0]}", file=sys.stderr)

@@ -35,6 +35,7 @@ from tokenmill.core.kv_manager import KVManager
 from tokenmill.core.plan import ScheduledSeq, SeqSetup, SeqUpdate, StepPlan, StepResult
 from tokenmill.core.policies import SchedulingPolicy, make_policy
 from tokenmill.core.request import FinishReason, Request, RequestStatus
+from tokenmill.core.timeline import Timeline
 
 
 class QueueFullError(RuntimeError):
@@ -105,6 +106,8 @@ class Scheduler:
         self._plan_requests: list[Request] = []
         self._finished_ids: list[str] = []  # finished or aborted since the last plan
         self._over: set[str] = set()  # parents holding more than max_seqs_per_request slots
+        # Set by whoever wants request timelines (engine or twin): told of arrivals, plans, finishes.
+        self.timeline: Timeline | None = None
 
     # ---------------------------------------------------------------- inputs
 
@@ -137,6 +140,8 @@ class Scheduler:
         if len(self.waiting) > 1 and self._order(self.waiting[-2]) > self._order(req):
             self.waiting.sort(key=self._order)
         self.policy.on_arrival(req, req.arrival_time if now is None else now)
+        if self.timeline is not None:
+            self.timeline.arrival(req.request_id, req.arrival_time if now is None else now)
 
     @staticmethod
     def _order(r: Request) -> tuple[float, int]:
@@ -242,6 +247,8 @@ class Scheduler:
         req.finish_reason = reason
         req.stop_reason = stop_reason
         req.finish_time = now
+        if self.timeline is not None:
+            self.timeline.finished(req.request_id, now, req.first_token_time, reason.value, len(req.output_token_ids))
         del self.requests[req.request_id]
         self.policy.on_finished(req, now)
 
@@ -584,6 +591,8 @@ class Scheduler:
         the one that completed the stop string and finishes with ``stop``.
         """
         now = plan.now + (result.duration or 0.0)
+        if self.timeline is not None:
+            self.timeline.plan(plan, result.duration or 0.0)
         updates: list[SeqUpdate] = []
         sampled = result.sampled_token_ids
         logprobs = result.logprobs
