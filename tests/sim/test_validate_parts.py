@@ -93,3 +93,18 @@ def test_pinned_sets_threads_and_affinity_of_every_thread_and_restores() -> None
     assert torch.get_num_threads() == before_threads and os.sched_getaffinity(0) == before_cpus
     with pytest.raises(ValueError, match="not available"), pinned(cpus={10_000}):
         pass
+
+
+def test_step_time_check_prices_the_recorded_plans() -> None:
+    from tokenmill.engine import StepRecord
+    from tokenmill.sim.cost_model import ConstantCostModel
+    from tokenmill.sim.validate import step_time_check
+
+    cm = ConstantCostModel(per_step=0.01, per_token=0.001)
+    # A 20-token prefill chunk (0.01 + 0.02 s priced) and a 4-step decode plan of two sequences (4 x 0.012 s).
+    log = [StepRecord(0, ["a"], (1, (("a", 0, 20, True),), ()), 0.06),
+           StepRecord(1, [], (4, (("a", 20, 1, True), ("b", 7, 1, True)), ()), 0.048)]  # fmt: skip
+    c = step_time_check(log, cm)
+    assert c["plans"] == 2 and c["ratio_p10"] == pytest.approx(1.1) and c["ratio_p90"] == pytest.approx(1.9)
+    assert c["measured_over_priced"] == pytest.approx(0.108 / 0.078)
+    assert step_time_check([], cm) == {}

@@ -374,6 +374,10 @@ def _print_validation(console: Any, report: dict[str, Any]) -> None:
     during = [x for pair in pr["real_runs"] for x in pair]
     console.print(f"reference step: {pr['profile']:.2f} ms in the profile, {min(during):.2f}-{max(during):.2f} ms "
                   f"around the real runs (machine drift {report['machine_drift_pct']:+.1f}%)")  # fmt: skip
+    for i, c in enumerate(report.get("step_time_check", [])):
+        if c:
+            console.print(f"run {i + 1}: {c['plans']} plans took {c['measured_over_priced']:.2f}x the profile's price "
+                          f"(per plan p10/p50/p90 {c['ratio_p10']:.2f}/{c['ratio_p50']:.2f}/{c['ratio_p90']:.2f})")  # fmt: skip
     if "timelines" in report:
         from tokenmill.sim.compare import describe
 

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from tokenmill.core.plan import ScheduledSeq, StepPlan
 from tokenmill.core.request import SamplingParams
 from tokenmill.sim import workload as W
 from tokenmill.sim.build import WorkloadSpec
@@ -180,7 +181,8 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, kv_cache_
     def make_engine(timeline_requests: int = 0) -> Any:
         return Engine(EngineConfig(model=path, dtype=dtype, kv_cache_memory=kv_cache_memory, block_size=block_size,
                                    max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                   max_decode_steps=max_decode_steps, timeline_requests=timeline_requests))  # fmt: skip
+                                   max_decode_steps=max_decode_steps, timeline_requests=timeline_requests,
+                                   record_steps=True))  # fmt: skip
 
     engine = make_engine()
     table = load_or_profile(path, profile, grid, dtype, block_size, max_num_batched_tokens, max_num_seqs,
@@ -212,6 +214,8 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, kv_cache_
         "real": real,
         "real_runs": [r["metrics"] for r in runs],
         "real_spread_pct": spread,
+        # Per real run: its plans' measured executor time against the profile's price of them.
+        "step_time_check": [step_time_check(r["steps"], cm) for r in runs],
         "twin": twin,
         "twin_runs": len(twin_sets),
         "twin_spread_pct": run_spread(twin_sets),
@@ -230,6 +234,34 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, kv_cache_
     if trace_dir is not None:
         report["timelines"] = write_timelines(Path(trace_dir), runs, twin_timeline)
     return report
+
+
+def step_time_check(step_log: list[Any], cm: CostModel) -> dict[str, float]:
+    """The real runs' measured executor time per plan against the cost model's price of the same plan.
+
+    Each ``StepRecord`` carries its plan's summary and measured duration; the
+    plan is rebuilt from the summary (the features a cost model reads) and
+    priced without the engine's overhead outside the executor, which the
+    measured duration does not include either. Ratios above 1: the engine's
+    steps ran slower than the profile says.
+    """
+    over = getattr(cm, "overhead", 0.0)
+    over_tok = getattr(cm, "overhead_per_token", 0.0)
+    ratios, measured, priced = [], 0.0, 0.0
+    for rec in step_log:
+        k, seqs, _ = rec.summary
+        plan = StepPlan(0, 0.0, [ScheduledSeq(rid, start, n, [], 0, [], samples) for rid, start, n, samples in seqs],
+                        num_steps=k)  # fmt: skip
+        price = cm.plan_time(plan) - over - over_tok * k * sum(1 for s in seqs if s[3])
+        if price > 0:
+            ratios.append(rec.duration / price)
+            measured += rec.duration
+            priced += price
+    if not ratios:
+        return {}
+    p10, p50, p90 = np.percentile(ratios, [10, 50, 90])
+    return {"plans": len(ratios), "measured_over_priced": measured / priced, "ratio_p10": float(p10),
+            "ratio_p50": float(p50), "ratio_p90": float(p90)}  # fmt: skip
 
 
 def load_or_profile(path: str, profile: str | dict[str, Any] | None, grid: str | dict[str, list[int]], dtype: str,
@@ -281,7 +313,7 @@ def repeat_engine(make_engine: Callable[..., Any], wl: W.Workload, runs: int, lo
         log(f"  run {i + 1}: TTFT mean {m['ttft_mean_ms']:.1f} ms p90 {m['ttft_p90_ms']:.1f} ms, "
             f"TPOT mean {m['tpot_mean_ms']:.2f} ms p90 {m['tpot_p90_ms']:.2f} ms")  # fmt: skip
         out.append({"metrics": m, "wall_s": wall, "probe_before_s": before, "probe_after_s": after,
-                    "timeline": engine.scheduler.timeline})  # fmt: skip
+                    "timeline": engine.scheduler.timeline, "steps": engine.step_log})  # fmt: skip
         del engine
     return out
 
