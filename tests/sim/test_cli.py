@@ -73,6 +73,7 @@ def test_profile_and_validate_on_tiny_model(tiny_model_dir, tmp_path) -> None:  
         assert v["real"][key] > 0 and v["twin"][key] > 0 and key in v["error_pct"]
         assert key in v["error_pct_drift_corrected"] and v["real_spread_pct"][key] >= 0
     assert len(v["real_runs"]) == 2 and v["twin_runs"] == 2 and v["twin_jitter"]
+    assert v["drift_factor"] > 0 and all(c["plans"] > 0 and c["priced_s"] > 0 for c in v["step_time_check"])
     assert set(v["within_target"]) == {"ttft_mean_ms", "ttft_p90_ms", "tpot_mean_ms", "tpot_p90_ms"}
     assert v["engine"]["cpus"] == [min(os.sched_getaffinity(0))] and v["engine"]["threads"] == 1
     # The twin ran the requests the engine ran; both timelines are on disk, with their comparison.

@@ -106,5 +106,5 @@ def test_step_time_check_prices_the_recorded_plans() -> None:
            StepRecord(1, [], (4, (("a", 20, 1, True), ("b", 7, 1, True)), ()), 0.048)]  # fmt: skip
     c = step_time_check(log, cm)
     assert c["plans"] == 2 and c["ratio_p10"] == pytest.approx(1.1) and c["ratio_p90"] == pytest.approx(1.9)
-    assert c["measured_over_priced"] == pytest.approx(0.108 / 0.078)
+    assert c["measured_over_priced"] == pytest.approx(0.108 / 0.078) and c["priced_s"] == pytest.approx(0.078)
     assert step_time_check([], cm) == {}

@@ -373,7 +373,8 @@ def _print_validation(console: Any, report: dict[str, Any]) -> None:
     pr = report["probe_ms"]
     during = [x for pair in pr["real_runs"] for x in pair]
     console.print(f"reference step: {pr['profile']:.2f} ms in the profile, {min(during):.2f}-{max(during):.2f} ms "
-                  f"around the real runs (machine drift {report['machine_drift_pct']:+.1f}%)")  # fmt: skip
+                  f"around the real runs (machine drift {report['machine_drift_pct']:+.1f}%); the drift-corrected "
+                  f"twin's costs are scaled by {report['drift_factor']:.2f}, the real plans' measured/priced time")  # fmt: skip
     for i, c in enumerate(report.get("step_time_check", [])):
         if c:
             console.print(f"run {i + 1}: {c['plans']} plans took {c['measured_over_priced']:.2f}x the profile's price "

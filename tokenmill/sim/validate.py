@@ -20,11 +20,14 @@
    the stalls that the median step time leaves out.
 4. Report mean, p90 and p99 TTFT and TPOT and output throughput from both,
    the twin's relative error on each against the mean of the real runs, the
-   engine's spread, and whether each error is within ``max(5%, spread)``. The
-   reference step (the one the jitter is measured on) is timed around every
-   real run; the report also gives the twin re-run with its costs scaled by
-   how much slower or faster the machine was during the real runs than when
-   the profile was taken ("drift-corrected").
+   engine's spread, and whether each error is within ``max(5%, spread)``.
+   Each real plan is priced by the profile and set against its measured
+   executor time (``step_time_check``): that ratio says how much of an error
+   comes from the step times rather than from queueing. The report also gives
+   the twin re-run with its costs scaled by the runs' total measured/priced
+   ratio ("drift-corrected": the machine's speed during the runs, from their
+   step times, never their latencies), and the reference step (the one the
+   jitter is measured on) timed around every run.
 
 Workloads: synthetic (length distributions, Poisson or bursty gamma
 arrivals, shared-prefix groups) or a trace CSV with timestamp, prompt tokens
@@ -199,11 +202,16 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, kv_cache_
     twin_sets, twin_timeline, twin_wall = run_twin(wl, sched_cfg, cm, ratios, twin_runs, keep_timeline=trace_dir is not None)
     twin = mean_metrics(twin_sets)
     # How much slower (> 1) the machine ran the reference step during the real runs than when the
-    # profile was taken; the twin re-run with its costs scaled by that.
+    # profile was taken (shown), and how much slower it ran the real runs' own plans than the
+    # profile prices them (used): the twin re-run with its costs scaled by the latter. It takes the
+    # real runs' step times, never their latencies: queueing still comes from the twin alone.
     probes = [p for r in runs for p in (r["probe_before_s"], r["probe_after_s"])]
     reference = (table.get("jitter") or {}).get("median_s") or float(np.median(probes))
     speed = float(np.mean(probes)) / reference
-    corrected = mean_metrics(run_twin(wl, sched_cfg, ScaledCostModel(cm, speed), ratios, twin_runs)[0])
+    checks = [step_time_check(r["steps"], cm) for r in runs]
+    priced = sum(c.get("priced_s", 0.0) for c in checks)
+    factor = sum(c.get("measured_s", 0.0) for c in checks) / priced if priced > 0 else 1.0
+    corrected = mean_metrics(run_twin(wl, sched_cfg, ScaledCostModel(cm, factor), ratios, twin_runs)[0])
     error = compare(real, twin)
     report: dict[str, Any] = {
         "model": str(path),
@@ -215,7 +223,7 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, kv_cache_
         "real_runs": [r["metrics"] for r in runs],
         "real_spread_pct": spread,
         # Per real run: its plans' measured executor time against the profile's price of them.
-        "step_time_check": [step_time_check(r["steps"], cm) for r in runs],
+        "step_time_check": checks,
         "twin": twin,
         "twin_runs": len(twin_sets),
         "twin_spread_pct": run_spread(twin_sets),
@@ -223,6 +231,7 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, kv_cache_
         "error_pct": error,
         "within_target": within_target(error, spread),
         "twin_drift_corrected": corrected,
+        "drift_factor": factor,
         "error_pct_drift_corrected": compare(real, corrected),
         "real_wall_s": sum(r["wall_s"] for r in runs),
         "twin_wall_s": twin_wall,
@@ -260,8 +269,8 @@ def step_time_check(step_log: list[Any], cm: CostModel) -> dict[str, float]:
     if not ratios:
         return {}
     p10, p50, p90 = np.percentile(ratios, [10, 50, 90])
-    return {"plans": len(ratios), "measured_over_priced": measured / priced, "ratio_p10": float(p10),
-            "ratio_p50": float(p50), "ratio_p90": float(p90)}  # fmt: skip
+    return {"plans": len(ratios), "measured_s": measured, "priced_s": priced, "measured_over_priced": measured / priced,
+            "ratio_p10": float(p10), "ratio_p50": float(p50), "ratio_p90": float(p90)}  # fmt: skip
 
 
 def load_or_profile(path: str, profile: str | dict[str, Any] | None, grid: str | dict[str, list[int]], dtype: str,
