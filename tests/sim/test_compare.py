@@ -73,6 +73,23 @@ def test_sim_run_writes_a_trace_per_replica(tmp_path: Path) -> None:
     data = json.loads(trace.read_text())
     check_trace(data)
     procs = {e["args"]["name"] for e in data["traceEvents"] if e["name"] == "process_name"}
-    assert procs == {"twin both replica 0", "twin both replica 1"}
+    assert procs == {"twin replica 0", "twin replica 1"}
     assert len(read_trace(trace)) == 40
     assert main(["sim", "compare", str(trace), str(tmp_path / "missing.json")]) == 2
+
+
+def test_disaggregated_twin_traces_both_pools(tmp_path: Path) -> None:
+    trace = tmp_path / "pd.json"
+    assert main(["sim", "run", "--model", "llama-3-8b", "--num-requests", "20", "--rate", "8", "--disagg", "1:1",
+                 "--prompt-len", "lognormal:300,0.5", "--output-len", "lognormal:20,0.5", "--no-progress",
+                 "-o", str(tmp_path / "r.json"), "--trace-file", str(trace)]) == 0  # fmt: skip
+    data = json.loads(trace.read_text())
+    check_trace(data)
+    procs = {e["pid"]: e["args"]["name"] for e in data["traceEvents"] if e["name"] == "process_name"}
+    assert procs == {0: "twin decode replica 0", 1: "twin prefill replica 1"}
+    # Each request's prompt runs on the prefill replica, its decodes on the decode replica.
+    by_pid: dict[int, set[str]] = {0: set(), 1: set()}
+    for e in data["traceEvents"]:
+        if e["name"] in ("prefill", "decode"):
+            by_pid[e["pid"]].add(e["name"])
+    assert by_pid[1] == {"prefill"} and "decode" in by_pid[0]

@@ -153,7 +153,8 @@ class Simulator:
     def _attach_timelines(self, max_requests: int) -> None:
         everyone = self.replicas + self.prefill
         for r in everyone:
-            label = "twin" if len(everyone) == 1 else f"twin {r.role} replica {r.index}"
+            role = "" if r.role == "both" else f"{r.role} "
+            label = "twin" if len(everyone) == 1 else f"twin {role}replica {r.index}"
             r.sched.timeline = Timeline(label, pid=r.index, max_requests=max_requests)
 
     def _plan_known_arrivals(self) -> None:
