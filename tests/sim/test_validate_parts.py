@@ -108,3 +108,17 @@ def test_step_time_check_prices_the_recorded_plans() -> None:
     assert c["plans"] == 2 and c["ratio_p10"] == pytest.approx(1.1) and c["ratio_p90"] == pytest.approx(1.9)
     assert c["measured_over_priced"] == pytest.approx(0.108 / 0.078) and c["priced_s"] == pytest.approx(0.078)
     assert step_time_check([], cm) == {}
+
+
+PROFILE = Path(__file__).resolve().parents[2] / "docs" / "sim" / "profile-default-validate.json"
+
+
+def test_validate_refuses_bad_input_with_one_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from tokenmill.cli import main
+
+    for flags, words in ((["--trace", str(tmp_path / "missing.csv")], "missing.csv"),
+                         (["--real-runs", "0"], "real_runs"), (["--cpus", "x"], "CPU list"),
+                         (["--shared-prefix", "4"], "GROUPS:LEN")):  # fmt: skip
+        assert main(["sim", "validate", "--profile", str(PROFILE), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and "Traceback" not in err
