@@ -25,6 +25,7 @@ rest of the plan runs.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -108,6 +109,11 @@ class EngineConfig:
     policy_options: dict[str, Any] = field(default_factory=dict, metadata=cli(
         "an option of the policy (repeatable; VALUE parsed as JSON when it is)", "key_value",
         flag="--policy-option"))
+    # Structured-output JSON without free whitespace unless a request asks for it (vLLM's
+    # disable_any_whitespace): small models fill free whitespace without end.
+    structured_disable_any_whitespace: bool = field(default=False, metadata=cli(
+        "structured-output JSON without free whitespace unless a request asks for it "
+        "(small models tend to fill free whitespace without end)", "flag", flag="--disable-any-whitespace"))
     debug_checks: bool = field(default=False, metadata=cli("check the scheduler's invariants every step", "flag"))
     record_steps: bool = False  # keep a StepRecord per step (for replay in the simulator)
 
@@ -190,6 +196,8 @@ class Engine:
         # Set by a caller that streams (the async engine): see the module docstring.
         self.on_partial: Callable[[list[RequestOutput]], None] | None = None
         self._children: dict[str, list[Request]] = {}
+        self._grammar_compiler: Any = None  # tokenmill.structured.compiler.GrammarCompiler, made on first use
+        self._grammar_lock = threading.Lock()
         self._added_since_step: list[str] = []
         self.step_log: list[StepRecord] = []
         self.loras = LoraRegistry()
@@ -240,6 +248,23 @@ class Engine:
 
     # ---------------------------------------------------------------- inputs
 
+    @property
+    def grammar_compiler(self) -> Any:
+        """The structured-output compiler for this engine's tokenizer (built on first use;
+        the server calls it from its threads, so requests arrive compiled)."""
+        if self._grammar_compiler is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer, and this engine has none")
+            with self._grammar_lock:
+                if self._grammar_compiler is None:
+                    from tokenmill.structured.compiler import GrammarCompiler
+
+                    self._grammar_compiler = GrammarCompiler(
+                        self.tokenizer, self.vocab_size, self.eos_token_ids,
+                        disable_any_whitespace=self.config.structured_disable_any_whitespace,
+                    )  # fmt: skip
+        return self._grammar_compiler
+
     def tokenize(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("this engine has no tokenizer: give the prompt as token ids")
@@ -270,6 +295,11 @@ class Engine:
         """
         params = params or SamplingParams()
         params.validate()
+        if params.structured_outputs is not None:
+            # A cache hit when the server compiled it already; a GrammarError (ValueError) if bad.
+            bound = self.grammar_compiler.compile(params.structured_outputs)
+            if bound is not params.structured_outputs:
+                params = replace(params, structured_outputs=bound)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this engine has none")
         if request_id in self._children:

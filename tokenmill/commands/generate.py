@@ -55,6 +55,13 @@ def register(subparsers: Any) -> None:
                    help="LoRA adapters (PEFT directories) to load as NAME; a bundled adapter's name alone (psalms)")
     p.add_argument("--lora", default=None, metavar="NAME",
                    help="run the prompts with this adapter (of --lora-modules; a JSONL line's 'lora' overrides it)")
+    so = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    so.add_argument("--json-schema", metavar="SCHEMA",
+                    help="the output is JSON following this schema: inline JSON, or @FILE")  # fmt: skip
+    so.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    so.add_argument("--regex", help="the output matches this regular expression")
+    so.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
+    so.add_argument("--grammar", metavar="GRAMMAR", help="the output follows this EBNF or Lark grammar: inline, or @FILE")
     add_engine_arguments(p, defaults={"device": "auto", "kv_cache_memory": 256 << 20})
     p.set_defaults(func=run)
 
@@ -74,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     sink: IO[str] | None = None
     try:
+        spec = structured_spec(args)
+        if spec is not None:
+            defaults["structured_outputs"] = spec
         if args.input:
             lines = read_jsonl(args.input)
             records = [rec for _, rec in lines]
@@ -120,6 +130,36 @@ def run(args: argparse.Namespace) -> int:
         for o in outputs[0].outputs:
             print(args.prompt + o.text if not args.chat else o.text)
     return 0
+
+
+def structured_spec(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``structured_outputs`` the flags ask for (a line's own field overrides it), or None."""
+    if args.json_schema is not None:
+        text = _inline_or_file(args.json_schema, "--json-schema")
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--json-schema is not valid JSON: {exc}") from None
+        return {"json": schema}
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice:
+        return {"choice": list(args.choice)}
+    if args.grammar is not None:
+        return {"grammar": _inline_or_file(args.grammar, "--grammar")}
+    return None
+
+
+def _inline_or_file(value: str, flag: str) -> str:
+    if not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {value[1:]}: {exc.strerror}") from None
 
 
 def sampling_params(defaults: dict[str, Any], record: dict[str, Any], where: str) -> Any:

@@ -87,6 +87,9 @@ def register(subparsers: Any) -> None:
                         "directories on this machine: for trusted clients)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "none"],
+                   help="how tool calls are read from the model's text for tool_choice auto "
+                        "(hermes: <tool_call> JSON blocks; none: refuse auto)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -139,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         max_prompts_per_request=args.max_prompts_per_request,
         allowed_hosts=allowed_hosts_for(args.host, args.port, api_key=args.api_key or None, flag=args.allowed_hosts),
         enable_lora_runtime_updates=args.enable_lora_runtime_updates,
+        tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser,
     )
     state = build_state(engine, settings)
     app = create_app(state)

@@ -11,7 +11,11 @@ Plans are snapshots (``core/plan.py``): the executor keeps, per running
 request, what the plan that admitted it sent (``SeqSetup``), its block table
 (patched by each plan's diffs) and the tokens it has sampled for it, and drops
 them when a plan names the request finished or preempted. It never sees a
-live ``Request``, so it could run in another process. A caller that streams passes
+live ``Request``, so it could run in another process. Structured output: a
+request with a grammar gets its matcher when a plan admits it (kept with its
+state), and every sub-step masks its sampling row with the grammar's allowed
+tokens and advances the matcher on the token drawn (``structured/decoding.py``).
+A caller that streams passes
 ``on_substep``: it sees the tokens sampled so far after every sub-step but the
 last, so that they can reach clients as they are sampled rather than in a
 burst at the end of the plan. For a request that wants its prompt's
@@ -46,6 +50,7 @@ from tokenmill.model.attention import AttentionMetadata, kv_cache_shape
 from tokenmill.model.config import ModelConfig, resolve_dtype
 from tokenmill.model.loader import load_model
 from tokenmill.model.sampler import LogprobEntry, Sampler, SamplingRow
+from tokenmill.structured.decoding import StepMasks
 
 # A plan whose token count is below this builds slot mappings in Python; above it in torch.
 _TORCH_SLOTS_MIN_TOKENS = 64
@@ -115,6 +120,7 @@ class ModelExecutor:
         self.sampler = Sampler(self.device)
         self.state = ExecutorState()
         self.loras = LoraManager(self.model, self.model_config, max_loras, max_lora_rank)
+        self.masks = StepMasks(self.model_config.vocab_size)
 
     @classmethod
     def from_config(cls, config: Any) -> ModelExecutor:
@@ -206,9 +212,12 @@ class ModelExecutor:
         if plan.is_empty:
             result.duration = 0.0
             return result
+        self.masks.admit(plan.seqs, states)
         samplers = [(s, st) for s, st in zip(plan.seqs, states, strict=True) if s.samples]
         sampled: dict[str, list[int]] = {s.request_id: [] for s, _ in samplers}
         logprobs: dict[str, list[LogprobEntry]] = {}
+        grammars = [st.grammar for _, st in samplers]
+        structured = any(g is not None for g in grammars)
 
         batch = self._first_batch(plan.seqs, states)
         for step in range(plan.num_steps):
@@ -222,7 +231,14 @@ class ModelExecutor:
             rows_idx = torch.tensor(batch.sample_rows, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows_idx))
             rows = [self._sampling_row(st, sampled[s.request_id]) for s, st in samplers]
-            out = self.sampler(logits, rows)
+            mask = None
+            if structured:
+                mask, constrained = self.masks.fill(grammars)
+                for row, c in zip(rows, constrained, strict=True):
+                    row.constrained = c
+            out = self.sampler(logits, rows, mask)
+            if structured:
+                self.masks.accept(grammars, out.token_ids)
             for i, (s, _) in enumerate(samplers):
                 sampled[s.request_id].append(out.token_ids[i])
                 if out.logprobs is not None and out.logprobs[i] is not None:

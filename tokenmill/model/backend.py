@@ -596,8 +596,13 @@ def sample_rows_kernel(
     top_p: list[float],
     min_p: list[float],
     u: torch.Tensor,
+    bitmask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per row of ``x`` drawn with uniforms ``u`` by the fused CPU kernel."""
+    """One token per row of ``x`` drawn with uniforms ``u`` by the fused CPU kernel.
+
+    ``bitmask`` (int32 ``[rows, ceil(vocab / 32)]``, xgrammar's packed layout) keeps only
+    the tokens whose bit is set; a temperature of 0 takes the masked argmax.
+    """
     return torch.ops.tokenmill.sample_rows(
         x.contiguous(),
         torch.tensor(temperature, dtype=torch.float32),
@@ -605,4 +610,5 @@ def sample_rows_kernel(
         torch.tensor(top_p, dtype=torch.float32),
         torch.tensor(min_p, dtype=torch.float32),
         u.float().contiguous(),
+        None if bitmask is None else bitmask.contiguous(),
     )

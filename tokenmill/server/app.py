@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -101,6 +102,13 @@ def build_state(engine: Any, settings: ServerSettings, tokenizer: Any = None) ->
     # One encode now, on this thread: a fast tokenizer whose file sets truncation
     # clears it on first use, and that must not happen on two pool threads at once.
     tokenizer("warm up", add_special_tokens=True)
+    if engine.tokenizer is not None:
+        # The structured-output compiler reads the engine's tokenizer once, here, before the
+        # engine thread uses it; the pool threads then compile against its own vocabulary.
+        try:
+            engine.grammar_compiler  # noqa: B018 - built on first access
+        except Exception as exc:  # noqa: BLE001 - a tokenizer xgrammar cannot read: no structured output
+            logging.getLogger("tokenmill.server").warning("structured output unavailable: %s", exc)
     metrics = ServerMetrics(settings.served_model_names[0])
     async_engine = AsyncEngine(engine, metrics)
     max_chars = settings.max_prompt_chars or engine.max_model_len * DEFAULT_CHARS_PER_TOKEN

@@ -53,6 +53,8 @@ class ServerSettings:
     preprocess_threads: int = DEFAULT_PREPROCESS_THREADS
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime LoRA updates)
     enable_lora_runtime_updates: bool = False
+    # How tool calls are read from the model's text (tool_choice auto); None: auto is refused.
+    tool_call_parser: str | None = "hermes"
 
 
 @dataclass

@@ -28,7 +28,7 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& packed,
 at::Tensor argmax_rows(const at::Tensor& x);
 at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& temperature,
                        const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
-                       const at::Tensor& u);
+                       const at::Tensor& u, const std::optional<at::Tensor>& bitmask);
 bool has_avx512();
 void qk_rms_norm(at::Tensor qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
                  int64_t num_heads, int64_t num_kv_heads, double eps);

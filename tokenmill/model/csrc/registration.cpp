@@ -29,7 +29,7 @@ TORCH_LIBRARY(tokenmill, m) {
   m.def("argmax_rows(Tensor x) -> Tensor", &tokenmill::argmax_rows);
   m.def(
       "sample_rows(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
-      "Tensor u) -> Tensor",
+      "Tensor u, Tensor? bitmask=None) -> Tensor",
       &tokenmill::sample_rows);
   m.def("has_avx512() -> bool", &tokenmill::has_avx512);
   m.def(
