@@ -15,7 +15,10 @@ waits on a forward pass, and it keeps every engine call on that thread:
   one batch), so bad input (``ValueError``) and a full queue
   (``QueueFullError``) reach the HTTP handler before it answers;
 - the event loop counts the sequences it has handed over and not seen
-  finish (``num_seqs_in_flight``), so that admission needs no engine call.
+  finish (``num_seqs_in_flight``), so that admission needs no engine call;
+- anything else that must touch the engine (a cluster replica reserving or
+  exporting KV blocks) goes through ``call``, which runs a function on the
+  engine thread between two steps.
 
 The thread sleeps on the command queue when the engine has nothing to do.
 """
@@ -66,6 +69,12 @@ class _Stop:
 
 
 @dataclass
+class _Call:
+    fn: Callable[[Engine], Any]
+    future: asyncio.Future[Any]
+
+
+@dataclass
 class _Delivery:
     """What one engine-loop iteration hands to the event loop."""
 
@@ -73,6 +82,7 @@ class _Delivery:
         default_factory=list
     )
     outputs: list[RequestOutput] = field(default_factory=list)
+    calls: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = field(default_factory=list)
 
 
 class RequestStream:
@@ -113,7 +123,7 @@ class AsyncEngine:
         self.metrics = metrics
         self.stats: EngineStats | None = None  # latest snapshot, written by the engine thread
         self.dead: BaseException | None = None
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop | _Call] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # event-loop thread only
         self._seqs: dict[str, int] = {}  # event-loop thread only: sequences (n) per request
         self.num_seqs_in_flight = 0  # event-loop view: sequences added and not finished
@@ -147,6 +157,25 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         """User requests added and not yet finished (event-loop view)."""
         return len(self._streams)
+
+    def clock(self) -> float:
+        """The engine's clock (arrival times are on it)."""
+        return self.engine.clock()
+
+    async def collect_metrics(self) -> None:
+        """Bring ``metrics`` up to date before a scrape; the engine thread keeps them current already."""
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread before its next step; return what it returns.
+
+        Raises what ``fn`` raises, or ``EngineDeadError``.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self.dead is not None or self._thread is None:
+                raise EngineDeadError(f"the engine is not running ({self.dead or 'stopped'})")
+            self._commands.put(_Call(fn, future))
+        return await future
 
     # ---------------------------------------------------------------- requests
 
@@ -238,6 +267,13 @@ class AsyncEngine:
                 future.set_exception(exc)
             else:
                 future.set_result(prompt_ids or [])
+        for future, result, exc in delivery.calls:
+            if future.done():
+                continue
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
         for out in delivery.outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -278,6 +314,8 @@ class AsyncEngine:
                     break
                 if isinstance(cmd, _Add):
                     delivery.added.append((cmd.request_id, cmd.future, None, err))
+                elif isinstance(cmd, _Call):
+                    delivery.calls.append((cmd.future, None, err))
             self._post(self._deliver, delivery)
             self._post(self._fail_all, err)
 
@@ -286,7 +324,7 @@ class AsyncEngine:
         stalled = False
         self._publish(_Delivery())  # gauges (KV blocks ...) from the start, not the first request
         while True:
-            cmds: list[_Add | _Abort | _Stop] = []
+            cmds: list[_Add | _Abort | _Stop | _Call] = []
             if not engine.has_unfinished():
                 cmds.append(self._commands.get())  # idle: sleep until there is work
             elif stalled:
@@ -301,11 +339,11 @@ class AsyncEngine:
                     break
             delivery = _Delivery()
             stop = self._apply(cmds, delivery)
-            if delivery.added:
+            if delivery.added or delivery.calls:
                 # Answer the adds before the step: a handler can start its
                 # response now, and a step that fails cannot strand it.
-                self._post(self._deliver, _Delivery(added=delivery.added))
-                delivery.added = []
+                self._post(self._deliver, _Delivery(added=delivery.added, calls=delivery.calls))
+                delivery.added, delivery.calls = [], []
             if stop:
                 for request_id in list(self._live):
                     out = engine.abort_request(request_id)
@@ -321,7 +359,7 @@ class AsyncEngine:
                     self.dead = EngineDeadError("the engine was stopped")
                 return
 
-    def _apply(self, cmds: list[_Add | _Abort | _Stop], delivery: _Delivery) -> bool:
+    def _apply(self, cmds: list[_Add | _Abort | _Stop | _Call], delivery: _Delivery) -> bool:
         engine = self.engine
         stop = False
         for cmd in cmds:
@@ -336,12 +374,18 @@ class AsyncEngine:
                 if self.metrics is not None:
                     arrival = cmd.kwargs.get("arrival_time")
                     self.metrics.on_added(
-                        cmd.request_id, engine.clock() if arrival is None else arrival, len(prompt_ids)
+                        cmd.request_id, engine.clock() if arrival is None else arrival, len(prompt_ids),
+                        continued=cmd.kwargs.get("prior") is not None,
                     )
             elif isinstance(cmd, _Abort):
                 out = engine.abort_request(cmd.request_id)
                 if out is not None:
                     delivery.outputs.append(out)
+            elif isinstance(cmd, _Call):
+                try:
+                    delivery.calls.append((cmd.future, cmd.fn(engine), None))
+                except Exception as exc:  # noqa: BLE001 - the caller gets it
+                    delivery.calls.append((cmd.future, None, exc))
             else:
                 stop = True
         return stop
@@ -372,5 +416,5 @@ class AsyncEngine:
             self.metrics.on_stats(
                 stats, len(self._live), pool.num_free if pool is not None else None
             )
-        if delivery.added or delivery.outputs:
+        if delivery.added or delivery.outputs or delivery.calls:
             self._post(self._deliver, delivery)
