@@ -94,6 +94,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the radix prefix cache off")
     p.add_argument("--max-decode-steps", type=positive_int, default=None,
                    help="decode steps one plan may cover when nothing can change (default 8)")
+    c = p.add_argument_group("cluster (Ray; pip install 'tokenmill[cluster]')")
+    c.add_argument("--replicas", type=positive_int, default=None,
+                   help="serve with N engine replicas, each a Ray actor (default: one engine in this process)")
+    c.add_argument("--pd", default=None, metavar="P:D",
+                   help="prefill/decode disaggregation: P prefill and D decode replicas, KV moved between them")
+    c.add_argument("--threads-per-replica", type=positive_int, default=1,
+                   help="CPU cores (torch threads) each replica reserves (default 1)")
+    c.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. HEAD_IP:6379 after 'ray start --head'); default: start Ray here")
+    c.add_argument("--router", default="round_robin",
+                   help="replica choice: round_robin, least_outstanding_tokens or prefix_aware "
+                        "(with --pd: of prefill replicas; decode replicas use least_outstanding_tokens)")
+    c.add_argument("--router-option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="an option of the router (repeatable), e.g. balance_abs_threshold=4096")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.set_defaults(func=run)
@@ -119,14 +133,6 @@ def run(args: argparse.Namespace) -> int:
     from tokenmill.server.runner import run_server
     from tokenmill.server.state import ServerSettings
 
-    try:
-        engine = Engine(config)
-    except (ValueError, OSError, RuntimeError) as exc:
-        # The flags were checked; what is left is the checkpoint itself or the device
-        # (out of memory, a bad weight file): one line, the traceback at debug level.
-        log.debug("engine start failed", exc_info=True)
-        print(f"error: cannot load the model: {_first_line(exc)}", file=sys.stderr)
-        return 2
     settings = ServerSettings(
         served_model_names=names,
         api_key=args.api_key or None,
@@ -138,6 +144,18 @@ def run(args: argparse.Namespace) -> int:
         max_prompts_per_request=args.max_prompts_per_request,
         allowed_hosts=allowed_hosts_for(args.host, args.port, api_key=args.api_key or None, flag=args.allowed_hosts),
     )
+    if args.replicas is not None or args.pd is not None or args.ray_address is not None:
+        from tokenmill.cluster.serve import serve_cluster
+
+        return serve_cluster(args, config, names, settings)
+    try:
+        engine = Engine(config)
+    except (ValueError, OSError, RuntimeError) as exc:
+        # The flags were checked; what is left is the checkpoint itself or the device
+        # (out of memory, a bad weight file): one line, the traceback at debug level.
+        log.debug("engine start failed", exc_info=True)
+        print(f"error: cannot load the model: {_first_line(exc)}", file=sys.stderr)
+        return 2
     state = build_state(engine, settings)
     app = create_app(state)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
