@@ -107,8 +107,6 @@ def start_cluster(spec: ClusterSpec, config: EngineConfig, model_name: str) -> C
     with the first replica's error when one cannot start."""
     import ray
 
-    from tokenmill.cluster.replica import Replica
-
     roles = spec.roles
     if spec.threads_per_replica < 1:
         raise ValueError(f"--threads-per-replica must be >= 1, got {spec.threads_per_replica}")
@@ -118,25 +116,41 @@ def start_cluster(spec: ClusterSpec, config: EngineConfig, model_name: str) -> C
     # Check the router and its options before any model is loaded.
     make_router(spec.router, len(roles), **options)
     owns_ray = init_ray(spec)
+    try:
+        actors, infos = launch_replicas(len(roles), config, model_name, spec.threads_per_replica,
+                                        spec.max_restarts, spec.startup_timeout)  # fmt: skip
+    except BaseException:
+        if owns_ray:
+            ray.shutdown()
+        raise
+    return Cluster(front_end(spec, actors, infos, model_name), actors, owns_ray)
+
+
+def launch_replicas(n: int, config: EngineConfig, model_name: str, threads: int = 1, max_restarts: int = -1,
+                    timeout: float = 600.0) -> tuple[list[Any], list[dict[str, Any]]]:  # fmt: skip
+    """Start ``n`` replica actors on the connected Ray cluster and wait until each serves;
+    returns the actors and what each said about itself (``Replica.info``)."""
+    import ray
+
+    from tokenmill.cluster.replica import Replica
+
     actor_cls = ray.remote(Replica)
     actors = [
-        actor_cls.options(num_cpus=spec.threads_per_replica, max_restarts=spec.max_restarts, max_task_retries=0,
-                          max_concurrency=1000).remote(i, config, spec.threads_per_replica, model_name)
-        for i in range(len(roles))
+        actor_cls.options(num_cpus=threads, max_restarts=max_restarts, max_task_retries=0,
+                          max_concurrency=1000).remote(i, config, threads, model_name)
+        for i in range(n)
     ]  # fmt: skip
     try:
-        infos = ray.get([a.start.remote() for a in actors], timeout=spec.startup_timeout)
+        infos = ray.get([a.start.remote() for a in actors], timeout=timeout)
     except Exception as exc:
         for a in actors:
             ray.kill(a, no_restart=True)
-        if owns_ray:
-            ray.shutdown()
         if isinstance(exc, ray.exceptions.GetTimeoutError):
-            raise RuntimeError(f"the replicas did not start within {spec.startup_timeout:.0f} s (does the Ray "
-                               f"cluster have {len(roles)} x {spec.threads_per_replica} free CPUs?)") from None
+            raise RuntimeError(f"the replicas did not start within {timeout:.0f} s (does the Ray cluster have "
+                               f"{n} x {threads} free CPUs?)") from None
         cause = getattr(exc, "cause", None) or exc
         raise RuntimeError(f"a replica could not start: {type(cause).__name__}: {_first_line(cause)}") from None
-    return Cluster(front_end(spec, actors, infos, model_name), actors, owns_ray)
+    return actors, infos
 
 
 def front_end(spec: ClusterSpec, actors: list[Any], infos: list[dict[str, Any]], model_name: str) -> ClusterEngine:
