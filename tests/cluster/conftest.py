@@ -21,8 +21,9 @@ import pytest
 from tokenmill.engine import EngineConfig
 
 MODEL_NAME = "tiny"
+# record_steps: the replicas keep each plan's summary and times, for the twin's replay.
 ENGINE = dict(dtype="float32", kv_cache_memory=256 * 8192, block_size=16, max_model_len=256, max_num_seqs=16,
-              max_num_batched_tokens=256)  # fmt: skip
+              max_num_batched_tokens=256, record_steps=True)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +60,8 @@ def replicas(ray_session: Any, engine_config: EngineConfig) -> Iterator[tuple[li
 
 def front_end(replicas: Any, n: int = 2, **spec: Any) -> Any:
     """A ``ClusterEngine`` over the first ``n`` replicas (``spec``: ``ClusterSpec`` fields), recording its routing."""
-    from tokenmill.cluster.launch import ClusterSpec, front_end as make
+    from tokenmill.cluster.launch import ClusterSpec
+    from tokenmill.cluster.launch import front_end as make
 
     actors, infos = replicas
     engine = make(ClusterSpec(replicas=n, **spec), actors[:n], infos[:n], MODEL_NAME)

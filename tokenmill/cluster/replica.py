@@ -258,8 +258,9 @@ class Replica:
 
         return await self.async_engine.call(read)
 
-    async def step_log(self) -> list[tuple[list[str], tuple, float, float]]:
-        """(requests added before, plan summary, duration, start) per plan, when the engine records steps."""
+    async def step_log(self, start: int = 0) -> list[tuple[list[str], tuple, float, float]]:
+        """(requests added before, plan summary, duration, start time) per plan from plan ``start`` on,
+        when the engine records its steps (``EngineConfig.record_steps``)."""
         return await self.async_engine.call(
-            lambda e: [(r.added_before, r.summary, r.duration, r.start) for r in e.step_log]
+            lambda e: [(r.added_before, r.summary, r.duration, r.start) for r in e.step_log[start:]]
         )
