@@ -52,6 +52,12 @@ def register(subparsers: Any) -> None:
     val.add_argument("--dtype", default="float32")
     val.add_argument("--threads", type=int, default=1, help="torch threads for the profile and the real run")
     val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--replicas", type=int, default=1,
+                     help="run the real side as a local Ray cluster of this many replicas (--threads each)")
+    val.add_argument("--pd", metavar="P:D", help="real side: P prefill and D decode replicas")
+    val.add_argument("--router", default="round_robin",
+                     help="replica choice (of prefill replicas with --pd): round_robin, least_outstanding_tokens, "
+                          "prefix_aware")  # fmt: skip
     val.add_argument("--output", "-o", help="JSON report")
     val.set_defaults(func=_validate)
 
@@ -279,14 +285,27 @@ def _validate(args: argparse.Namespace) -> int:
     from tokenmill.sim.validate import validate
 
     console = Console()
+    pd = None
+    if args.pd:
+        from tokenmill.cluster.launch import parse_pd
+
+        try:
+            pd = parse_pd(args.pd)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.replicas < 1:
+        print(f"error: --replicas must be >= 1, got {args.replicas}", file=sys.stderr)
+        return 2
     report = validate(model=args.model, profile=args.profile, num_requests=args.num_requests, rate=args.rate,
                       prompt_len=args.prompt_len, output_len=args.output_len,
                       kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
                       max_num_seqs=args.max_num_seqs, max_decode_steps=args.max_decode_steps, dtype=args.dtype,
                       threads=args.threads, seed=args.seed, grid=args.grid, repeats=args.repeats,
-                      log=console.print)  # fmt: skip
-    table = Table(title=f"twin vs real engine: {report['model']}")
-    for col in ("metric", "real engine", "twin", "error", "drift-corrected twin", "error "):
+                      log=console.print, replicas=args.replicas, pd=pd, router=args.router)  # fmt: skip
+    table = Table(title=f"twin vs real {'cluster' if args.replicas > 1 or pd else 'engine'}: {report['model']} "
+                        f"({report['deployment']})")  # fmt: skip
+    for col in ("metric", "real", "twin", "error", "drift-corrected twin", "error "):
         table.add_column(col, justify="right")
     for key in ("ttft_mean_ms", "ttft_p90_ms", "tpot_mean_ms", "tpot_p90_ms", "output_throughput"):
         r, t, c = report["real"][key], report["twin"][key], report["twin_drift_corrected"][key]

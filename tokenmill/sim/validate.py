@@ -20,6 +20,14 @@
 Timings on a shared CPU are noisy; torch runs with ``threads`` threads
 (default 1, which keeps step times stable when other processes compete for
 the cores) in both the profile and the real run.
+
+With ``replicas > 1`` or ``pd=(P, D)`` the real run is a cluster: replicas
+as Ray actors (``threads`` threads each) behind the front end and its core
+router (``cluster/``), the workload sent through the front end in wall time
+(``cluster/record.py``), times taken where a client would see them; the
+twin runs the same pools and routers (the decode pool routes by least
+outstanding tokens in both), with each prefill-to-decode transfer priced at
+the mean time the real transfers took in the run.
 """
 
 from __future__ import annotations
@@ -112,8 +120,11 @@ def validate(
     grid: str | dict[str, list[int]] = "quick",
     repeats: int = 3,
     log: Callable[[str], None] = print,
+    replicas: int = 1,
+    pd: tuple[int, int] | None = None,
+    router: str = "round_robin",
 ) -> dict[str, Any]:
-    """Run the real engine and the twin on the same workload; return both metric sets and the errors."""
+    """Run the real engine (or cluster) and the twin on the same workload; return both metric sets and the errors."""
     import torch
 
     previous = torch.get_num_threads()
@@ -121,7 +132,7 @@ def validate(
     try:
         return _validate(model, profile, num_requests, rate, prompt_len, output_len, kv_cache_memory, block_size,
                          max_num_batched_tokens, max_num_seqs, max_decode_steps, dtype, threads, seed, grid,
-                         repeats, log)  # fmt: skip
+                         repeats, log, replicas, pd, router)  # fmt: skip
     finally:
         torch.set_num_threads(previous)
 
@@ -129,7 +140,8 @@ def validate(
 def _validate(model: str | None, profile: str | dict[str, Any] | None, num_requests: int, rate: float,
               prompt_len: str, output_len: str, kv_cache_memory: int, block_size: int, max_num_batched_tokens: int,
               max_num_seqs: int, max_decode_steps: int, dtype: str, threads: int, seed: int,
-              grid: str | dict[str, list[int]], repeats: int, log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+              grid: str | dict[str, list[int]], repeats: int, log: Callable[[str], None], replicas: int,
+              pd: tuple[int, int] | None, router: str) -> dict[str, Any]:  # fmt: skip
     from tokenmill.engine import Engine, EngineConfig, resolve_model_path
 
     path = resolve_model_path(model)
@@ -155,25 +167,38 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, num_reque
     probes.append(probe(engine.executor))
     wl = W.synthetic(num_requests, rate, prompt_len, output_len, vocab_size=engine.vocab_size, seed=seed)
     wl.clip(engine.max_model_len - 1)
-    log(f"real engine: {num_requests} requests at {rate} req/s...")
+    clustered = replicas > 1 or pd is not None
+    what = f"cluster ({_deployment(replicas, pd, router)})" if clustered else "engine"
+    log(f"real {what}: {num_requests} requests at {rate} req/s...")
     t0 = time.perf_counter()
-    times = run_engine(engine, wl)
+    transfer: dict[str, float] = {}
+    if clustered:
+        times = run_cluster(engine.config, wl, replicas, pd, router, threads, transfer)
+    else:
+        times = run_engine(engine, wl)
     real_wall = time.perf_counter() - t0
     probes.append(probe(engine.executor))
     real = metrics_from_times(times["arrival"], times["first"], times["finish"], times["n_out"])
     sched_cfg = dataclasses.replace(engine.scheduler.config)
-    res = simulate(wl, SimConfig(PoolConfig(sched_cfg, cm), mode="engine"))
+    block_bytes = engine.executor.kv_bytes_per_block
+
+    def twin_config(cost: CostModel) -> SimConfig:
+        return _twin_config(sched_cfg, cost, replicas, pd, router, block_bytes, transfer)
+
+    res = simulate(wl, twin_config(cm))
     twin = _twin_metrics(res)
     # The machine's speed when the profile was taken vs during the real run, from the
     # reference step around each; the twin re-run with its costs scaled by that ratio.
     speed = ((probes[1] + probes[2]) / 2) / ((probes[0] + probes[1]) / 2)
-    corrected = _twin_metrics(simulate(wl, SimConfig(PoolConfig(sched_cfg, ScaledCostModel(cm, speed)), mode="engine")))
+    corrected = _twin_metrics(simulate(wl, twin_config(ScaledCostModel(cm, speed))))
     return {
         "model": str(path),
         "workload": wl.summary(),
         "engine": {"kv_cache_memory": kv_cache_memory, "num_blocks": sched_cfg.num_blocks, "block_size": block_size,
                    "max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": max_num_seqs,
                    "max_decode_steps": max_decode_steps, "dtype": dtype, "threads": threads},  # fmt: skip
+        "deployment": _deployment(replicas, pd, router),
+        "kv_transfer": transfer or None,
         "real": real,
         "twin": twin,
         "error_pct": compare(real, twin),
@@ -189,6 +214,68 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, num_reque
         "machine_drift_pct": 100.0 * ((probes[1] + probes[2]) / 2 - (probes[0] + probes[1]) / 2)
         / ((probes[0] + probes[1]) / 2),
     }
+
+
+def _deployment(replicas: int, pd: tuple[int, int] | None, router: str) -> str:
+    if pd is not None:
+        return f"{pd[0]} prefill ({router}) : {pd[1]} decode (least_outstanding_tokens)"
+    return f"{replicas} replica{'s' if replicas > 1 else ''} ({router})"
+
+
+def run_cluster(config: Any, wl: W.Workload, replicas: int, pd: tuple[int, int] | None, router: str, threads: int,
+                transfer: dict[str, float]) -> dict[str, np.ndarray]:  # fmt: skip
+    """Serve ``wl`` on a local Ray cluster of replicas in wall time (see the module docstring);
+    per-request times as ``run_engine`` gives them. ``transfer`` gets the KV transfers' totals."""
+    import asyncio
+
+    from tokenmill.cluster.launch import ClusterSpec, start_cluster
+    from tokenmill.cluster.record import run_workload
+
+    spec = ClusterSpec(replicas=replicas, pd=pd, threads_per_replica=threads, router=router)
+    cluster = start_cluster(spec, config, "validate")
+    engine = cluster.engine
+    requests = [(str(i), r.arrival, wl.prompt_tokens(i, r),
+                 SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0))
+                for i, r in enumerate(wl.requests)]  # fmt: skip
+
+    async def main() -> dict[str, dict[str, float]]:
+        engine.start()
+        try:
+            return await run_workload(engine, requests)
+        finally:
+            await engine.stop()
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        cluster.shutdown()
+    m = engine.metrics
+    lab = {"model_name": "validate"}
+    n = m.kv_transfers.labels(**lab)._value.get()
+    if n:
+        transfer.update(transfers=n, blocks=m.kv_transfer_blocks.labels(**lab)._value.get(),
+                        bytes=m.kv_transfer_bytes.labels(**lab)._value.get(),
+                        mean_s=m.kv_transfer_seconds.labels(**lab)._sum.get() / n)  # fmt: skip
+    t0 = min(t["arrival"] for t in got.values())
+    keys = [str(i) for i in range(len(requests))]
+    return {
+        "arrival": np.array([got[k]["arrival"] - t0 for k in keys]),
+        "first": np.array([got[k]["first"] - t0 for k in keys]),
+        "finish": np.array([got[k]["finish"] - t0 for k in keys]),
+        "n_out": np.array([got[k]["n_out"] for k in keys], dtype=np.int64),
+    }
+
+
+def _twin_config(sched: Any, cost: CostModel, replicas: int, pd: tuple[int, int] | None, router: str,
+                 block_bytes: int, transfer: dict[str, float]) -> SimConfig:  # fmt: skip
+    if pd is None:
+        return SimConfig(PoolConfig(sched, cost, replicas, router), mode="engine")
+    p, d = pd
+    # Each transfer costs what the real ones took on average (export, object store, import).
+    return SimConfig(PoolConfig(sched, cost, d, "least_outstanding_tokens"),
+                     prefill_pool=PoolConfig(dataclasses.replace(sched), cost, p, router), mode="engine",
+                     kv_transfer_latency=transfer.get("mean_s", 0.0), kv_transfer_bandwidth=float("inf"),
+                     kv_bytes_per_token=block_bytes / sched.block_size)  # fmt: skip
 
 
 def _twin_metrics(res: Any) -> dict[str, float]:
