@@ -91,6 +91,10 @@ class Replica:
         self._outbox: _Outbox | None = None
         self._held: dict[str, float] = {}  # handed-off request id -> when its KV was last asked for
         self._reaper: asyncio.Task[None] | None = None
+        from tokenmill.cluster.kv import ExportBuffer
+
+        self._export = ExportBuffer()
+        self._export_lock = asyncio.Lock()
 
     # ------------------------------------------------------------- lifecycle
 
@@ -154,8 +158,10 @@ class Replica:
         from tokenmill.cluster.kv import import_kv
 
         try:
-            data = await refs[0]
+            (ref,) = await refs[0]  # export_kv's answer: [a reference to the blocks]
+            data = await ref
             await asyncio.to_thread(import_kv, self.engine.executor.kv_cache, block_ids, data)
+            del data  # the object store may reuse its memory
             return True
         except Exception:  # noqa: BLE001 - the source is gone or sent nothing usable: recompute
             logger.warning("replica %d: KV import of %s failed; recomputing its prompt", self.index, request_id,
@@ -204,14 +210,14 @@ class Replica:
     async def cancel_import(self, request_id: str) -> bool:
         return await self.async_engine.call(lambda e: e.cancel_import(request_id))
 
-    async def export_kv(self, request_id: str, start_token: int, end_token: int) -> Any:
-        """The KV of tokens ``[start_token, end_token)`` of a handed-off request (whole blocks)."""
-        from tokenmill.cluster.kv import export_kv
-
+    async def export_kv(self, request_id: str, start_token: int, end_token: int) -> list[Any]:
+        """``[ref]``: an ``ObjectRef`` to the KV of tokens ``[start_token, end_token)`` of a handed-off
+        request (whole blocks), put in the object store by this replica."""
         self._held[request_id] = time.monotonic()
         ids = await self.async_engine.call(lambda e: e.export_blocks(request_id, start_token, end_token))
         # The blocks stay owned until release_kv, so nothing writes them while they are read.
-        return await asyncio.to_thread(export_kv, self.engine.executor.kv_cache, ids)
+        async with self._export_lock:
+            return [await asyncio.to_thread(self._export.put, self.engine.executor.kv_cache, ids)]
 
     async def release_kv(self, request_id: str) -> bool:
         self._held.pop(request_id, None)

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "fairness": ("tokenmill.bench.fairness", "two clients, one 10x heavier: fcfs vs vtc vs dlpm"),
     "slo": ("tokenmill.bench.slo", "overload with SLO classes: goodput of slo vs fcfs"),
     "bins": ("tokenmill.bench.bins", "bimodal output lengths: bins vs fcfs throughput"),
+    "kv-transfer": ("tokenmill.bench.kv_transfer", "prefill-to-decode KV transfer through Ray vs a memcpy"),
 }
 
 
