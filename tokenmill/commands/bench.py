@@ -14,6 +14,7 @@ BENCHMARKS = {
     "slo": ("tokenmill.bench.slo", "overload with SLO classes: goodput of slo vs fcfs"),
     "bins": ("tokenmill.bench.bins", "bimodal output lengths: bins vs fcfs throughput"),
     "kv-transfer": ("tokenmill.bench.kv_transfer", "prefill-to-decode KV transfer through Ray vs a memcpy"),
+    "cluster": ("tokenmill.bench.cluster", "one process vs Ray replicas vs P/D under one load; the Ray hop's TTFT"),
 }
 
 
