@@ -252,8 +252,15 @@ class ClusterEngine:
             except Exception as exc:  # noqa: BLE001 - the replica died (or Ray lost it): try another
                 self._unroute(track)
                 self._replica_down(rep, exc)
+                if track.sent:
+                    # Its first outputs came on the replica's stream before the add's reply was lost:
+                    # running it again elsewhere would send those tokens twice.
+                    self.metrics.on_failed()
+                    return ReplicaDiedError(f"replica {replica} died while the request was being added, after "
+                                            "part of its output was produced: retry the request")  # fmt: skip
                 if track.attempts >= _MAX_ATTEMPTS or track.aborted:
                     return EngineDeadError(f"the replicas died while the request was being added ({exc})")
+                self.metrics.on_retry()  # nothing was sent: it moves to another replica
                 continue
             kind = reply[0]
             if kind == "ok":
@@ -435,6 +442,7 @@ class ClusterEngine:
         else:
             self.metrics.on_retry()
             self._unroute(track)
+            track.replica = -1  # outputs the dead replica sent before it died are stale now
             track.busy = True
             self._spawn(self._retry(track))
 
