@@ -84,6 +84,9 @@ def test_metrics_carry_a_replica_label(replicas: Any, cluster_model_dir: Any) ->
         assert metric(m, "tokenmill_kv_blocks_total", replica=replica) == 256
         assert metric(m, "tokenmill_replica_up", replica=replica, role="both") == 1
         assert metric(m, "tokenmill_requests_routed_total", replica=replica) == 2
+    # The Ray hop of each request's first token (front end -> engine -> front end), measured.
+    assert metric(m, "tokenmill_ray_hop_seconds_count") == 4
+    assert 0 < metric(m, "tokenmill_ray_hop_seconds_sum") < 4 * 5.0
     # One family per name: the merged page is valid Prometheus text.
     types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
     assert len(types) == len(set(types))

@@ -16,7 +16,13 @@ Two loads per deployment: a throughput run (``--num-prompts`` at
 (``--hop-prompts`` short requests). The TTFT the Ray hop adds is the median
 TTFT at concurrency 1 of ``replicas1`` minus that of ``single1``: the same
 engine with the same thread count, with and without the front end and Ray
-between the HTTP handler and the engine.
+between the HTTP handler and the engine. That difference also holds what
+moving the engine out of the server's process gains (its thread no longer
+shares the server's interpreter), so the hop is also measured directly: the
+front end's ``tokenmill_ray_hop_seconds`` histogram (the add call until the
+replica's engine took the request, plus the first token's way back), read
+before and after the concurrency-1 run; its median is interpolated within
+the histogram's buckets.
 
     tokenmill bench cluster --rounds 2 --result-file cluster.json
 """
@@ -93,6 +99,36 @@ def _load(url: str, out: Path, *flags: str) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
+def _hop_buckets(url: str) -> dict[float, float]:
+    """The front end's ``tokenmill_ray_hop_seconds`` buckets (upper bound -> cumulative count); {} without it."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[float, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        if fam.name == "tokenmill_ray_hop_seconds":
+            for sample in fam.samples:
+                if sample.name.endswith("_bucket"):
+                    le = float(sample.labels["le"])
+                    out[le] = out.get(le, 0.0) + sample.value
+    return out
+
+
+def _median_ms(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The median of the observations between two bucket readings, linear within its bucket."""
+    counts = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    if not counts or counts[-1][1] <= 0:
+        return None
+    half, lo, below = counts[-1][1] / 2, 0.0, 0.0
+    for le, cum in counts:
+        if cum >= half:
+            if le == float("inf"):
+                return lo * 1e3
+            return (lo + (le - lo) * (half - below) / max(cum - below, 1e-9)) * 1e3
+        lo, below = le, cum
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from tokenmill.engine import resolve_model_path
 
@@ -115,9 +151,11 @@ def run(args: argparse.Namespace) -> int:
                 tp = _load(url, tmp / f"{name}-{r}-tp.json", "--num-prompts", str(args.num_prompts),
                            "--max-concurrency", str(args.max_concurrency), "--input-len", str(args.input_len),
                            "--output-len", str(args.output_len), "--seed", str(r))  # fmt: skip
+                hop0 = _hop_buckets(url)
                 hop = _load(url, tmp / f"{name}-{r}-hop.json", "--num-prompts", str(args.hop_prompts),
                             "--max-concurrency", "1", "--input-len", str(args.input_len), "--output-len", "4",
                             "--seed", str(100 + r))  # fmt: skip
+                ray_hop = _median_ms(hop0, _hop_buckets(url))
             finally:
                 proc.terminate()
                 proc.wait(60)
@@ -125,17 +163,19 @@ def run(args: argparse.Namespace) -> int:
                    "output_throughput": tp["output_throughput"], "ttft_p50_ms": tp["ttft_ms"]["p50"],
                    "ttft_p90_ms": tp["ttft_ms"]["p90"], "tpot_p50_ms": tp["tpot_ms"]["p50"],
                    "failed": tp["failed"] + hop["failed"], "c1_ttft_p50_ms": hop["ttft_ms"]["p50"],
-                   "c1_ttft_mean_ms": hop["ttft_ms"]["mean"]}  # fmt: skip
+                   "c1_ttft_mean_ms": hop["ttft_ms"]["mean"], "c1_ray_hop_p50_ms": ray_hop}  # fmt: skip
             runs[name].append(row)
             print(f"round {r} {name:10s} out tok/s {row['output_throughput']:7.1f}  TTFT p50 {row['ttft_p50_ms']:7.1f} ms"
                   f"  TPOT p50 {row['tpot_p50_ms']:6.1f} ms  | c=1 TTFT p50 {row['c1_ttft_p50_ms']:6.2f} ms"
-                  f"  (load {load0:.1f})", flush=True)  # fmt: skip
-    summary = {n: {k: statistics.median(x[k] for x in rows) for k in rows[0] if k != "round"}
+                  + (f"  Ray hop p50 {ray_hop:5.2f} ms" if ray_hop is not None else "")
+                  + f"  (load {load0:.1f})", flush=True)  # fmt: skip
+    summary = {n: {k: statistics.median(x[k] for x in rows) for k in rows[0] if k != "round" and rows[0][k] is not None}
                for n, rows in runs.items() if rows}  # fmt: skip
     print("\nmedian over rounds:")
     for n, s in summary.items():
         print(f"  {n:10s} out tok/s {s['output_throughput']:7.1f}  TTFT p50 {s['ttft_p50_ms']:7.1f}  "
-              f"TPOT p50 {s['tpot_p50_ms']:6.1f}  c=1 TTFT p50 {s['c1_ttft_p50_ms']:6.2f} ms")  # fmt: skip
+              f"TPOT p50 {s['tpot_p50_ms']:6.1f}  c=1 TTFT p50 {s['c1_ttft_p50_ms']:6.2f} ms"
+              + (f"  Ray hop p50 {s['c1_ray_hop_p50_ms']:5.2f} ms" if "c1_ray_hop_p50_ms" in s else ""))  # fmt: skip
     if "single1" in summary and "replicas1" in summary:
         hops = [b["c1_ttft_p50_ms"] - a["c1_ttft_p50_ms"] for a, b in zip(runs["single1"], runs["replicas1"], strict=False)]
         print(f"TTFT the Ray hop adds at concurrency 1 (replicas1 - single1, per round): "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,7 @@ logger = logging.getLogger("tokenmill.cluster")
 # meeting dead replicas gives up after this many tries.
 _MAX_ATTEMPTS = 4
 _RECOVER_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+_NODE = socket.gethostname()
 
 
 class ReplicaDiedError(EngineDeadError):
@@ -83,6 +85,7 @@ class Track:
     aborted: bool = False
     prefill_cached: int | None = None  # P/D: prompt tokens the prefill replica's cache held
     attempts: int = 0
+    add_sent: float | None = None  # front-end clock when the add left for the replica (until its first token)
 
 
 class ClusterEngine:
@@ -247,6 +250,7 @@ class ClusterEngine:
             kw = dict(track.kwargs)
             if track.phase == "prefill":
                 kw["handoff"] = True
+            track.add_sent = self.clock()
             try:
                 reply = await _await(rep.actor.add.remote([(track.request_id, track.prompt, track.params)], kw))
             except Exception as exc:  # noqa: BLE001 - the replica died (or Ray lost it): try another
@@ -334,6 +338,13 @@ class ClusterEngine:
         track = self.tracks.get(out.request_id)
         if track is None or track.replica != rep.index:
             return  # it ended, or moved to another replica: this replica's copy is stale
+        m = out.metrics
+        if track.add_sent is not None and m is not None and m.first_token_time is not None:
+            # The engine's clock is CLOCK_MONOTONIC, one per machine: with the replica on this
+            # machine, its stamps and ours compare (across machines the figure would be meaningless).
+            if self.clock is time.monotonic and rep.info.get("node") == _NODE:
+                self.metrics.on_hop(m.arrival_time - track.add_sent + time.monotonic() - m.first_token_time)
+            track.add_sent = None
         if track.phase == "prefill":
             if out.finished and out.outputs[0].finish_reason == "handoff":
                 self._on_handoff(track, out)

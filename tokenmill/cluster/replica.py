@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -115,6 +116,7 @@ class Replica:
         return {
             "index": self.index,
             "pid": self.pid,
+            "node": socket.gethostname(),
             "started": self.started,
             "model_path": e.model_path,
             "tokenizer": e.config.tokenizer or e.model_path,
