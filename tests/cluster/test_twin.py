@@ -47,7 +47,14 @@ def test_twin_routes_like_the_front_end(replicas: Any, engine_config: Any, route
         engine.start()
         try:
             starts = await plan_counts(engine)
-            await run_workload(engine, requests, timeout=120)
+            # The last ten arrive once a request has finished (on a loaded machine, fixed offsets
+            # alone may route every request before the first finish), while others still run.
+            first = asyncio.ensure_future(run_workload(engine, requests[:18], timeout=120))
+            while not engine.finish_log and not first.done():
+                await asyncio.sleep(0.002)
+            t0 = requests[18][1]
+            await run_workload(engine, [(rid, at - t0, p, sp) for rid, at, p, sp in requests[18:]], timeout=120)
+            await first
             return await recording(engine, requests, starts, scheduler)
         finally:
             await engine.stop()
@@ -57,7 +64,7 @@ def test_twin_routes_like_the_front_end(replicas: Any, engine_config: Any, route
     assert set(real.values()) == {0, 1}
     # The decisions depended on finishes: some requests were routed after others had finished.
     first_finish = min(rec.finished.values())
-    assert sum(t > first_finish for _, t in rec.routed.values()) >= 5
+    assert sum(t > first_finish for _, t in rec.routed.values()) >= 10
 
     routed, plans = replay_cluster(rec)
     assert routed == real
