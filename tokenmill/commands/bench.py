@@ -15,6 +15,7 @@ BENCHMARKS = {
     "bins": ("tokenmill.bench.bins", "bimodal output lengths: bins vs fcfs throughput"),
     "kv-transfer": ("tokenmill.bench.kv_transfer", "prefill-to-decode KV transfer through Ray vs a memcpy"),
     "cluster": ("tokenmill.bench.cluster", "one process vs Ray replicas vs P/D under one load; the Ray hop's TTFT"),
+    "moe": ("tokenmill.bench.moe", "MoE decode vs transformers; expert offloading hit rate"),
 }
 
 

@@ -96,6 +96,14 @@ class ServerMetrics:
         self.prefix_queries = counter("tokenmill_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("tokenmill_prefix_cache_hits", "Prompt tokens served from the prefix cache.")
         self.engine_steps = counter("tokenmill_engine_steps", "Engine steps (plans) run.")
+        self.expert_cache = counter(
+            "tokenmill_expert_cache_lookups",
+            "Offloaded MoE experts looked up, by result: hit (in RAM) or miss (read from the checkpoint).",
+            ("result",),
+        )
+        self.expert_bytes_read = counter(
+            "tokenmill_expert_cache_read_bytes", "Bytes of experts read from the memory-mapped checkpoint."
+        )
         self._last: EngineStats | None = None
         self._tracks: dict[str, _Track] = {}
 
@@ -175,6 +183,11 @@ class ServerMetrics:
         )
         self.prefix_hits.labels(**lab).inc(s.prefix_hit_tokens - (last.scheduler.prefix_hit_tokens if last else 0))
         self.engine_steps.labels(**lab).inc(stats.num_steps - (last.num_steps if last else 0))
+        ec, prev = stats.expert_cache, (last.expert_cache if last else None)
+        if ec is not None:
+            self.expert_cache.labels(**lab, result="hit").inc(ec.hits - (prev.hits if prev else 0))
+            self.expert_cache.labels(**lab, result="miss").inc(ec.misses - (prev.misses if prev else 0))
+            self.expert_bytes_read.labels(**lab).inc(ec.bytes_read - (prev.bytes_read if prev else 0))
         self._last = stats
 
     # ------------------------------------------------------------- event loop
