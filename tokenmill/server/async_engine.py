@@ -16,9 +16,9 @@ waits on a forward pass, and it keeps every engine call on that thread:
   (``QueueFullError``) reach the HTTP handler before it answers;
 - the event loop counts the sequences it has handed over and not seen
   finish (``num_seqs_in_flight``), so that admission needs no engine call;
-- anything else that must touch the engine (a cluster replica reserving or
-  exporting KV blocks) goes through ``call``, which runs a function on the
-  engine thread between two steps.
+- anything else that must touch the engine (loading a LoRA adapter, a
+  cluster replica reserving or exporting KV blocks) goes through ``call``,
+  which runs a function on the engine thread between two steps.
 
 The thread sleeps on the command queue when the engine has nothing to do.
 """
@@ -165,18 +165,6 @@ class AsyncEngine:
     async def collect_metrics(self) -> None:
         """Bring ``metrics`` up to date before a scrape; the engine thread keeps them current already."""
 
-    async def call(self, fn: Callable[[Engine], Any]) -> Any:
-        """Run ``fn(engine)`` on the engine thread before its next step; return what it returns.
-
-        Raises what ``fn`` raises, or ``EngineDeadError``.
-        """
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        with self._lock:
-            if self.dead is not None or self._thread is None:
-                raise EngineDeadError(f"the engine is not running ({self.dead or 'stopped'})")
-            self._commands.put(_Call(fn, future))
-        return await future
-
     # ---------------------------------------------------------------- requests
 
     async def add_request(
@@ -240,6 +228,16 @@ class AsyncEngine:
                     self.abort(rid)
             raise failures[0]
         return results  # type: ignore[return-value]
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread between two steps; return what it returns
+        (or raise what it raises). Raises ``EngineDeadError`` if the engine is not running."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self.dead is not None or self._thread is None:
+                raise EngineDeadError(f"the engine is not running ({self.dead or 'stopped'})")
+            self._commands.put(_Call(fn, future))
+        return await future
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it finished); takes effect before the next step."""
