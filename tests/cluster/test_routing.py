@@ -90,3 +90,17 @@ def test_metrics_carry_a_replica_label(replicas: Any, cluster_model_dir: Any) ->
     # One family per name: the merged page is valid Prometheus text.
     types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
     assert len(types) == len(set(types))
+
+
+def test_structured_outputs_are_refused_by_name(replicas: Any, cluster_model_dir: Any) -> None:
+    from tests.server.helpers import assert_error_shape
+
+    engine = front_end(replicas, 2)
+    with http_server(engine, cluster_model_dir) as srv:
+        r = httpx.post(f"{srv.base_url}/v1/completions", timeout=60,
+                       json={"model": MODEL_NAME, "prompt": [5, 6], "max_tokens": 3,
+                             "response_format": {"type": "json_object"}})  # fmt: skip
+        assert_error_shape(r, 400, code="unsupported_with_cluster")
+        ok = httpx.post(f"{srv.base_url}/v1/completions", timeout=60,
+                        json={"model": MODEL_NAME, "prompt": [5, 6], "max_tokens": 3})  # fmt: skip
+        assert ok.status_code == 200

@@ -51,6 +51,18 @@ _RECOVER_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 _NODE = socket.gethostname()
 
 
+class _NoGrammars:
+    """What the server's structured-output step sees as the engine of a cluster: replicas
+    compile no grammars yet, so a request that asks for one is refused by name."""
+
+    @property
+    def grammar_compiler(self) -> Any:
+        from tokenmill.server.errors import APIError
+
+        raise APIError(400, "structured outputs (response_format, structured_outputs, guided_*, tools) are not "
+                            "served with --replicas or --pd yet", code="unsupported_with_cluster")  # fmt: skip
+
+
 class ReplicaDiedError(EngineDeadError):
     """The replica serving a request died after the request had sent tokens."""
 
@@ -112,6 +124,7 @@ class ClusterEngine:
         self.tracks: dict[str, Track] = {}
         self.num_seqs_in_flight = 0
         self.stats = None  # the face of AsyncEngine; per-replica stats are in the metrics
+        self.engine = _NoGrammars()  # the face of AsyncEngine, for structured outputs only
         self._stopped = False
         self._started = False
         self._tasks: set[asyncio.Task[Any]] = set()
