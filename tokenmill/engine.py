@@ -14,6 +14,15 @@ at the end of the plan, so nothing past a stop is published; the scheduling
 state changes only in ``update()``, and a stop string found mid-plan finishes
 its request right after it.
 
+Prefill/decode disaggregation (``tokenmill/cluster/pd.py``) uses three more
+doors. A request added with ``handoff=True`` runs to its first token and then
+ends with finish reason ``handoff`` (unless that token ends it anyway), its KV
+blocks held for export (``export_blocks``) until ``release_kv``. Another
+engine takes it over with ``reserve_import`` (blocks for the KV it will
+receive; the prefix cache's full blocks count as received) and then
+``add_request(..., prior=PriorTokens(...))``: the request continues after the
+tokens it has, with its imported KV computed.
+
 LoRA adapters are registered by name (``add_lora``; ``remove_lora``) after the
 executor has loaded and checked them; a request names its adapter
 (``add_request(lora=...)``) and runs in that adapter's prefix-cache namespace.
@@ -35,18 +44,18 @@ from typing import Any
 from tokenmill.core.lora import LoRARequest
 from tokenmill.core.lora import cache_namespace as namespace_of
 from tokenmill.core.plan import SeqUpdate, StepPlan, StepResult
-from tokenmill.core.request import Request, SamplingParams
+from tokenmill.core.request import FinishReason, Request, SamplingParams
 from tokenmill.core.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerStats
 from tokenmill.core.timeline import Timeline
 from tokenmill.executor import Executor
 from tokenmill.lora.errors import LoraError, LoraLoadError
 from tokenmill.lora.registry import LoraRegistry
-from tokenmill.output_processor import OutputProcessor
+from tokenmill.output_processor import OutputProcessor, PriorTokens
 from tokenmill.outputs import RequestOutput
 
 logger = logging.getLogger("tokenmill.engine")
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFullError", "StepRecord"]
+__all__ = ["Engine", "EngineConfig", "EngineStats", "PriorTokens", "QueueFullError", "StepRecord"]
 
 
 def cli(help: str, kind: str = "str", **extra: Any) -> dict[str, Any]:
@@ -134,6 +143,7 @@ class StepRecord:
     added_before: list[str]  # core request ids added since the previous step
     summary: tuple
     duration: float
+    start: float = 0.0  # the engine clock when the plan was made
 
 
 @dataclass
@@ -202,6 +212,7 @@ class Engine:
         # Set by a caller that streams (the async engine): see the module docstring.
         self.on_partial: Callable[[list[RequestOutput]], None] | None = None
         self._children: dict[str, list[Request]] = {}
+        self._handoff: dict[str, int | None] = {}  # handoff request id -> the max_tokens it was asked with
         self._grammar_compiler: Any = None  # tokenmill.structured.compiler.GrammarCompiler, made on first use
         self._grammar_lock = threading.Lock()
         self._added_since_step: list[str] = []
@@ -290,17 +301,38 @@ class Engine:
         cache_namespace: str = "",
         predicted_output_len: int | None = None,
         lora: LoRARequest | str | None = None,
+        handoff: bool = False,
+        prior: PriorTokens | None = None,
     ) -> list[int]:
         """Validate and queue a request; returns its prompt token ids.
 
         ``lora``: the adapter it runs with (a registered name or a ``LoRARequest``; an
         unknown name raises ``LoraNotFoundError``). ``cache_namespace`` is its cache salt.
-
-        Raises ``ValueError`` (bad input, named) or ``QueueFullError``; on
-        either, nothing of the request is left behind.
+        ``handoff``: stop after the first token and hold the KV for another
+        engine; ``prior``: the tokens the request already generated on another
+        engine (see the module docstring; both take one sample and no prompt
+        logprobs). Raises ``ValueError`` (bad input, named) or
+        ``QueueFullError``; on either, nothing of the request is left behind
+        (nor a KV reservation of its id).
         """
+        try:
+            return self._add_request(request_id, prompt, params, arrival_time, client_id, priority, ttft_slo,
+                                     tpot_slo, cache_namespace, predicted_output_len, lora, handoff, prior)  # fmt: skip
+        except (ValueError, QueueFullError):
+            if request_id not in self._children:
+                self.scheduler.cancel_import(request_id)
+            raise
+
+    def _add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None,
+                     arrival_time: float | None, client_id: str, priority: int, ttft_slo: float | None,
+                     tpot_slo: float | None, cache_namespace: str, predicted_output_len: int | None,
+                     lora: LoRARequest | str | None, handoff: bool, prior: PriorTokens | None) -> list[int]:  # fmt: skip
         params = params or SamplingParams()
         params.validate()
+        if (handoff or prior is not None) and (params.n != 1 or params.prompt_logprobs is not None):
+            raise ValueError("a request handed between engines takes one sample (n=1) and no prompt logprobs")
+        if handoff and prior is not None:
+            raise ValueError("a request is either handed off after its first token or continues prior tokens")
         if params.structured_outputs is not None:
             # A cache hit when the server compiled it already; a GrammarError (ValueError) if bad.
             bound = self.grammar_compiler.compile(params.structured_outputs)
@@ -329,6 +361,9 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context length is "
                 f"{self.max_model_len}"
             )
+        done = list(prior.token_ids) if prior is not None else []
+        if done and len(prompt_ids) + len(done) >= self.max_model_len:
+            raise ValueError(f"the prompt and the {len(done)} tokens generated so far fill the context")
         limit = self.config.max_tokens_per_request
         if limit is not None:
             per_sample = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
@@ -349,6 +384,9 @@ class Engine:
                 child_params = replace(params, n=1)
                 if i > 0:
                     child_params.prompt_logprobs = None  # the samples share one prompt: sample 0 computes them
+            if handoff:
+                # The first token only, sampled as the request asked (min_tokens masks EOS alike).
+                child_params = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
             children.append(
                 Request(
                     request_id=request_id if params.n == 1 else f"{request_id}#{i}",
@@ -364,9 +402,11 @@ class Engine:
                     predicted_output_len=predicted_output_len,
                     parent_id=request_id,
                     sample_index=i,
+                    hold_kv=handoff,
                     lora=adapter,
                 )
             )
+            children[-1].output_token_ids.extend(done)
         added: list[Request] = []
         try:
             for child in children:
@@ -377,8 +417,10 @@ class Engine:
                 self.scheduler.abort_request(child.request_id)
             raise
         self._children[request_id] = children
+        if handoff:
+            self._handoff[request_id] = params.max_tokens
         self._added_since_step.extend(c.request_id for c in children)
-        self.outputs.add(request_id, text, prompt_ids, children, arrival)
+        self.outputs.add(request_id, text, prompt_ids, children, arrival, prior)
         return prompt_ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -386,11 +428,41 @@ class Engine:
         children = self._children.pop(request_id, None)
         if children is None:
             return None
+        self._handoff.pop(request_id, None)  # an aborted request's blocks are freed, not held
         now = self.clock()
         for child in children:
             if self.scheduler.abort_request(child.request_id, now) is not None:
                 self.finished_by_reason["abort"] = self.finished_by_reason.get("abort", 0) + 1
         return self.outputs.finish_aborted(request_id)
+
+    # ------------------------------------------------------ KV between engines
+
+    def reserve_import(
+        self, request_id: str, token_ids: list[int], num_tokens: int, cache_namespace: str = ""
+    ) -> tuple[int, list[int]] | None:
+        """Reserve blocks for the KV of the first ``num_tokens`` of ``token_ids`` (a request
+        that will be added under ``request_id``, continuing those tokens).
+
+        Returns (tokens the prefix cache already holds, the fresh blocks to write
+        the KV of the rest into), or None when the blocks are not there (the
+        request is then added plainly and recomputes). ``cancel_import`` gives
+        a reservation back; adding the request takes it.
+        """
+        if request_id in self._children:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, list(token_ids), SamplingParams(max_tokens=1), cache_namespace=cache_namespace)
+        return self.scheduler.reserve_import(req, num_tokens)
+
+    def cancel_import(self, request_id: str) -> bool:
+        return self.scheduler.cancel_import(request_id)
+
+    def export_blocks(self, request_id: str, start_token: int, end_token: int) -> list[int]:
+        """The blocks holding tokens ``[start_token, end_token)`` of a handed-off request."""
+        return self.scheduler.kv.export_blocks(request_id, start_token, end_token)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free the blocks a handed-off request held for export (full ones stay cached)."""
+        return self.scheduler.release_kv(request_id)
 
     # ------------------------------------------------------------------ step
 
@@ -421,6 +493,8 @@ class Engine:
         for u in self.scheduler.update(plan, result):
             self.num_generation_tokens += len(u.new_token_ids)
         self.num_prompt_tokens += sum(s.num_new_tokens for s in plan.seqs if s.is_prefill)
+        if self._handoff:
+            self._settle_handoffs(publisher, outputs)
         for out in publisher.finished + [o for o in outputs if o.finished]:
             self._children.pop(out.request_id, None)
             for o in out.outputs:
@@ -450,10 +524,24 @@ class Engine:
                 logger.error("aborted %d request(s): %s", len(parents), exc)
                 run = replace(run, seqs=[s for s in run.seqs if s.request_id not in gone])
 
+    def _settle_handoffs(self, publisher: _Publisher, outputs: list[RequestOutput]) -> None:
+        """Hand off the requests whose first token did not end them; free the KV of those
+        it did end (nobody will export it)."""
+        for rid in publisher.handoffs:
+            out = next((o for o in outputs if o.request_id == rid), None)
+            handed = self.outputs.hand_off(rid, out)
+            if handed is not None and out is None:
+                outputs.append(handed)
+        for out in publisher.finished + outputs:
+            if out.finished and out.request_id in self._handoff:
+                del self._handoff[out.request_id]
+                if out.outputs[0].finish_reason != "handoff":
+                    self.scheduler.release_kv(out.request_id)
+
     def _record(self, plan: StepPlan, duration: float) -> None:
         self.num_steps += 1
         if self.config.record_steps:
-            self.step_log.append(StepRecord(plan.step_id, self._added_since_step, plan.summary(), duration))
+            self.step_log.append(StepRecord(plan.step_id, self._added_since_step, plan.summary(), duration, plan.now))
         self._added_since_step = []
 
     def stats(self) -> EngineStats:
@@ -488,6 +576,7 @@ class _Publisher:
         self.published: dict[str, int] = {}  # request id -> tokens of this plan handed out
         self.stop_strings: dict[str, tuple[int, str]] = {}  # request id -> (tokens taken, stop string)
         self.finished: list[RequestOutput] = []  # outputs that finished in a sub-step publish
+        self.handoffs: list[str] = []  # handoff requests whose first token did not end them
 
     def substep(self, sink: Callable[[list[RequestOutput]], None]) -> Callable[..., None]:
         def on_substep(sampled: dict[str, list[int]], logprobs: dict[str, list[Any]]) -> None:
@@ -526,6 +615,12 @@ class _Publisher:
             n, reason, stop_reason = req.check_output(toks, max_len)
             if n <= done:
                 continue  # stopped in an earlier sub-step
+            if reason is FinishReason.LENGTH and rid in engine._handoff:
+                # Only the handoff's one-token cap ends it: the client sees a request that goes on.
+                asked = engine._handoff[rid]
+                if (asked is None or req.num_output_tokens + n < asked) and req.num_tokens + n < max_len:
+                    reason = None
+                    self.handoffs.append(rid)
             before[rid] = done
             self.published[rid] = n
             lps = logprobs.get(rid) if logprobs else None

@@ -26,6 +26,7 @@ from tokenmill.commands.options import (
     check_device,
     check_model,
     check_policy,
+    key_value,
     lora_module,
     non_negative_int,
     port,
@@ -86,6 +87,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--enable-lora-runtime-updates", action="store_true",
                    help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they load "
                         "directories on this machine: for trusted clients)")
+    c = p.add_argument_group("cluster (Ray; pip install 'tokenmill[cluster]')")
+    c.add_argument("--replicas", type=positive_int, default=None,
+                   help="serve with N engine replicas, each a Ray actor (default: one engine in this process)")
+    c.add_argument("--pd", default=None, metavar="P:D",
+                   help="prefill/decode disaggregation: P prefill and D decode replicas, KV moved between them")
+    c.add_argument("--threads-per-replica", type=positive_int, default=1,
+                   help="CPU cores (torch threads) each replica reserves (default 1)")
+    c.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. HEAD_IP:6379 after 'ray start --head'); default: start Ray here")
+    c.add_argument("--router", default="round_robin",
+                   help="replica choice: round_robin, least_outstanding_tokens or prefix_aware "
+                        "(with --pd: of prefill replicas; decode replicas use least_outstanding_tokens)")
+    c.add_argument("--router-option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="an option of the router (repeatable), e.g. balance_abs_threshold=4096")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.add_argument("--trace-file", help="on shutdown, write request timelines (queued, prefill chunks, decode "
@@ -121,6 +136,27 @@ def run(args: argparse.Namespace) -> int:
     from tokenmill.server.runner import run_server
     from tokenmill.server.state import ServerSettings
 
+    settings = ServerSettings(
+        served_model_names=names,
+        api_key=args.api_key or None,
+        max_body_bytes=args.max_body_bytes or None,
+        drain_timeout=args.drain_timeout,
+        trust_request_chat_template=args.trust_request_chat_template,
+        chat_template_timeout=args.chat_template_timeout,
+        max_prompt_chars=args.max_prompt_chars,
+        max_prompts_per_request=args.max_prompts_per_request,
+        allowed_hosts=allowed_hosts_for(args.host, args.port, api_key=args.api_key or None, flag=args.allowed_hosts),
+        enable_lora_runtime_updates=args.enable_lora_runtime_updates,
+        tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser,
+    )
+    if args.replicas is not None or args.pd is not None or args.ray_address is not None:
+        if args.lora_modules or args.enable_lora_runtime_updates:
+            print("error: LoRA adapters are served by one engine; --replicas, --pd and --ray-address "
+                  "do not take them yet", file=sys.stderr)  # fmt: skip
+            return 2
+        from tokenmill.cluster.serve import serve_cluster
+
+        return serve_cluster(args, config, names, settings)
     try:
         engine = Engine(config)
     except (ValueError, OSError, RuntimeError) as exc:
@@ -139,19 +175,6 @@ def run(args: argparse.Namespace) -> int:
         except LoraError as exc:
             print(f"error: --lora-modules {name}={path}: {exc}", file=sys.stderr)
             return 2
-    settings = ServerSettings(
-        served_model_names=names,
-        api_key=args.api_key or None,
-        max_body_bytes=args.max_body_bytes or None,
-        drain_timeout=args.drain_timeout,
-        trust_request_chat_template=args.trust_request_chat_template,
-        chat_template_timeout=args.chat_template_timeout,
-        max_prompt_chars=args.max_prompt_chars,
-        max_prompts_per_request=args.max_prompts_per_request,
-        allowed_hosts=allowed_hosts_for(args.host, args.port, api_key=args.api_key or None, flag=args.allowed_hosts),
-        enable_lora_runtime_updates=args.enable_lora_runtime_updates,
-        tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser,
-    )
     state = build_state(engine, settings)
     app = create_app(state)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:

@@ -65,6 +65,12 @@ def register(subparsers: Any) -> None:
     val.add_argument("--dtype", default="float32")
     val.add_argument("--threads", type=int, default=1, help="torch threads for the profile and the real run")
     val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--replicas", type=int, default=1,
+                     help="run the real side as a local Ray cluster of this many replicas (--threads each)")
+    val.add_argument("--pd", metavar="P:D", help="real side: P prefill and D decode replicas")
+    val.add_argument("--router", default="round_robin",
+                     help="replica choice (of prefill replicas with --pd): round_robin, least_outstanding_tokens, "
+                          "prefix_aware")  # fmt: skip
     val.add_argument("--output", "-o", help="JSON report")
     _validation_args(val)
     val.set_defaults(func=_validate)
@@ -361,7 +367,7 @@ def _print_validation(console: Any, report: dict[str, Any]) -> None:
     from rich.table import Table
 
     n = len(report["real_runs"])
-    table = Table(title=f"twin vs real engine ({n} runs): {report['model']}")
+    table = Table(title=f"twin vs real ({n} runs): {report['model']} ({report.get('deployment', '1 replica')})")
     for col in ("metric", "real engine", "spread", "twin", "error", "within max(5%, spread)", "drift-corrected", "error "):
         table.add_column(col, justify="right")
     for key in ("ttft_mean_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p90_ms", "tpot_p99_ms",
@@ -398,6 +404,18 @@ def _validate(args: argparse.Namespace) -> int:
     from tokenmill.sim.validate import validate
 
     console = Console()
+    pd = None
+    if args.pd:
+        from tokenmill.cluster.launch import parse_pd
+
+        try:
+            pd = parse_pd(args.pd)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.replicas < 1:
+        print(f"error: --replicas must be >= 1, got {args.replicas}", file=sys.stderr)
+        return 2
     try:
         ws = _validation_workload(args)
         cpus = parse_cpus(args.cpus) if args.cpus else None
@@ -406,7 +424,8 @@ def _validate(args: argparse.Namespace) -> int:
                           max_decode_steps=args.max_decode_steps, dtype=args.dtype, threads=args.threads,
                           grid=args.grid, repeats=args.repeats, log=console.print, real_runs=args.real_runs,
                           twin_runs=args.twin_runs, jitter=not args.no_jitter, workload=ws,
-                          length_scale=args.length_scale, cpus=cpus, trace_dir=args.trace_dir)  # fmt: skip
+                          length_scale=args.length_scale, cpus=cpus, trace_dir=args.trace_dir,
+                          replicas=args.replicas, pd=pd, router=args.router)  # fmt: skip
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -250,6 +250,7 @@ class KVManager:
         pool = self.pool
         unowned_computed = sum(1 for b in computed if pool.ref_counts[b] == 0)
         if need > pool.num_free + pool.num_evictable - unowned_computed:
+            self._keys.pop(req.request_id, None)
             return None
         if computed:
             pool.incref(computed)
@@ -277,6 +278,7 @@ class KVManager:
         entry = self.imports.pop(request_id, None)
         if entry is None:
             return False
+        self._keys.pop(request_id, None)
         self.pool.decref(entry[0][::-1])
         return True
 

@@ -55,7 +55,7 @@ async def create_chat_completion(
             [prompt_ids],
             [params],
             reservation,
-            arrival_time=state.async_engine.engine.clock(),
+            arrival_time=state.async_engine.clock(),
             client_id=state.client_id(request, body.user),
             priority=body.priority,
             ttft_slo=body.ttft_slo,

@@ -53,7 +53,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             [ids for _, ids in prompts],
             params,
             reservation,
-            arrival_time=state.async_engine.engine.clock(),
+            arrival_time=state.async_engine.clock(),
             client_id=state.client_id(request, body.user),
             priority=body.priority,
             ttft_slo=body.ttft_slo,

@@ -32,6 +32,12 @@ replica's queue with its first token appended and its whole prompt's KV in
 place, so the decode replica computes no prompt token. When the decode
 replica has no room to reserve, nothing is transferred and it recomputes the
 prompt. Link contention is not modelled.
+
+The front end of a real cluster sees things late: a request reaches its
+replica a moment after the router picked it, and the router hears of a finish
+a moment after the replica's step. By default the twin has no such delays;
+``SimConfig.dispatch_time`` and ``report_time`` give them (a replay of a
+measured cluster run uses them, ``cluster_replay.py``).
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from tokenmill.sim.workload import RequestSpec, Workload
 
 _NAN = float("nan")
 _INF = float("inf")
-_REPLICA, _TRANSFER = 0, 1
+_REPLICA, _TRANSFER, _DISPATCH, _REPORT = 0, 1, 2, 3
 
 
 class _Track:
@@ -205,8 +211,12 @@ class Simulator:
                 if kind == _REPLICA:
                     if version == obj.version:
                         on_replica(obj, t)
-                else:
+                elif kind == _TRANSFER:
                     self._on_transfer(t, *obj)
+                elif kind == _DISPATCH:
+                    self._dispatched(t, *obj)
+                else:
+                    obj[0].on_finished(obj[1])
                 continue
             if i >= n:
                 break
@@ -243,20 +253,41 @@ class Simulator:
         assert router is not None
         rep = self.entry[router.route(req)]
         rep.arr_pos += 1
+        hook = self.config.dispatch_time
+        if hook is not None:
+            t_d = hook(rid, t)
+            if t_d > t:
+                heapq.heappush(self.heap, (t_d, next(self._seq), _DISPATCH, (rep, req, index, spec), 0))
+                return
+        self._dispatched(t, rep, req, index, spec)
+
+    def _dispatched(self, t: float, rep: Replica, req: Request, index: int, spec: RequestSpec) -> None:
+        """The routed request reaches its replica, which stamps its arrival (its queue's order)."""
+        req.arrival_time = t
         try:
             rep.sched.add_request(req, t)
         except (ValueError, QueueFullError):
-            router.on_finished(req)
+            self._report(self.entry_router, req, t)  # type: ignore[arg-type]
             self.num_rejected += 1
             return
-        self.tracks[rid] = _Track(index, spec)
+        self.tracks[req.request_id] = _Track(index, spec)
         self._wake(rep, t)
+
+    def _report(self, router: Router, req: Request, t: float) -> None:
+        """The router hears that ``req`` finished (at once, or when ``report_time`` says)."""
+        hook = self.config.report_time
+        if hook is not None:
+            t_r = hook(req.request_id, t)
+            if t_r > t:
+                heapq.heappush(self.heap, (t_r, next(self._seq), _REPORT, (router, req), 0))
+                return
+        router.on_finished(req)
 
     def _wake(self, rep: Replica, t: float) -> None:
         """A request reached ``rep`` at ``t``: start it if idle, or cut its plan at the next boundary."""
         if not rep.active:
             rep.active = True
-            heapq.heappush(self.heap, (t, next(self._seq), _REPLICA, rep, rep.version))
+            heapq.heappush(self.heap, (t + self.config.idle_wake_delay, next(self._seq), _REPLICA, rep, rep.version))
             return
         plan = rep.plan
         if plan is None or plan.num_steps == 1 or not self.ideal or rep.end <= t or rep.known is not None:
@@ -399,13 +430,13 @@ class Simulator:
         rid = req.request_id
         if rep.role == "prefill":
             assert self.prefill_router is not None
-            self.prefill_router.on_finished(req)
+            self._report(self.prefill_router, req, t)
             if tr.spec.output_len > 1:
                 self._start_transfer(tr, req, t, rep)
                 return
             rep.sched.release_kv(rid)  # the request ends here: nothing to transfer
         else:
-            self.router.on_finished(req)
+            self._report(self.router, req, t)
         del self.tracks[rid]
         spec = tr.spec
         rec = self.records

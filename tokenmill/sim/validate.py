@@ -36,6 +36,14 @@ with its lengths scaled to the model (``length_scale``).
 
 Timings on a shared CPU are noisy; torch runs with ``threads`` threads
 (default 1), optionally pinned to ``cpus``, in the profile and the real runs.
+
+With ``replicas > 1`` or ``pd=(P, D)`` the real run is a cluster: replicas
+as Ray actors (``threads`` threads each) behind the front end and its core
+router (``cluster/``), the workload sent through the front end in wall time
+(``cluster/record.py``), times taken where a client would see them; the
+twin runs the same pools and routers (the decode pool routes by least
+outstanding tokens in both), with each prefill-to-decode transfer priced at
+the mean time the real transfers took in the run.
 """
 
 from __future__ import annotations
@@ -149,8 +157,11 @@ def validate(
     length_scale: float = 1.0,
     cpus: set[int] | None = None,
     trace_dir: str | Path | None = None,
+    replicas: int = 1,
+    pd: tuple[int, int] | None = None,
+    router: str = "round_robin",
 ) -> dict[str, Any]:
-    """Run the real engine ``real_runs`` times and the twin on the same workload; return both, the errors and the spread.
+    """Run the real engine (or cluster) ``real_runs`` times and the twin on the same workload; return both, the errors and the spread.
 
     ``workload`` (a ``sim.build.WorkloadSpec``) replaces the synthetic Poisson
     workload that ``num_requests``, ``rate``, ``prompt_len``, ``output_len``
@@ -167,7 +178,7 @@ def validate(
     with pinned(threads, cpus) as pin:
         report = _validate(model, profile, kv_cache_memory, block_size, max_num_batched_tokens, max_num_seqs,
                            max_decode_steps, dtype, grid, repeats, log, real_runs, twin_runs, jitter, workload,
-                           length_scale, trace_dir)  # fmt: skip
+                           length_scale, trace_dir, threads, replicas, pd, router)  # fmt: skip
     report["engine"].update(threads=pin["threads"], cpus=pin["cpus"])
     return report
 
@@ -176,7 +187,8 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, kv_cache_
               max_num_batched_tokens: int, max_num_seqs: int, max_decode_steps: int, dtype: str,
               grid: str | dict[str, list[int]], repeats: int, log: Callable[[str], None], real_runs: int,
               twin_runs: int, jitter: bool, ws: WorkloadSpec, length_scale: float,
-              trace_dir: str | Path | None) -> dict[str, Any]:  # fmt: skip
+              trace_dir: str | Path | None, threads: int = 1, replicas: int = 1, pd: tuple[int, int] | None = None,
+              router: str = "round_robin") -> dict[str, Any]:  # fmt: skip
     from tokenmill.engine import Engine, EngineConfig, resolve_model_path
 
     path = resolve_model_path(model)
@@ -193,13 +205,29 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, kv_cache_
     cm = ProfiledCostModel(table)
     wl = validation_workload(ws, engine.vocab_size, engine.max_model_len, length_scale)
     sched_cfg = dataclasses.replace(engine.scheduler.config)
+    block_bytes = engine.executor.kv_bytes_per_block
     del engine
-    log(f"real engine: {len(wl)} requests ({wl.description.get('kind')}), {real_runs} runs...")
-    runs = repeat_engine(make_engine, wl, real_runs, log, keep_timelines=trace_dir is not None)
+    clustered = replicas > 1 or pd is not None
+    transfer: dict[str, float] = {}
+    what = f"cluster ({_deployment(replicas, pd, router)})" if clustered else "engine"
+    log(f"real {what}: {len(wl)} requests ({wl.description.get('kind')}), {real_runs} runs...")
+    serve = None
+    if clustered:
+        def serve(engine: Any, wl: W.Workload) -> dict[str, np.ndarray]:
+            return run_cluster(engine.config, wl, replicas, pd, router, threads, transfer)
+
+    runs = repeat_engine(make_engine, wl, real_runs, log, keep_timelines=trace_dir is not None and not clustered,
+                         serve=serve)  # fmt: skip
+
+    def twin_config(cost: CostModel, timeline_requests: int) -> SimConfig:
+        cfg = _twin_config(dataclasses.replace(sched_cfg), cost, replicas, pd, router, block_bytes, transfer)
+        return dataclasses.replace(cfg, timeline_requests=timeline_requests)
+
     real = mean_metrics([r["metrics"] for r in runs])
     spread = run_spread([r["metrics"] for r in runs])
     ratios = (table.get("jitter") or {}).get("ratio_quantiles") if jitter else None
-    twin_sets, twin_timeline, twin_wall = run_twin(wl, sched_cfg, cm, ratios, twin_runs, keep_timeline=trace_dir is not None)
+    twin_sets, twin_timeline, twin_wall = run_twin(wl, twin_config, cm, ratios, twin_runs,
+                                                   keep_timeline=trace_dir is not None and not clustered)  # fmt: skip
     twin = mean_metrics(twin_sets)
     # How much slower (> 1) the machine ran the reference step during the real runs than when the
     # profile was taken (shown), and how much slower it ran the real runs' own plans than the
@@ -210,8 +238,9 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, kv_cache_
     speed = float(np.mean(probes)) / reference
     checks = [step_time_check(r["steps"], cm) for r in runs]
     priced = sum(c.get("priced_s", 0.0) for c in checks)
-    factor = sum(c.get("measured_s", 0.0) for c in checks) / priced if priced > 0 else 1.0
-    corrected = mean_metrics(run_twin(wl, sched_cfg, ScaledCostModel(cm, factor), ratios, twin_runs)[0])
+    # A cluster's plans run in its replicas (no step log here): the reference step's drift stands in.
+    factor = sum(c.get("measured_s", 0.0) for c in checks) / priced if priced > 0 else speed
+    corrected = mean_metrics(run_twin(wl, twin_config, ScaledCostModel(cm, factor), ratios, twin_runs)[0])
     error = compare(real, twin)
     report: dict[str, Any] = {
         "model": str(path),
@@ -219,6 +248,8 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, kv_cache_
         "engine": {"kv_cache_memory": kv_cache_memory, "num_blocks": sched_cfg.num_blocks, "block_size": block_size,
                    "max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": max_num_seqs,
                    "max_decode_steps": max_decode_steps, "dtype": dtype},  # fmt: skip
+        "deployment": _deployment(replicas, pd, router),
+        "kv_transfer": transfer or None,
         "real": real,
         "real_runs": [r["metrics"] for r in runs],
         "real_spread_pct": spread,
@@ -240,7 +271,7 @@ def _validate(model: str | None, profile: str | dict[str, Any] | None, kv_cache_
                                                                   for r in runs]},  # fmt: skip
         "machine_drift_pct": 100.0 * (speed - 1.0),
     }
-    if trace_dir is not None:
+    if trace_dir is not None and not clustered:
         report["timelines"] = write_timelines(Path(trace_dir), runs, twin_timeline)
     return report
 
@@ -308,14 +339,20 @@ def validation_workload(ws: WorkloadSpec, vocab_size: int, max_model_len: int, l
 
 
 def repeat_engine(make_engine: Callable[..., Any], wl: W.Workload, runs: int, log: Callable[[str], None],
-                  keep_timelines: bool = False) -> list[dict[str, Any]]:  # fmt: skip
-    """``runs`` real runs of ``wl``, each on a fresh engine; metrics, wall time and the reference step around each."""
+                  keep_timelines: bool = False,
+                  serve: Callable[[Any, W.Workload], dict[str, np.ndarray]] | None = None) -> list[dict[str, Any]]:
+    """``runs`` real runs of ``wl``, each on a fresh engine; metrics, wall time and the reference step around each.
+
+    ``serve(engine, wl)`` runs the workload instead of this process's engine (a
+    cluster built from the engine's config); the engine then only times the
+    reference step.
+    """
     out = []
     for i in range(runs):
         engine = make_engine(len(wl) if keep_timelines else 0)
         before = probe(engine.executor)
         t0 = time.perf_counter()
-        times = run_engine(engine, wl)
+        times = serve(engine, wl) if serve is not None else run_engine(engine, wl)
         wall = time.perf_counter() - t0
         after = probe(engine.executor)
         m = metrics_from_times(times["arrival"], times["first"], times["finish"], times["n_out"])
@@ -327,16 +364,24 @@ def repeat_engine(make_engine: Callable[..., Any], wl: W.Workload, runs: int, lo
     return out
 
 
-def run_twin(wl: W.Workload, sched_cfg: Any, cm: CostModel, ratios: list[float] | None, runs: int,
+def run_twin(wl: W.Workload, config: Any, cm: CostModel, ratios: list[float] | None, runs: int,
              keep_timeline: bool = False) -> tuple[list[dict[str, float]], Any, float]:  # fmt: skip
-    """Twin metrics per run (one run without jitter; ``runs`` seeds with it), the first run's timeline, wall seconds."""
+    """Twin metrics per run (one run without jitter; ``runs`` seeds with it), the first run's timeline, wall seconds.
+
+    ``config`` is the engine's ``SchedulerConfig`` (one replica), or a function
+    ``(cost model, timeline requests) -> SimConfig`` for other deployments.
+    """
     from tokenmill.sim.jitter import JitterCostModel
 
     sets, timeline, wall = [], None, 0.0
     for seed in range(runs if ratios is not None else 1):
         model = JitterCostModel(cm, ratios, seed) if ratios is not None else cm
-        cfg = SimConfig(PoolConfig(dataclasses.replace(sched_cfg), model), mode="engine",
-                        timeline_requests=len(wl) if keep_timeline and seed == 0 else 0)  # fmt: skip
+        timeline_requests = len(wl) if keep_timeline and seed == 0 else 0
+        if callable(config):
+            cfg = config(model, timeline_requests)
+        else:
+            cfg = SimConfig(PoolConfig(dataclasses.replace(config), model), mode="engine",
+                            timeline_requests=timeline_requests)  # fmt: skip
         res = simulate(wl, cfg)
         wall += res.wall_time
         sets.append(_twin_metrics(res))
@@ -378,6 +423,68 @@ def write_timelines(directory: Path, runs: list[dict[str, Any]], twin_timeline: 
     rep = divergence(engine_tl, twin_tl)
     plot_compare(engine_tl, twin_tl, directory / "compare.png", rep, title="engine run 1 vs twin")
     return {"engine": files, "twin": str(twin_file), "plot": str(directory / "compare.png"), "divergence": rep}
+
+def _deployment(replicas: int, pd: tuple[int, int] | None, router: str) -> str:
+    if pd is not None:
+        return f"{pd[0]} prefill ({router}) : {pd[1]} decode (least_outstanding_tokens)"
+    return f"{replicas} replica{'s' if replicas > 1 else ''} ({router})"
+
+
+def run_cluster(config: Any, wl: W.Workload, replicas: int, pd: tuple[int, int] | None, router: str, threads: int,
+                transfer: dict[str, float]) -> dict[str, np.ndarray]:  # fmt: skip
+    """Serve ``wl`` on a local Ray cluster of replicas in wall time (see the module docstring);
+    per-request times as ``run_engine`` gives them. ``transfer`` gets the KV transfers' totals."""
+    import asyncio
+
+    from tokenmill.cluster.launch import ClusterSpec, start_cluster
+    from tokenmill.cluster.record import run_workload
+
+    spec = ClusterSpec(replicas=replicas, pd=pd, threads_per_replica=threads, router=router)
+    cluster = start_cluster(spec, config, "validate")
+    engine = cluster.engine
+    requests = [(str(i), r.arrival, wl.prompt_tokens(i, r),
+                 SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0))
+                for i, r in enumerate(wl.requests)]  # fmt: skip
+
+    async def main() -> dict[str, dict[str, float]]:
+        engine.start()
+        try:
+            return await run_workload(engine, requests)
+        finally:
+            await engine.stop()
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        cluster.shutdown()
+    m = engine.metrics
+    lab = {"model_name": "validate"}
+    n = m.kv_transfers.labels(**lab)._value.get()
+    if n:
+        transfer.update(transfers=n, blocks=m.kv_transfer_blocks.labels(**lab)._value.get(),
+                        bytes=m.kv_transfer_bytes.labels(**lab)._value.get(),
+                        mean_s=m.kv_transfer_seconds.labels(**lab)._sum.get() / n)  # fmt: skip
+    t0 = min(t["arrival"] for t in got.values())
+    keys = [str(i) for i in range(len(requests))]
+    return {
+        "arrival": np.array([got[k]["arrival"] - t0 for k in keys]),
+        "first": np.array([got[k]["first"] - t0 for k in keys]),
+        "finish": np.array([got[k]["finish"] - t0 for k in keys]),
+        "n_out": np.array([got[k]["n_out"] for k in keys], dtype=np.int64),
+    }
+
+
+def _twin_config(sched: Any, cost: CostModel, replicas: int, pd: tuple[int, int] | None, router: str,
+                 block_bytes: int, transfer: dict[str, float]) -> SimConfig:  # fmt: skip
+    if pd is None:
+        return SimConfig(PoolConfig(sched, cost, replicas, router), mode="engine")
+    p, d = pd
+    # Each transfer costs what the real ones took on average (export, object store, import).
+    return SimConfig(PoolConfig(sched, cost, d, "least_outstanding_tokens"),
+                     prefill_pool=PoolConfig(dataclasses.replace(sched), cost, p, router), mode="engine",
+                     kv_transfer_latency=transfer.get("mean_s", 0.0), kv_transfer_bandwidth=float("inf"),
+                     kv_bytes_per_token=block_bytes / sched.block_size)  # fmt: skip
+
 
 def _twin_metrics(res: Any) -> dict[str, float]:
     rec = res.records
