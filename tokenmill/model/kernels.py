@@ -34,7 +34,7 @@ _SOURCES = (
     "moe.cpp",
     "registration.cpp",
 )
-_HEADERS = ("simd.h", "ops.h", "gemm_kernels.h")
+_HEADERS = ("simd.h", "ops.h", "gemm_kernels.h", "kv_quant.h")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
