@@ -9,10 +9,22 @@ import torch
 
 from tests.model.test_model_kernels import random_batch
 from tokenmill.model import kernels
-from tokenmill.model.attention import AttentionMetadata, gather_kv, paged_attention_padded, paged_attention_reference
+from tokenmill.model.attention import (
+    AttentionMetadata,
+    gather_kv,
+    paged_attention_padded,
+    paged_attention_reference,
+)
 from tokenmill.model.backend import CpuKernelOps, TorchOps
 from tokenmill.model.config import RopeConfig
-from tokenmill.model.kv_format import KV_CACHE_DTYPES, dequantize, kv_format, quantize, read_tokens, write_tokens
+from tokenmill.model.kv_format import (
+    KV_CACHE_DTYPES,
+    dequantize,
+    kv_format,
+    quantize,
+    read_tokens,
+    write_tokens,
+)
 from tokenmill.model.rope import cos_sin_cache
 
 needs_kernels = pytest.mark.skipif(not kernels.cpu_kernels_available(), reason="CPU kernels could not be built here")
