@@ -39,6 +39,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | int8 (weight-only)
     device: str = "cpu"
     kv_cache_memory: int = 1 << 30  # bytes of KV cache
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 | int4: see model/kv_format.py
     # MoE models: bytes of RAM for experts, the rest memory-mapped (None: all experts in RAM)
     expert_cache_memory: int | None = None
     expert_prefetch: bool = True  # read the next layer's likely experts ahead (with a cache)

@@ -17,7 +17,14 @@ import json
 import sys
 from typing import IO, Any
 
-from tokenmill.commands.options import UsageError, check_device, check_model, positive_int, size_in
+from tokenmill.commands.options import (
+    KV_CACHE_DTYPE_CHOICES,
+    UsageError,
+    check_device,
+    check_model,
+    positive_int,
+    size_in,
+)
 
 PROMPT_FIELDS = ("prompt", "prompt_token_ids")
 
@@ -41,6 +48,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--kv-cache-memory", type=size_in(1), default=256 << 20,
                    help="KV cache size, bytes or e.g. 64MiB, 1GiB (default 256MiB)")  # fmt: skip
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_CHOICES,
+                   help="how KV is stored: auto (the model's dtype), int8 or int4")
     p.add_argument("--expert-cache-memory", type=size_in(1), default=None,
                    help="MoE models: RAM for experts, e.g. 8GiB; the rest memory-mapped (default: all)")
     p.add_argument("--max-num-seqs", type=positive_int, default=64)
@@ -81,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
             # Opened before the model runs, so that a bad path costs nothing.
             sink = open(args.output, "w", encoding="utf-8")
         llm = LLM(path, dtype=args.dtype, device=device, kv_cache_memory=args.kv_cache_memory,
-                  max_num_seqs=args.max_num_seqs, expert_cache_memory=args.expert_cache_memory)  # fmt: skip
+                  kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
+                  expert_cache_memory=args.expert_cache_memory)  # fmt: skip
         tok = llm.get_tokenizer()
         prompts = [_prompt(tok, r, args.chat) for r in records]
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 or bool(args.output))

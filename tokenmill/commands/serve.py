@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from tokenmill.commands.options import (
+    KV_CACHE_DTYPE_CHOICES,
     UsageError,
     check_device,
     check_model,
@@ -80,6 +81,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--kv-cache-memory", type=size_in(1), default=None,
                    help="KV cache size, bytes or e.g. 512MiB, 4GiB (default 1GiB)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_CHOICES,
+                   help="how KV is stored: auto (the model's dtype), int8 or int4 (per-token scales; "
+                        "about 1.9x / 3.5x the tokens of bf16 KV in the same --kv-cache-memory)")
     p.add_argument("--block-size", type=positive_int, default=None, help="tokens per KV block (default 16)")
     p.add_argument("--max-num-seqs", type=positive_int, default=None, help="sequences per step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=None, help="tokens per step (default 2048)")
@@ -174,6 +178,7 @@ def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         names = [model]
     overrides = {
         "kv_cache_memory": args.kv_cache_memory,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "expert_cache_memory": args.expert_cache_memory,
         "block_size": args.block_size,
         "max_num_seqs": args.max_num_seqs,

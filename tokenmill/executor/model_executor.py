@@ -31,8 +31,9 @@ import torch
 
 from tokenmill.core.executor_state import ExecutorState, SeqView
 from tokenmill.core.plan import ScheduledSeq, StepPlan, StepResult
-from tokenmill.model.attention import AttentionMetadata, kv_cache_shape
+from tokenmill.model.attention import AttentionMetadata
 from tokenmill.model.config import ModelConfig, resolve_dtype
+from tokenmill.model.kv_format import KVFormat, kv_format
 from tokenmill.model.loader import load_model
 from tokenmill.model.sampler import LogprobEntry, Sampler, SamplingRow
 
@@ -70,6 +71,7 @@ class ModelExecutor:
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
         kv_cache_memory: int = 256 * 2**20,
+        kv_cache_dtype: str = "auto",
         expert_cache_memory: int | None = None,
         expert_prefetch: bool = True,
         block_size: int = 16,
@@ -77,6 +79,7 @@ class ModelExecutor:
         max_num_seqs: int = 256,
     ) -> None:
         self.device = torch.device(device)
+        self.kv_format: KVFormat = kv_format(kv_cache_dtype)  # refuses an unknown name first
         self.model, self.model_config = load_model(
             model_path, dtype=dtype, device=self.device, expert_cache_memory=expert_cache_memory,
             expert_prefetch=expert_prefetch,
@@ -86,7 +89,7 @@ class ModelExecutor:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.kv_bytes_per_block = self.kv_cache_bytes_per_block(
-            self.model_config, block_size, self.dtype
+            self.model_config, block_size, self.dtype, self.kv_format
         )
         self.num_blocks = kv_cache_memory // self.kv_bytes_per_block
         if self.num_blocks < 1:
@@ -95,8 +98,10 @@ class ModelExecutor:
                 f"(one block of {block_size} tokens needs {self.kv_bytes_per_block} bytes)"
             )
         cfg = self.model_config
-        shape = kv_cache_shape(self.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_cache = torch.zeros((cfg.num_layers, *shape), dtype=self.dtype, device=self.device)
+        shape = self.kv_format.cache_shape(self.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_cache = torch.zeros(
+            (cfg.num_layers, *shape), dtype=self.kv_format.cache_dtype(self.dtype), device=self.device
+        )
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.sampler = Sampler(self.device)
         self.state = ExecutorState()
@@ -111,6 +116,7 @@ class ModelExecutor:
             dtype=config.dtype,
             device=config.device,
             kv_cache_memory=config.kv_cache_memory,
+            kv_cache_dtype=config.kv_cache_dtype,
             expert_cache_memory=config.expert_cache_memory,
             expert_prefetch=config.expert_prefetch,
             block_size=config.block_size,
@@ -133,15 +139,37 @@ class ModelExecutor:
 
     @staticmethod
     def kv_cache_bytes_per_block(
-        model_config: ModelConfig, block_size: int = 16, dtype: str | torch.dtype | None = None
+        model_config: ModelConfig,
+        block_size: int = 16,
+        dtype: str | torch.dtype | None = None,
+        kv_cache_dtype: str | KVFormat = "auto",
     ) -> int:
-        """Bytes of K and V, all layers, for one block of ``block_size`` tokens."""
+        """Bytes of K and V, all layers, for one block of ``block_size`` tokens (scales included)."""
         dt = model_config.dtype if dtype is None else resolve_dtype(dtype, None)
-        itemsize = torch.empty((), dtype=dt).element_size()
+        fmt = kv_format(kv_cache_dtype)
         return (
-            2 * model_config.num_layers * block_size * model_config.num_kv_heads
-            * model_config.head_dim * itemsize
+            2 * model_config.num_layers * model_config.num_kv_heads
+            * fmt.head_block_bytes(block_size, model_config.head_dim, dt)
         )  # fmt: skip
+
+    # -- KV blocks as bytes (moving KV between replicas) ----------------------------------
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of blocks' K and V in every layer, ``[layers, 2, n, kv_heads, elements]``, in
+        the cache's own storage (quantized blocks stay quantized: ``kv_bytes_per_block`` each)."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.kv_cache.index_select(2, idx)
+
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """Store what ``read_blocks`` returned (from a cache of the same format) into ``block_ids``."""
+        want = (*self.kv_cache.shape[:2], len(block_ids), *self.kv_cache.shape[3:])
+        if tuple(data.shape) != want or data.dtype != self.kv_cache.dtype:
+            raise ValueError(
+                f"KV blocks of shape {tuple(data.shape)} / {data.dtype} do not fit this cache "
+                f"({want} / {self.kv_cache.dtype}, KV dtype {self.kv_format.name})"
+            )
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv_cache.index_copy_(2, idx, data.to(self.device))
 
     # -- one plan -------------------------------------------------------------------------
 
@@ -315,6 +343,7 @@ class ModelExecutor:
                 e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)
             ),
             max_seq_len=max(b.seq_lens),
+            kv_format=self.kv_format,
         )
         input_ids = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
         return self.model(input_ids, positions.to(dev), self.kv_caches, meta)
