@@ -136,7 +136,9 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.vocab_size = executor.vocab_size
-        self.scheduler = Scheduler(config.scheduler_config(executor.num_blocks, self.max_model_len))
+        sched_config = config.scheduler_config(executor.num_blocks, self.max_model_len)
+        sched_config.kv_window = getattr(executor, "kv_window", None)  # a model fact, like num_blocks
+        self.scheduler = Scheduler(sched_config)
         self.outputs = OutputProcessor(self.tokenizer)
         # Set by a caller that streams (the async engine): see the module docstring.
         self.on_partial: Callable[[list[RequestOutput]], None] | None = None

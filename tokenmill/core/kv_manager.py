@@ -3,6 +3,21 @@
 The API is small and never raises for lack of memory: ``allocate_slots``
 returns ``False`` and changes nothing when the blocks are not there, and the
 scheduler decides whom to preempt.
+
+Sliding windows (Jenga's observation for models whose layers see only recent
+keys): when every layer of the model attends within a window of at most ``w``
+keys, a block all of whose tokens lie before ``p - w + 1`` for the next query
+position ``p`` is never read again. ``free_outside_window`` gives such blocks
+back (tail of the free list) and leaves ``NULL_BLOCK`` in their table entries,
+so a table stays indexed by position (token ``t`` in entry ``t // block_size``)
+and executors learn of the change through the usual table diff. A model with
+any full-attention layer keeps every block.
+
+The radix tree needs a request that holds a cached block to hold every block
+above it (so that eviction, leaves first, can reach every unowned block). So
+a windowed request puts only its first ``window`` tokens' blocks into the
+prefix cache (shared system prompts), and gives back cached blocks only once
+the window has passed all the cached blocks it holds.
 """
 
 from __future__ import annotations
@@ -11,12 +26,17 @@ from tokenmill.core.block_pool import BlockPool
 from tokenmill.core.prefix_cache import PrefixCache
 from tokenmill.core.request import Request
 
+NULL_BLOCK = -1  # a table entry whose block was given back (its tokens are outside every window)
+
 
 class KVManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: int | None = None
+    ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
+        self.window = window  # every layer attends to at most this many keys (None: no window)
         self.pool = BlockPool(num_blocks)
         self.cache = PrefixCache(self.pool, block_size) if enable_prefix_caching else None
         self.tables: dict[str, list[int]] = {}
@@ -30,6 +50,8 @@ class KVManager:
         # Each live request's block keys (token tuples of its full blocks), cut once:
         # a request's tokens only grow, so its keys only grow too.
         self._keys: dict[str, list[tuple[int, ...]]] = {}
+        # Per request: how many leading table entries are NULL_BLOCK (freed outside the window).
+        self._window_freed: dict[str, int] = {}
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -125,9 +147,11 @@ class KVManager:
         if self.cache is None:
             return
         table = self.tables.get(req.request_id)
-        if not table:
+        if not table or req.request_id in self._window_freed:
             return
         n_full = min(num_tokens // self.block_size, len(table))
+        if self.window is not None and not req.hold_kv:
+            n_full = min(n_full, self.window // self.block_size)  # see the module docstring
         if n_full == 0:
             return
         tree_ids = self.cache.insert_keys(self._block_keys(req, n_full), table, req.cache_namespace)
@@ -141,6 +165,29 @@ class KVManager:
                 self.pool.decref([table[i]])
                 table[i] = b
                 self._unsync(req.request_id, i)
+
+    def free_outside_window(self, req: Request) -> int:
+        """Give back the request's blocks that no query from ``num_computed_tokens`` on can see
+        (every layer attends to at most ``window`` keys); returns how many were freed."""
+        rid = req.request_id
+        table = self.tables.get(rid)
+        if not table or self.window is None or req.hold_kv:
+            return 0
+        dead = min(max(0, req.num_computed_tokens - self.window + 1) // self.block_size, len(table))
+        start = self._window_freed.get(rid, 0)
+        if dead <= start:
+            return 0
+        # Its cached blocks are a leading run of its live entries (check_invariants): if the
+        # first entry it keeps is cached, it holds cached blocks past the window, and those
+        # keep their ancestors.
+        if dead < len(table) and self.pool.cached[table[dead]]:
+            return 0
+        freed = table[start:dead]
+        table[start:dead] = [NULL_BLOCK] * (dead - start)
+        self.pool.decref(freed)
+        self._window_freed[rid] = dead
+        self._unsync(rid, start)
+        return len(freed)
 
     def trim(self, req: Request, num_tokens: int) -> None:
         """Give back the tail blocks of the request's table beyond what ``num_tokens`` tokens need.
@@ -180,14 +227,19 @@ class KVManager:
         """Drop the request's blocks, tail first (so its tail is reused or evicted first)."""
         self._keys.pop(req.request_id, None)
         self._synced.pop(req.request_id, None)
+        skip = self._window_freed.pop(req.request_id, 0)
         table = self.tables.pop(req.request_id, None)
         if table:
-            self.pool.decref(table[::-1])
+            self.pool.decref(table[skip:][::-1])  # entries before ``skip`` were given back already
 
     # ---------------------------------------------------- KV export and import
 
     def hold(self, req: Request) -> None:
-        """Keep a finishing request's blocks owned, for export, until ``release``."""
+        """Keep a finishing request's blocks owned, for export, until ``release``.
+
+        (The scheduler frees no window blocks of a ``hold_kv`` request: all its KV can be exported.)"""
+        if self._window_freed.get(req.request_id):
+            raise ValueError(f"request {req.request_id!r} gave back blocks outside its window; it cannot be held")
         self._keys.pop(req.request_id, None)
         self._synced.pop(req.request_id, None)
         table = self.tables.pop(req.request_id, None)
@@ -273,8 +325,16 @@ class KVManager:
     def check_invariants(self) -> None:
         self.pool.check_invariants()
         owners = [0] * self.pool.num_blocks
+        cached = self.pool.cached
         for table in [*self.tables.values(), *self.held.values(), *(t for t, _ in self.imports.values())]:
-            for b in table:
+            live = [b for b in table if b != NULL_BLOCK]
+            if NULL_BLOCK in table[len(table) - len(live) :]:
+                raise AssertionError("given-back entries must lead a table")
+            run = next((i for i, b in enumerate(live) if not cached[b]), len(live))
+            if any(cached[b] for b in live[run:]):
+                # what lets eviction (leaves first) reach every unowned cached block
+                raise AssertionError("a table's cached blocks must be a leading run of its live entries")
+            for b in live:
                 owners[b] += 1
         if owners != self.pool.ref_counts:
             raise AssertionError("block ref counts disagree with the block tables")

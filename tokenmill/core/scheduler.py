@@ -58,12 +58,17 @@ class SchedulerConfig:
     policy: str = "fcfs"
     policy_options: dict[str, Any] = field(default_factory=dict)
     debug_checks: bool = False  # check block invariants after every schedule and update
+    # The longest sliding window of a model all of whose layers have one: blocks every layer's
+    # window has passed are given back (KVManager.free_outside_window). None: keep every block.
+    kv_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.max_decode_steps < 1:
             raise ValueError("max_decode_steps must be >= 1")
+        if self.kv_window is not None and self.kv_window < 1:
+            raise ValueError(f"kv_window must be >= 1 or None, got {self.kv_window}")
         if self.max_seqs_per_request is not None and self.max_seqs_per_request < 1:
             raise ValueError(f"max_seqs_per_request must be >= 1 or None, got {self.max_seqs_per_request}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -90,7 +95,7 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, policy: SchedulingPolicy | None = None) -> None:
         self.config = config
-        self.kv = KVManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVManager(config.num_blocks, config.block_size, config.enable_prefix_caching, config.kv_window)
         self.policy = policy or make_policy(config.policy, **config.policy_options)
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # arrival order: (arrival_time, seq_no)
@@ -122,7 +127,7 @@ class Scheduler:
             )
         max_tokens = req.sampling_params.max_tokens
         longest = cfg.max_model_len if max_tokens is None else min(cfg.max_model_len, req.num_prompt_tokens + max_tokens)
-        if self.kv.blocks_for(longest) > self.kv.num_blocks:
+        if self._peak_blocks(req, longest) > self.kv.num_blocks:
             raise ValueError(
                 f"the request needs up to {longest} tokens of KV but the cache holds only "
                 f"{self.kv.num_blocks * cfg.block_size}; lower max_tokens or give the cache more memory"
@@ -137,6 +142,16 @@ class Scheduler:
         if len(self.waiting) > 1 and self._order(self.waiting[-2]) > self._order(req):
             self.waiting.sort(key=self._order)
         self.policy.on_arrival(req, req.arrival_time if now is None else now)
+
+    def _peak_blocks(self, req: Request, longest: int) -> int:
+        """The most blocks ``req`` holds at once on its way to ``longest`` tokens."""
+        need = self.kv.blocks_for(longest)
+        window = self.config.kv_window
+        if window is not None and not req.hold_kv:
+            # what the window keeps, and the step's chunk on top of it (one block of slack
+            # for where the window and the chunk start inside their blocks)
+            need = min(need, self.kv.blocks_for(window + self.config.max_num_batched_tokens) + 1)
+        return need
 
     @staticmethod
     def _order(r: Request) -> tuple[float, int]:
@@ -368,6 +383,7 @@ class Scheduler:
             n = total - nc
             if n > budget:
                 n = budget
+            kv.free_outside_window(req)
             table = tables.get(req.request_id)
             if table is None or len(table) * bs < nc + n:  # else the blocks are held already
                 while not kv.allocate_slots(req, n):
@@ -499,6 +515,7 @@ class Scheduler:
             if imported is None:  # an import's lookup was counted when it was reserved
                 kv.record_prefix_query(req.num_prompt_tokens, start)
         req.num_computed_tokens = start
+        kv.free_outside_window(req)  # a cached prefix longer than the window
         req.status = RequestStatus.RUNNING
         self._start_running(req)
         seqs.append((req, start, n, True))

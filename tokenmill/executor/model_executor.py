@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from tokenmill.core.executor_state import ExecutorState, SeqView
+from tokenmill.core.kv_manager import NULL_BLOCK
 from tokenmill.core.plan import ScheduledSeq, StepPlan, StepResult
 from tokenmill.model.attention import AttentionMetadata
 from tokenmill.model.config import ModelConfig, resolve_dtype
@@ -85,6 +86,10 @@ class ModelExecutor:
             expert_prefetch=expert_prefetch,
         )
         self.dtype = self.model_config.dtype
+        # The longest sliding window when every layer has one (the core then frees the KV
+        # blocks all windows have passed); None when any layer attends to the whole context.
+        windows = self.model_config.layer_windows
+        self.kv_window: int | None = max(windows) if windows and all(windows) else None
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -292,7 +297,8 @@ class ModelExecutor:
         """The blocks holding a sequence's first ``length`` tokens, checked against the cache."""
         n = (length + self.block_size - 1) // self.block_size
         blocks = st.blocks[:n]
-        if len(blocks) < n or (blocks and (max(blocks) >= self.num_blocks or min(blocks) < 0)):
+        # NULL_BLOCK (-1): given back, outside every layer's window (the kernels never read it)
+        if len(blocks) < n or (blocks and (max(blocks) >= self.num_blocks or min(blocks) < NULL_BLOCK)):
             raise ValueError(
                 f"request {request_id!r}: {length} tokens need {n} blocks of "
                 f"{self.block_size} in [0, {self.num_blocks}), got {st.blocks[: n + 1]}"
@@ -320,6 +326,8 @@ class ModelExecutor:
         block_tables = torch.tensor(
             [r + [0] * (width - len(r)) for r in b.block_rows], dtype=torch.int32
         )
+        if self.kv_window is not None:
+            block_tables.clamp_(min=0)  # freed entries (outside the window) read as block 0, masked
         positions = torch.tensor(b.positions, dtype=torch.long)
         if len(b.positions) >= _TORCH_SLOTS_MIN_TOKENS:
             seq_of_token = torch.repeat_interleave(

@@ -92,6 +92,8 @@ def make_scheduler_config(spec: DeploymentSpec, cm: CostModel, shape: ModelShape
         max_decode_steps=spec.max_decode_steps,
         policy=spec.policy,
         policy_options=dict(spec.policy_options),
+        kv_window=shape.sliding_window if shape and shape.sliding_window and
+        shape.num_sliding_layers == shape.num_layers else None,  # fmt: skip
     )
 
 

@@ -9,8 +9,9 @@ simulation of a 70B model needs no checkpoint on disk.
 Two things make a layer cheaper than its size says: a mixture-of-experts MLP
 (Mixtral, Qwen3-MoE) computes only ``experts_per_token`` of its ``num_experts``
 experts per token (``num_active_params``), and a sliding-window layer (Mistral,
-Gemma, Phi-3) attends to at most ``sliding_window`` keys. (tokenmill keeps the
-whole KV of sliding layers today, so the KV per token is still every layer's.)
+Gemma, Phi-3) attends to at most ``sliding_window`` keys. (When every layer
+slides, the core gives back the blocks all windows have passed; the KV per
+token a block holds is still every layer's.)
 """
 
 from __future__ import annotations
