@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from tokenmill.core.kv_eviction import KVEviction
 from tokenmill.core.plan import SeqUpdate, StepPlan
 from tokenmill.core.request import Request, SamplingParams
 from tokenmill.core.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerStats
@@ -29,7 +30,10 @@ from tokenmill.executor import Executor
 from tokenmill.output_processor import OutputProcessor
 from tokenmill.outputs import RequestOutput
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFullError", "StepRecord"]
+__all__ = ["DEFAULT_EVICTION", "Engine", "EngineConfig", "EngineStats", "QueueFullError", "StepRecord"]
+
+# ``Engine.add_request(kv_eviction=...)``: the engine's ``EngineConfig.kv_eviction`` (None: no eviction)
+DEFAULT_EVICTION: Any = object()
 
 
 @dataclass
@@ -40,6 +44,8 @@ class EngineConfig:
     device: str = "cpu"
     kv_cache_memory: int = 1 << 30  # bytes of KV cache
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 | int4: see model/kv_format.py
+    # Every request's KV eviction unless it asks otherwise (core/kv_eviction.py); None: keep all KV
+    kv_eviction: KVEviction | None = None
     # MoE models: bytes of RAM for experts, the rest memory-mapped (None: all experts in RAM)
     expert_cache_memory: int | None = None
     expert_prefetch: bool = True  # read the next layer's likely experts ahead (with a cache)
@@ -136,6 +142,8 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.vocab_size = executor.vocab_size
+        if config.kv_eviction is not None:
+            self.check_kv_eviction()
         sched_config = config.scheduler_config(executor.num_blocks, self.max_model_len)
         sched_config.kv_window = getattr(executor, "kv_window", None)  # a model fact, like num_blocks
         self.scheduler = Scheduler(sched_config)
@@ -170,14 +178,21 @@ class Engine:
         tpot_slo: float | None = None,
         cache_namespace: str = "",
         predicted_output_len: int | None = None,
+        kv_eviction: KVEviction | None = DEFAULT_EVICTION,
     ) -> list[int]:
         """Validate and queue a request; returns its prompt token ids.
 
+        ``kv_eviction`` bounds the request's KV (``core/kv_eviction.py``); by
+        default the engine's ``EngineConfig.kv_eviction``, None for no bound.
         Raises ``ValueError`` (bad input, named) or ``QueueFullError``; on
         either, nothing of the request is left behind.
         """
         params = params or SamplingParams()
         params.validate()
+        if kv_eviction is DEFAULT_EVICTION:
+            kv_eviction = self.config.kv_eviction
+        if kv_eviction is not None:
+            self.check_kv_eviction()
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this engine has none")
         if request_id in self._children:
@@ -234,6 +249,7 @@ class Engine:
                     predicted_output_len=predicted_output_len,
                     parent_id=request_id,
                     sample_index=i,
+                    kv_eviction=kv_eviction,
                 )
             )
         added: list[Request] = []
@@ -249,6 +265,13 @@ class Engine:
         self._added_since_step.extend(c.request_id for c in children)
         self.outputs.add(request_id, text, prompt_ids, children, arrival)
         return prompt_ids
+
+    def check_kv_eviction(self) -> None:
+        """Refuse KV eviction where this engine cannot do it (``ValueError``)."""
+        cfg = self.model_config
+        if cfg is not None and any(cfg.layer_windows):
+            # eviction compacts KV entries out of position order; a window is a range of positions
+            raise ValueError("KV eviction is not supported for models with sliding-window layers")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Abort a user request (all its samples); its blocks are freed now."""

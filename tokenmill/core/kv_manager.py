@@ -13,6 +13,14 @@ so a table stays indexed by position (token ``t`` in entry ``t // block_size``)
 and executors learn of the change through the usual table diff. A model with
 any full-attention layer keeps every block.
 
+KV eviction (``kv_eviction.py``): a request with a budget of ``B`` entries
+holds ``min(tokens computed, B)`` entries between steps (plus the step's new
+tokens during it); its table indexes entries, not positions, and its tail
+blocks go back once the executor has evicted down to the budget. Such a
+request takes no part in the prefix cache (its blocks are compacted in place,
+and its later KV was computed without the evicted tokens). ``evicted`` records
+which positions each one has dropped, as the executor reported them.
+
 The radix tree needs a request that holds a cached block to hold every block
 above it (so that eviction, leaves first, can reach every unowned block). So
 a windowed request puts only its first ``window`` tokens' blocks into the
@@ -52,6 +60,8 @@ class KVManager:
         self._keys: dict[str, list[tuple[int, ...]]] = {}
         # Per request: how many leading table entries are NULL_BLOCK (freed outside the window).
         self._window_freed: dict[str, int] = {}
+        # Per request with a KV budget: the positions whose KV was evicted.
+        self.evicted: dict[str, set[int]] = {}
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -75,6 +85,53 @@ class KVManager:
     def block_table(self, request_id: str) -> list[int]:
         return self.tables.get(request_id, [])
 
+    # ------------------------------------------------ KV entries (eviction)
+
+    @staticmethod
+    def kv_len(req: Request) -> int:
+        """KV entries the request holds between steps: its computed tokens, or its budget."""
+        ev = req.kv_eviction
+        nc = req.num_computed_tokens
+        return nc if ev is None or nc <= ev.budget else ev.budget
+
+    def kv_offset(self, req: Request) -> int:
+        """How many of the request's computed tokens have been evicted."""
+        return req.num_computed_tokens - self.kv_len(req)
+
+    def entries_needed(self, req: Request, num_new_tokens: int, num_steps: int = 1) -> int:
+        """Table entries a plan of ``num_steps`` sub-steps needs, its first computing
+        ``num_new_tokens`` tokens: all of them are written before any eviction."""
+        c = self.kv_len(req)
+        ev = req.kv_eviction
+        if ev is None:
+            return c + num_new_tokens + num_steps - 1
+        return max(c + num_new_tokens, min(c + num_new_tokens + num_steps - 1, ev.budget + 1))
+
+    def record_eviction(self, req: Request, positions: list[int]) -> None:
+        """Note the positions the executor evicted (their count follows from the budget)."""
+        gone = self.evicted.setdefault(req.request_id, set())
+        gone.update(positions)
+        if len(gone) != self.kv_offset(req):
+            raise RuntimeError(
+                f"request {req.request_id!r}: {len(gone)} positions evicted, but its budget says "
+                f"{self.kv_offset(req)} of {req.num_computed_tokens}"
+            )
+
+    def kept_positions(self, req: Request) -> list[int]:
+        """The positions whose KV the request holds now, in order."""
+        gone = self.evicted.get(req.request_id, ())
+        return [p for p in range(req.num_computed_tokens) if p not in gone]
+
+    def shrink_to_budget(self, req: Request) -> None:
+        """Give back the tail blocks that eviction emptied (one entry of room stays: the next decode's)."""
+        table = self.tables.get(req.request_id)
+        keep = self.blocks_for(self.kv_len(req) + 1)
+        if table and len(table) > keep:
+            extra = table[keep:]
+            del table[keep:]
+            self.pool.decref(extra[::-1])
+            self._unsync(req.request_id, keep)
+
     def _block_keys(self, req: Request, num_blocks: int) -> list[tuple[int, ...]]:
         """The request's first ``num_blocks`` block keys (cut on first use, then reused)."""
         keys = self._keys.get(req.request_id)
@@ -94,7 +151,7 @@ class KVManager:
         At least one token is always left to compute, so the step that admits
         the request can sample from it.
         """
-        if self.cache is None:
+        if self.cache is None or req.kv_eviction is not None:
             return []
         max_blocks = (req.num_tokens - 1) // self.block_size
         if max_blocks == 0:
@@ -119,7 +176,7 @@ class KVManager:
         computed = computed_blocks or []
         table = self.tables.get(req.request_id)
         held = len(table) if table is not None else 0
-        num_tokens = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        num_tokens = self.kv_len(req) + len(computed) * self.block_size + num_new_tokens
         need = -(-num_tokens // self.block_size) - held - len(computed)
         if need <= 0 and not computed:
             return True
@@ -144,7 +201,7 @@ class KVManager:
 
     def cache_blocks(self, req: Request, num_tokens: int) -> None:
         """Put the full blocks among the request's first ``num_tokens`` tokens into the prefix cache."""
-        if self.cache is None:
+        if self.cache is None or req.kv_eviction is not None:
             return
         table = self.tables.get(req.request_id)
         if not table or req.request_id in self._window_freed:
@@ -189,8 +246,9 @@ class KVManager:
         self._unsync(rid, start)
         return len(freed)
 
-    def trim(self, req: Request, num_tokens: int) -> None:
-        """Give back the tail blocks of the request's table beyond what ``num_tokens`` tokens need.
+    def trim(self, req: Request, num_entries: int) -> None:
+        """Give back the tail blocks of the request's table beyond what ``num_entries`` KV entries
+        (its tokens, without eviction) need.
 
         Only for blocks reserved ahead and never written (the sub-steps of a
         cut multi-step plan): they return to the front of the free list.
@@ -198,7 +256,7 @@ class KVManager:
         table = self.tables.get(req.request_id)
         if not table:
             return
-        keep = self.blocks_for(num_tokens)
+        keep = self.blocks_for(num_entries)
         if keep >= len(table):
             return
         extra = table[keep:]
@@ -227,6 +285,7 @@ class KVManager:
         """Drop the request's blocks, tail first (so its tail is reused or evicted first)."""
         self._keys.pop(req.request_id, None)
         self._synced.pop(req.request_id, None)
+        self.evicted.pop(req.request_id, None)
         skip = self._window_freed.pop(req.request_id, 0)
         table = self.tables.pop(req.request_id, None)
         if table:

@@ -11,6 +11,8 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tokenmill.core.kv_eviction import KVEviction
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -121,6 +123,7 @@ class Request:
     parent_id: str | None = None  # the user request this sample belongs to
     hold_kv: bool = False  # keep its KV blocks after it finishes, for export (prefill of P/D)
     sample_index: int = 0
+    kv_eviction: KVEviction | None = None  # keep at most a budget of KV entries (kv_eviction.py)
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

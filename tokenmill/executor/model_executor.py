@@ -32,6 +32,7 @@ import torch
 from tokenmill.core.executor_state import ExecutorState, SeqView
 from tokenmill.core.kv_manager import NULL_BLOCK
 from tokenmill.core.plan import ScheduledSeq, StepPlan, StepResult
+from tokenmill.executor.kv_evictor import KVEvictor
 from tokenmill.model.attention import AttentionMetadata
 from tokenmill.model.config import ModelConfig, resolve_dtype
 from tokenmill.model.kv_format import KVFormat, kv_format
@@ -60,6 +61,11 @@ class _Batch:
     seq_lens: list[int] = field(default_factory=list)
     block_rows: list[list[int]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # flattened row index of each sampler
+    # With KV eviction: each token's KV entry (its position less what its sequence evicted;
+    # None: the positions themselves), and per evicting sequence what ``KVEvictor`` takes in.
+    entries: list[int] | None = None
+    evict_rows: list[tuple[str, int, int, int, list[int]]] = field(default_factory=list)
+    attn_mass: torch.Tensor | None = None
 
 
 class ModelExecutor:
@@ -110,6 +116,7 @@ class ModelExecutor:
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.sampler = Sampler(self.device)
         self.state = ExecutorState()
+        self.evictor = KVEvictor(self.device)  # requests with a KV budget (kv_evictor.py)
 
     @classmethod
     def from_config(cls, config: Any) -> ModelExecutor:
@@ -188,6 +195,12 @@ class ModelExecutor:
         start = time.perf_counter()
         result = StepResult(sampled_token_ids={})
         states = self.state.apply(plan)
+        evictor = self.evictor
+        if evictor.seqs:
+            evictor.drop(plan.finished_ids + plan.preempted_ids)
+        for s in plan.seqs:
+            if s.setup is not None:
+                evictor.admit(s.request_id, s.setup.kv_eviction)
         if plan.is_empty:
             result.duration = 0.0
             return result
@@ -200,6 +213,14 @@ class ModelExecutor:
             if step > 0:
                 batch = self._decode_batch(samplers, sampled, step)
             hidden = self._forward(batch)
+            if batch.evict_rows:
+                gone = evictor.after_forward(batch.evict_rows, batch.attn_mass, self.kv_cache, self.block_size,
+                                             self.model_config.head_dim, self.kv_format)  # fmt: skip
+                if gone:
+                    if result.kv_evicted is None:
+                        result.kv_evicted = {}
+                    for rid, positions in gone.items():
+                        result.kv_evicted.setdefault(rid, []).extend(positions)
             if step == 0:
                 result.prompt_logprobs = self._prompt_logprobs(plan.seqs, states, batch, hidden)
             if not batch.sample_rows:
@@ -281,14 +302,30 @@ class ModelExecutor:
 
     def _first_batch(self, seqs: list[ScheduledSeq], states: list[SeqView]) -> _Batch:
         b = _Batch()
-        for s, st in zip(seqs, states, strict=True):
+        evictor = self.evictor
+        if evictor.seqs:
+            b.entries = []
+        for i, (s, st) in enumerate(zip(seqs, states, strict=True)):
             n = s.num_new_tokens
             end = s.start_pos + n
+            kv_end = end - s.kv_offset  # KV entries after this step's tokens are written
             b.input_ids.extend(s.token_ids)
             b.positions.extend(range(s.start_pos, end))
             b.query_start.append(b.query_start[-1] + n)
-            b.seq_lens.append(end)
-            b.block_rows.append(self._blocks(s.request_id, st, end))
+            b.seq_lens.append(kv_end)
+            blocks = self._blocks(s.request_id, st, kv_end)
+            b.block_rows.append(blocks)
+            if b.entries is not None:
+                b.entries.extend(range(kv_end - n, kv_end))
+                if s.request_id in evictor:
+                    if evictor.num_entries(s.request_id) != kv_end - n:
+                        raise RuntimeError(
+                            f"request {s.request_id!r}: the plan puts its KV at entry {kv_end - n}, "
+                            f"it holds {evictor.num_entries(s.request_id)}"
+                        )
+                    b.evict_rows.append((s.request_id, i, s.start_pos, n, st.blocks))
+            elif s.kv_offset:
+                raise RuntimeError(f"request {s.request_id!r} has evicted KV but no budget")
             if s.samples:
                 b.sample_rows.append(b.query_start[-1] - 1)
         return b
@@ -310,14 +347,22 @@ class ModelExecutor:
     ) -> _Batch:
         # sub-step ``step`` feeds the token sampled in sub-step ``step - 1``
         b = _Batch()
+        evictor = self.evictor
+        if evictor.seqs:
+            b.entries = []
         for i, (s, st) in enumerate(samplers):
             pos = s.start_pos + s.num_new_tokens + step - 1
+            entry = evictor.num_entries(s.request_id) if s.request_id in evictor else pos
             b.input_ids.append(sampled[s.request_id][-1])
             b.positions.append(pos)
             b.query_start.append(i + 1)
-            b.seq_lens.append(pos + 1)
-            b.block_rows.append(self._blocks(s.request_id, st, pos + 1))
+            b.seq_lens.append(entry + 1)
+            b.block_rows.append(self._blocks(s.request_id, st, entry + 1))
             b.sample_rows.append(i)
+            if b.entries is not None:
+                b.entries.append(entry)
+                if s.request_id in evictor:
+                    b.evict_rows.append((s.request_id, i, pos, 1, st.blocks))
         return b
 
     def _forward(self, b: _Batch) -> torch.Tensor:
@@ -329,6 +374,7 @@ class ModelExecutor:
         if self.kv_window is not None:
             block_tables.clamp_(min=0)  # freed entries (outside the window) read as block 0, masked
         positions = torch.tensor(b.positions, dtype=torch.long)
+        entries = positions if b.entries is None else torch.tensor(b.entries, dtype=torch.long)
         if len(b.positions) >= _TORCH_SLOTS_MIN_TOKENS:
             seq_of_token = torch.repeat_interleave(
                 torch.arange(len(b.seq_lens)),
@@ -336,11 +382,16 @@ class ModelExecutor:
                     [e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)]
                 ),
             )
-            blocks = block_tables[seq_of_token, positions // bs].long()
-            slot_mapping = blocks * bs + positions % bs
+            blocks = block_tables[seq_of_token, entries // bs].long()
+            slot_mapping = blocks * bs + entries % bs
         else:
             slot_mapping = torch.tensor(
-                [r[p // bs] * bs + p % bs for r, p in self._row_positions(b)], dtype=torch.long
+                [r[p // bs] * bs + p % bs for r, p in self._row_entries(b)], dtype=torch.long
+            )
+        if b.evict_rows and self.evictor.wants_mass([r[0] for r in b.evict_rows]):
+            # H2O: every layer's attention adds each key's probability mass here
+            b.attn_mass = torch.zeros(
+                len(b.seq_lens), self.model_config.num_kv_heads, max(b.seq_lens), device=dev
             )
         meta = AttentionMetadata(
             query_start_loc=torch.tensor(b.query_start, dtype=torch.int32, device=dev),
@@ -352,12 +403,14 @@ class ModelExecutor:
             ),
             max_seq_len=max(b.seq_lens),
             kv_format=self.kv_format,
+            attn_mass=b.attn_mass,
         )
         input_ids = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
         return self.model(input_ids, positions.to(dev), self.kv_caches, meta)
 
     @staticmethod
-    def _row_positions(b: _Batch):
+    def _row_entries(b: _Batch):
+        entries = b.positions if b.entries is None else b.entries
         for i, row in enumerate(b.block_rows):
-            for p in b.positions[b.query_start[i] : b.query_start[i + 1]]:
+            for p in entries[b.query_start[i] : b.query_start[i + 1]]:
                 yield row, p
