@@ -20,8 +20,10 @@ from typing import IO, Any
 from tokenmill.commands.options import (
     KV_CACHE_DTYPE_CHOICES,
     UsageError,
+    add_kv_eviction_flags,
     check_device,
     check_model,
+    kv_eviction_from_args,
     positive_int,
     size_in,
 )
@@ -50,6 +52,7 @@ def register(subparsers: Any) -> None:
                    help="KV cache size, bytes or e.g. 64MiB, 1GiB (default 256MiB)")  # fmt: skip
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_CHOICES,
                    help="how KV is stored: auto (the model's dtype), int8 or int4")
+    add_kv_eviction_flags(p)
     p.add_argument("--expert-cache-memory", type=size_in(1), default=None,
                    help="MoE models: RAM for experts, e.g. 8GiB; the rest memory-mapped (default: all)")
     p.add_argument("--max-num-seqs", type=positive_int, default=64)
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             sink = open(args.output, "w", encoding="utf-8")
         llm = LLM(path, dtype=args.dtype, device=device, kv_cache_memory=args.kv_cache_memory,
                   kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
-                  expert_cache_memory=args.expert_cache_memory)  # fmt: skip
+                  expert_cache_memory=args.expert_cache_memory, kv_eviction=kv_eviction_from_args(args))  # fmt: skip
         tok = llm.get_tokenizer()
         prompts = [_prompt(tok, r, args.chat) for r in records]
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 or bool(args.output))

@@ -18,10 +18,12 @@ from typing import Any
 from tokenmill.commands.options import (
     KV_CACHE_DTYPE_CHOICES,
     UsageError,
+    add_kv_eviction_flags,
     check_device,
     check_model,
     check_policy,
     key_value,
+    kv_eviction_from_args,
     non_negative_int,
     port,
     positive_int,
@@ -84,6 +86,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_CHOICES,
                    help="how KV is stored: auto (the model's dtype), int8 or int4 (per-token scales; "
                         "about 1.9x / 3.5x the tokens of bf16 KV in the same --kv-cache-memory)")
+    add_kv_eviction_flags(p)
     p.add_argument("--block-size", type=positive_int, default=None, help="tokens per KV block (default 16)")
     p.add_argument("--max-num-seqs", type=positive_int, default=None, help="sequences per step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=None, help="tokens per step (default 2048)")
@@ -196,6 +199,7 @@ def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         max_waiting=args.max_queue or None,
         policy=args.policy,
         policy_options=options,
+        kv_eviction=kv_eviction_from_args(args),
         **{k: v for k, v in overrides.items() if v is not None},
     )
     return config, names
