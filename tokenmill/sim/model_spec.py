@@ -23,6 +23,18 @@ from typing import Any
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "tf32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
 
+
+def kv_value_bytes(kv_dtype: str, head_dim: int) -> float:
+    """Bytes per stored K or V value. tokenmill's ``--kv-cache-dtype int8 / int4`` keep an fp16
+    scale (int4: and an fp16 zero) per token and head beside the codes (``model/kv_format.py``)."""
+    if kv_dtype == "int8":
+        return 1.0 + 2.0 / head_dim
+    if kv_dtype == "int4":
+        return 0.5 + 4.0 / head_dim
+    if kv_dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown KV dtype {kv_dtype!r}; use one of int4, {', '.join(DTYPE_BYTES)}")
+    return float(DTYPE_BYTES[kv_dtype])
+
 # Shapes as their config.json files give them (only the fields a cost model reads).
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -212,6 +224,6 @@ class ModelShape:
         e, k = self.num_experts, self.experts_per_token
         return e * (1.0 - (1.0 - k / e) ** tokens)
 
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+    def kv_bytes_per_token(self, dtype_bytes: float = 2) -> float:
         """Bytes of K and V over all layers for one token (the whole model, before any sharding)."""
         return 2 * self.num_layers * self.kv_size * dtype_bytes
