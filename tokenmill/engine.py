@@ -67,7 +67,7 @@ class EngineConfig:
     kv_cache_dtype: str = field(default="auto", metadata=cli(
         "how KV is stored: auto (the model's dtype), int8 or int4 (per-token scales; about 1.9x / 3.5x the "
         "tokens of bf16 KV in the same --kv-cache-memory); see model/kv_format.py", "choice",
-        choices=["auto", "int8", "int4"]))
+        choices=["auto", "int8", "int4"]))  # model.kv_format.KV_CACHE_DTYPES, without importing torch
     # Every request's KV eviction unless it asks otherwise (core/kv_eviction.py); None: keep all KV.
     # Its flags (--kv-eviction, --kv-budget, ...) make one value: commands/options.py.
     kv_eviction: KVEviction | None = None

@@ -264,3 +264,13 @@ def test_gather_kv_dequantizes_a_sequence_in_order() -> None:
         gk, gv = gather_kv(cache, table, 10, 8, fmt)
         tol = {0: 0.0, 1: 0.03, 2: 0.4}[fmt.code]
         assert (gk - k).abs().max() <= tol and (gv - v).abs().max() <= tol
+
+
+def test_the_engine_flag_offers_every_format() -> None:
+    from dataclasses import fields
+
+    from tokenmill.engine import EngineConfig
+    from tokenmill.model.kv_format import KV_CACHE_DTYPES
+
+    (field,) = [f for f in fields(EngineConfig) if f.name == "kv_cache_dtype"]
+    assert tuple(field.metadata["cli"]["choices"]) == KV_CACHE_DTYPES

@@ -17,9 +17,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-# ``model.kv_format.KV_CACHE_DTYPES``, repeated here so that ``--help`` need not import torch
-KV_CACHE_DTYPE_CHOICES = ("auto", "int8", "int4")
-
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 MiB = 1 << 20
 
