@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from tokenmill.core.kv_eviction import KVEviction
 from tokenmill.core.lora import LoRARequest
 from tokenmill.core.lora import cache_namespace as namespace_of
 from tokenmill.core.plan import SeqUpdate, StepPlan, StepResult
@@ -55,7 +56,10 @@ from tokenmill.outputs import RequestOutput
 
 logger = logging.getLogger("tokenmill.engine")
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "PriorTokens", "QueueFullError", "StepRecord"]
+__all__ = ["DEFAULT_EVICTION", "Engine", "EngineConfig", "EngineStats", "PriorTokens", "QueueFullError", "StepRecord"]
+
+# ``Engine.add_request(kv_eviction=...)``: the engine's ``EngineConfig.kv_eviction`` (None: no eviction)
+DEFAULT_EVICTION: Any = object()
 
 
 def cli(help: str, kind: str = "str", **extra: Any) -> dict[str, Any]:
@@ -86,6 +90,13 @@ class EngineConfig:
         choices=["auto", "float32", "bfloat16", "float16", "int8"]))
     device: str = field(default="cpu", metadata=cli("cpu, cuda, cuda:1 ... (auto: cuda if available)"))
     kv_cache_memory: int = field(default=1 << 30, metadata=cli("KV cache size, bytes or e.g. 512MiB, 4GiB", "size"))
+    kv_cache_dtype: str = field(default="auto", metadata=cli(
+        "how KV is stored: auto (the model's dtype), int8 or int4 (per-token scales; about 1.9x / 3.5x the "
+        "tokens of bf16 KV in the same --kv-cache-memory); see model/kv_format.py", "choice",
+        choices=["auto", "int8", "int4"]))  # model.kv_format.KV_CACHE_DTYPES, without importing torch
+    # Every request's KV eviction unless it asks otherwise (core/kv_eviction.py); None: keep all KV.
+    # Its flags (--kv-eviction, --kv-budget, ...) make one value: commands/options.py.
+    kv_eviction: KVEviction | None = None
     # MoE models: bytes of RAM for experts, the rest memory-mapped (None: all experts in RAM)
     expert_cache_memory: int | None = field(default=None, metadata=cli(
         "MoE models: RAM for experts, e.g. 8GiB; the rest stay memory-mapped (default: every expert in RAM)",
@@ -205,7 +216,11 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.vocab_size = executor.vocab_size
-        self.scheduler = Scheduler(config.scheduler_config(executor.num_blocks, self.max_model_len))
+        if config.kv_eviction is not None:
+            self.check_kv_eviction()
+        sched_config = config.scheduler_config(executor.num_blocks, self.max_model_len)
+        sched_config.kv_window = getattr(executor, "kv_window", None)  # a model fact, like num_blocks
+        self.scheduler = Scheduler(sched_config)
         if config.timeline_requests:
             self.scheduler.timeline = Timeline("engine", max_requests=config.timeline_requests)
         self.outputs = OutputProcessor(self.tokenizer)
@@ -303,6 +318,7 @@ class Engine:
         lora: LoRARequest | str | None = None,
         handoff: bool = False,
         prior: PriorTokens | None = None,
+        kv_eviction: KVEviction | None = DEFAULT_EVICTION,
     ) -> list[int]:
         """Validate and queue a request; returns its prompt token ids.
 
@@ -311,13 +327,17 @@ class Engine:
         ``handoff``: stop after the first token and hold the KV for another
         engine; ``prior``: the tokens the request already generated on another
         engine (see the module docstring; both take one sample and no prompt
-        logprobs). Raises ``ValueError`` (bad input, named) or
-        ``QueueFullError``; on either, nothing of the request is left behind
-        (nor a KV reservation of its id).
+        logprobs). ``kv_eviction`` bounds the request's KV
+        (``core/kv_eviction.py``); by default the engine's
+        ``EngineConfig.kv_eviction``, None for no bound.
+
+        Raises ``ValueError`` (bad input, named) or ``QueueFullError``; on
+        either, nothing of the request is left behind (nor a KV reservation
+        of its id).
         """
         try:
             return self._add_request(request_id, prompt, params, arrival_time, client_id, priority, ttft_slo,
-                                     tpot_slo, cache_namespace, predicted_output_len, lora, handoff, prior)  # fmt: skip
+                                     tpot_slo, cache_namespace, predicted_output_len, lora, handoff, prior, kv_eviction)  # fmt: skip
         except (ValueError, QueueFullError):
             if request_id not in self._children:
                 self.scheduler.cancel_import(request_id)
@@ -326,13 +346,18 @@ class Engine:
     def _add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None,
                      arrival_time: float | None, client_id: str, priority: int, ttft_slo: float | None,
                      tpot_slo: float | None, cache_namespace: str, predicted_output_len: int | None,
-                     lora: LoRARequest | str | None, handoff: bool, prior: PriorTokens | None) -> list[int]:  # fmt: skip
+                     lora: LoRARequest | str | None, handoff: bool, prior: PriorTokens | None,
+                     kv_eviction: KVEviction | None) -> list[int]:  # fmt: skip
         params = params or SamplingParams()
         params.validate()
         if (handoff or prior is not None) and (params.n != 1 or params.prompt_logprobs is not None):
             raise ValueError("a request handed between engines takes one sample (n=1) and no prompt logprobs")
         if handoff and prior is not None:
             raise ValueError("a request is either handed off after its first token or continues prior tokens")
+        if kv_eviction is DEFAULT_EVICTION:
+            kv_eviction = self.config.kv_eviction
+        if kv_eviction is not None:
+            self.check_kv_eviction()
         if params.structured_outputs is not None:
             # A cache hit when the server compiled it already; a GrammarError (ValueError) if bad.
             bound = self.grammar_compiler.compile(params.structured_outputs)
@@ -403,6 +428,7 @@ class Engine:
                     parent_id=request_id,
                     sample_index=i,
                     hold_kv=handoff,
+                    kv_eviction=kv_eviction,
                     lora=adapter,
                 )
             )
@@ -422,6 +448,13 @@ class Engine:
         self._added_since_step.extend(c.request_id for c in children)
         self.outputs.add(request_id, text, prompt_ids, children, arrival, prior)
         return prompt_ids
+
+    def check_kv_eviction(self) -> None:
+        """Refuse KV eviction where this engine cannot do it (``ValueError``)."""
+        cfg = self.model_config
+        if cfg is not None and any(cfg.layer_windows):
+            # eviction compacts KV entries out of position order; a window is a range of positions
+            raise ValueError("KV eviction is not supported for models with sliding-window layers")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Abort a user request (all its samples); its blocks are freed now."""

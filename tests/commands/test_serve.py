@@ -82,6 +82,9 @@ def test_cuda_device_and_dtype_checks(tiny_model_dir: Any, capsys: pytest.Captur
         (["--policy", "nope"], ["nope", "fcfs"]),
         (["--max-model-len", "99999"], ["--max-model-len 99999", "256"]),
         (["--kv-cache-memory", "1KiB"], ["KV block"]),
+        (["--kv-eviction", "h2o"], ["--kv-eviction h2o", "--kv-budget"]),
+        (["--kv-budget", "64"], ["--kv-budget", "--kv-eviction"]),
+        (["--kv-eviction", "streaming", "--kv-budget", "8", "--kv-recent", "16"], ["--kv-budget 8", "--kv-sinks"]),
     ],
 )
 def test_bad_flags_end_in_one_line(tiny_model_dir: Any, capsys: pytest.CaptureFixture[str], flags: list[str],
@@ -93,7 +96,8 @@ def test_bad_flags_end_in_one_line(tiny_model_dir: Any, capsys: pytest.CaptureFi
 @pytest.mark.parametrize(
     "flags",
     [["--max-model-len", "0"], ["--max-model-len", "-5"], ["--block-size", "0"], ["--port", "99999"],
-     ["--max-num-seqs", "0"], ["--max-decode-steps", "0"], ["--kv-cache-memory", "lots"], ["--max-queue", "-1"]],
+     ["--max-num-seqs", "0"], ["--max-decode-steps", "0"], ["--kv-cache-memory", "lots"], ["--max-queue", "-1"],
+     ["--kv-cache-dtype", "int3"], ["--kv-eviction", "lru"], ["--kv-budget", "0"]],
 )  # fmt: skip
 def test_out_of_range_numbers_are_usage_errors(capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:

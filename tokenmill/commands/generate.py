@@ -25,9 +25,11 @@ from typing import IO, Any
 from tokenmill.commands.engine_args import add_engine_arguments, engine_config, engine_value
 from tokenmill.commands.options import (
     UsageError,
+    add_kv_eviction_flags,
     check_device,
     check_model,
     check_policy,
+    kv_eviction_from_args,
     lora_module,
     positive_int,
 )
@@ -65,6 +67,7 @@ def register(subparsers: Any) -> None:
     add_engine_arguments(p, defaults={"device": "auto", "kv_cache_memory": 256 << 20})
     p.add_argument("--trace-file", help="write each request's timeline (queued, prefill chunks, decode steps, "
                                         "preemptions, first token, finish) as Chrome trace JSON, for Perfetto")
+    add_kv_eviction_flags(p)
     p.set_defaults(func=run)
 
 
@@ -109,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
             # Opened before the model runs, so that a bad path costs nothing.
             sink = open(args.output, "w", encoding="utf-8")
         traced = sum(p.n for p in params) if args.trace_file else 0
-        llm = LLM.from_config(engine_config(args, model=path, device=device, timeline_requests=traced))
+        llm = LLM.from_config(engine_config(args, model=path, device=device, timeline_requests=traced,
+                                            kv_eviction=kv_eviction_from_args(args)))  # fmt: skip
         for name, lora_path in modules.items():
             llm.add_lora(name, lora_path)
         tok = llm.get_tokenizer()

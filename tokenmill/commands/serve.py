@@ -23,10 +23,12 @@ from typing import Any
 from tokenmill.commands.engine_args import add_engine_arguments, engine_config, engine_value
 from tokenmill.commands.options import (
     UsageError,
+    add_kv_eviction_flags,
     check_device,
     check_model,
     check_policy,
     key_value,
+    kv_eviction_from_args,
     lora_module,
     non_negative_int,
     port,
@@ -78,6 +80,7 @@ def register(subparsers: Any) -> None:
                    help="Host header values to answer to (name, name:port, *.domain; '*': any). Default: "
                         "loopback names only when listening on loopback without --api-key, else any")
     add_engine_arguments(p, defaults={"device": "auto"})
+    add_kv_eviction_flags(p)
     p.add_argument("--lora-modules", nargs="+", action="extend", type=lora_module, default=[],
                    metavar="NAME=PATH",
                    help="LoRA adapters (PEFT directories) to serve as models named NAME; also "
@@ -214,7 +217,7 @@ def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         names = [model]
     timeline = args.trace_max_requests if args.trace_file else 0
     return engine_config(args, model=path, device=device, max_waiting=args.max_queue or None,
-                         timeline_requests=timeline), names
+                         timeline_requests=timeline, kv_eviction=kv_eviction_from_args(args)), names
 
 
 def _first_line(exc: BaseException) -> str:

@@ -111,7 +111,8 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hardware", default="h100", help="h100, h200, a100, l40s, or cpu (measured)")
     g.add_argument("--tp", type=int, default=1, help="tensor parallelism per replica")
     g.add_argument("--dtype", default="bf16", help="weights and compute: fp32, bf16, fp16, fp8")
-    g.add_argument("--kv-dtype", help="KV cache dtype (default: --dtype)")
+    g.add_argument("--kv-dtype", "--kv-cache-dtype", dest="kv_dtype",
+                   help="KV cache dtype: bf16, fp8, int8, int4 (tokenmill's, scales included) ... (default: --dtype)")
     g.add_argument("--cost-model", default="roofline", choices=["roofline", "profiled"])
     g.add_argument("--profile", help="profile table from `tokenmill profile` (profiled model; CPU peaks for cpu)")
     g.add_argument("--step-overhead", type=float, help="seconds per step outside the kernels (roofline)")

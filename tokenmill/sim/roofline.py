@@ -46,7 +46,7 @@ from typing import Any
 
 from tokenmill.sim.cost_model import CostModel, StepFeatures
 from tokenmill.sim.hardware import Hardware
-from tokenmill.sim.model_spec import DTYPE_BYTES, ModelShape
+from tokenmill.sim.model_spec import DTYPE_BYTES, ModelShape, kv_value_bytes
 
 # the projections a LoRA adapter may adapt (attention's first)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -112,7 +112,7 @@ class RooflineCostModel(CostModel):
         self.overhead = hardware.step_overhead if step_overhead is None else step_overhead
         wb = DTYPE_BYTES[dtype]
         ab = 4 if wb == 4 else 2  # activations stay in 16 bits unless the model runs in fp32
-        kb = DTYPE_BYTES[self.kv_dtype]
+        kb = kv_value_bytes(self.kv_dtype, model.head_dim)
         self.F = hardware.flops(dtype)
         self.B = hardware.bandwidth
         m = model
@@ -384,7 +384,7 @@ class RooflineCostModel(CostModel):
         head = 0 if m.tie_word_embeddings else emb
         return dense + moe + emb + head
 
-    def kv_bytes_per_token_per_device(self) -> int:
+    def kv_bytes_per_token_per_device(self) -> float:
         return self._layers * self._kv_bytes_per_token
 
     def num_kv_blocks(self, block_size: int, memory_utilization: float = 0.9, activation_reserve: float = 0.02) -> int:
