@@ -39,6 +39,7 @@ from tokenmill.cluster.metrics import ClusterMetrics
 from tokenmill.core.request import Request, SamplingParams
 from tokenmill.core.router import NoReplicaError, Router
 from tokenmill.core.scheduler import QueueFullError
+from tokenmill.engine import DEFAULT_EVICTION
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server.async_engine import EngineDeadError, RequestStream
 
@@ -53,7 +54,11 @@ _NODE = socket.gethostname()
 
 class _NoGrammars:
     """What the server's structured-output step sees as the engine of a cluster: replicas
-    compile no grammars yet, so a request that asks for one is refused by name."""
+    compile no grammars yet, so a request that asks for one is refused by name. ``config``
+    is the ``EngineConfig`` the replicas run with (the server reads its defaults)."""
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config
 
     @property
     def grammar_compiler(self) -> Any:
@@ -104,7 +109,8 @@ class ClusterEngine:
     """``AsyncEngine``'s face over replicas (see the module docstring)."""
 
     def __init__(self, replicas: list[ReplicaHandle], router: Router, prefill_router: Router | None,
-                 metrics: ClusterMetrics, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 metrics: ClusterMetrics, clock: Callable[[], float] = time.monotonic,
+                 config: Any = None) -> None:  # fmt: skip
         self.replicas = replicas
         self.pool = [r.index for r in replicas if r.role != "prefill"]  # router position -> replica
         self.prefill_pool = [r.index for r in replicas if r.role == "prefill"]
@@ -124,7 +130,7 @@ class ClusterEngine:
         self.tracks: dict[str, Track] = {}
         self.num_seqs_in_flight = 0
         self.stats = None  # the face of AsyncEngine; per-replica stats are in the metrics
-        self.engine = _NoGrammars()  # the face of AsyncEngine, for structured outputs only
+        self.engine = _NoGrammars(config)  # the face of AsyncEngine, for structured outputs and defaults
         self._stopped = False
         self._started = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -223,6 +229,8 @@ class ClusterEngine:
             if isinstance(prompt, str):
                 raise ValueError("a cluster takes prompts as token ids (the front end tokenizes)")
         kwargs.pop("arrival_time", None)  # each replica stamps arrivals on its own clock
+        if kwargs.get("kv_eviction") is DEFAULT_EVICTION:
+            del kwargs["kv_eviction"]  # a sentinel does not survive pickling: the replica's default applies
         tracks = []
         for rid, prompt, params in requests:
             pd = bool(self.prefill_pool) and params.n == 1 and params.prompt_logprobs is None

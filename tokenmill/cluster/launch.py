@@ -123,7 +123,7 @@ def start_cluster(spec: ClusterSpec, config: EngineConfig, model_name: str) -> C
         if owns_ray:
             ray.shutdown()
         raise
-    return Cluster(front_end(spec, actors, infos, model_name), actors, owns_ray)
+    return Cluster(front_end(spec, actors, infos, model_name, config), actors, owns_ray)
 
 
 def launch_replicas(n: int, config: EngineConfig, model_name: str, threads: int = 1, max_restarts: int = -1,
@@ -153,7 +153,8 @@ def launch_replicas(n: int, config: EngineConfig, model_name: str, threads: int 
     return actors, infos
 
 
-def front_end(spec: ClusterSpec, actors: list[Any], infos: list[dict[str, Any]], model_name: str) -> ClusterEngine:
+def front_end(spec: ClusterSpec, actors: list[Any], infos: list[dict[str, Any]], model_name: str,
+              config: EngineConfig | None = None) -> ClusterEngine:
     """A ``ClusterEngine`` over started replica actors, in the roles ``spec`` gives them."""
     roles = spec.roles
     if len(actors) != len(roles):
@@ -169,7 +170,7 @@ def front_end(spec: ClusterSpec, actors: list[Any], infos: list[dict[str, Any]],
     else:
         prefill_router = None
         router = make_router(spec.router, len(roles), **options)
-    return ClusterEngine(handles, router, prefill_router, ClusterMetrics(model_name, roles))
+    return ClusterEngine(handles, router, prefill_router, ClusterMetrics(model_name, roles), config=config)
 
 
 def cluster_state(engine: ClusterEngine, settings: Any, tokenizer: Any = None) -> Any:

@@ -66,7 +66,7 @@ async def create_chat_completion(
             ttft_slo=body.ttft_slo,
             tpot_slo=body.tpot_slo,
             cache_namespace=body.cache_salt or "",
-            kv_eviction=kv_eviction(body, state.async_engine.engine.config.kv_eviction),
+            kv_eviction=kv_eviction(body, getattr(state.async_engine.engine.config, "kv_eviction", None)),
             lora=state.lora_for(model),
         )
     usage = UsageCounter([len(prompt_ids)])

@@ -64,7 +64,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             ttft_slo=body.ttft_slo,
             tpot_slo=body.tpot_slo,
             cache_namespace=body.cache_salt or "",
-            kv_eviction=kv_eviction(body, state.async_engine.engine.config.kv_eviction),
+            kv_eviction=kv_eviction(body, getattr(state.async_engine.engine.config, "kv_eviction", None)),
             lora=state.lora_for(model),
         )
     index_of = {rid: i for i, rid in enumerate(engine_ids)}
