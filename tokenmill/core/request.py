@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenmill.core.lora import LoRARequest
 from tokenmill.structured.params import StructuredOutputsParams
 
 
@@ -147,6 +148,7 @@ class Request:
     parent_id: str | None = None  # the user request this sample belongs to
     hold_kv: bool = False  # keep its KV blocks after it finishes, for export (prefill of P/D)
     sample_index: int = 0
+    lora: LoRARequest | None = None  # the adapter it runs with (None: the base model)
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -159,6 +161,11 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     seq_no: int = 0  # arrival order; the scheduler sets it, ties break on it
+
+    @property
+    def lora_id(self) -> int:
+        """Its adapter's ``lora_int_id``; 0 for the base model."""
+        return 0 if self.lora is None else self.lora.lora_int_id
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -22,6 +22,14 @@ burst at the end of the plan. For a request that wants its prompt's
 logprobs, the first sub-step also computes the logits of every prompt
 position of its chunk (in slices, so a long prompt never holds a
 ``tokens x vocab`` tensor at once).
+
+LoRA: a request's adapter comes with its ``SeqSetup``; the executor's
+``LoraManager`` loads it if it is not resident (unloading an idle one, LRU)
+before anything of the plan runs, and each forward pass gets a ``LoraBatch``
+saying which rows run which adapter. An adapter that cannot be loaded any
+more (its directory changed since it was registered) raises
+``LoraLoadError`` naming the requests that need it; the engine aborts them
+and runs the rest of the plan.
 """
 
 from __future__ import annotations
@@ -34,7 +42,10 @@ from typing import Any
 import torch
 
 from tokenmill.core.executor_state import ExecutorState, SeqView
+from tokenmill.core.lora import LoRARequest
 from tokenmill.core.plan import ScheduledSeq, StepPlan, StepResult
+from tokenmill.lora.errors import LoraError, LoraLoadError
+from tokenmill.lora.manager import LoraManager
 from tokenmill.model.attention import AttentionMetadata, kv_cache_shape
 from tokenmill.model.config import ModelConfig, resolve_dtype
 from tokenmill.model.loader import load_model
@@ -63,6 +74,7 @@ class _Batch:
     seq_lens: list[int] = field(default_factory=list)
     block_rows: list[list[int]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # flattened row index of each sampler
+    lora: list[tuple[LoRARequest, int, int]] = field(default_factory=list)  # (adapter, first row, rows)
 
 
 class ModelExecutor:
@@ -80,6 +92,8 @@ class ModelExecutor:
         block_size: int = 16,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ) -> None:
         self.device = torch.device(device)
         self.model, self.model_config = load_model(
@@ -105,6 +119,7 @@ class ModelExecutor:
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.sampler = Sampler(self.device)
         self.state = ExecutorState()
+        self.loras = LoraManager(self.model, self.model_config, max_loras, max_lora_rank)
         self.masks = StepMasks(self.model_config.vocab_size)
 
     @classmethod
@@ -122,6 +137,8 @@ class ModelExecutor:
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
+            max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
         )
 
     # The model facts an engine takes from its executor (see executor/__init__.py).
@@ -149,6 +166,36 @@ class ModelExecutor:
             * model_config.head_dim * itemsize
         )  # fmt: skip
 
+    # -- adapters -------------------------------------------------------------------------
+
+    def add_lora(self, lora: LoRARequest) -> None:
+        """Load and check an adapter now (``LoraError`` if it cannot run on this model)."""
+        self.loras.load(lora, self._loras_in_use())
+
+    def remove_lora(self, lora_id: int) -> None:
+        """Unload an adapter unless a running request still uses it (it then goes by LRU)."""
+        if lora_id not in self._loras_in_use():
+            self.loras.remove(lora_id)
+
+    def _loras_in_use(self) -> set[int]:
+        return {v.setup.lora.lora_int_id for v in self.state.seqs.values() if v.setup.lora is not None}
+
+    def _load_loras(self, plan: StepPlan) -> None:
+        """Make every adapter of the plan's newly admitted requests resident."""
+        wanted = {s.setup.lora for s in plan.seqs if s.setup is not None and s.setup.lora is not None}
+        if not wanted:
+            return
+        in_use = self._loras_in_use()
+        failed: dict[int, str] = {}
+        for lora in wanted:
+            try:
+                self.loras.load(lora, in_use)
+            except LoraError as exc:
+                failed[lora.lora_int_id] = str(exc)
+        if failed:
+            ids = [s.request_id for s in plan.seqs if s.lora_id in failed]
+            raise LoraLoadError("; ".join(failed.values()), ids, list(failed))
+
     # -- one plan -------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -160,7 +207,8 @@ class ModelExecutor:
         """
         start = time.perf_counter()
         result = StepResult(sampled_token_ids={})
-        states = self.state.apply(plan)
+        states = self.state.apply(plan)  # idempotent: a plan may come again, cut, after a LoraLoadError
+        self._load_loras(plan)
         if plan.is_empty:
             result.duration = 0.0
             return result
@@ -274,6 +322,8 @@ class ModelExecutor:
             b.block_rows.append(self._blocks(s.request_id, st, end))
             if s.samples:
                 b.sample_rows.append(b.query_start[-1] - 1)
+            if st.setup.lora is not None:
+                b.lora.append((st.setup.lora, b.query_start[-2], n))
         return b
 
     def _blocks(self, request_id: str, st: SeqView, length: int) -> list[int]:
@@ -300,6 +350,8 @@ class ModelExecutor:
             b.seq_lens.append(pos + 1)
             b.block_rows.append(self._blocks(s.request_id, st, pos + 1))
             b.sample_rows.append(i)
+            if st.setup.lora is not None:
+                b.lora.append((st.setup.lora, i, 1))
         return b
 
     def _forward(self, b: _Batch) -> torch.Tensor:
@@ -333,7 +385,8 @@ class ModelExecutor:
             max_seq_len=max(b.seq_lens),
         )
         input_ids = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
-        return self.model(input_ids, positions.to(dev), self.kv_caches, meta)
+        lora = self.loras.batch(b.lora, dev) if b.lora else None
+        return self.model(input_ids, positions.to(dev), self.kv_caches, meta, lora)
 
     @staticmethod
     def _row_positions(b: _Batch):

@@ -61,6 +61,7 @@ async def create_chat_completion(
             ttft_slo=body.ttft_slo,
             tpot_slo=body.tpot_slo,
             cache_namespace=body.cache_salt or "",
+            lora=state.lora_for(model),
         )
     usage = UsageCounter([len(prompt_ids)])
     created = now_s()

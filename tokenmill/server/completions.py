@@ -59,6 +59,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             ttft_slo=body.ttft_slo,
             tpot_slo=body.tpot_slo,
             cache_namespace=body.cache_salt or "",
+            lora=state.lora_for(model),
         )
     index_of = {rid: i for i, rid in enumerate(engine_ids)}
     echo = [(text or "") if body.echo else "" for text, _ in prompts]

@@ -422,7 +422,22 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "tokenmill"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """``POST /v1/load_lora_adapter`` (vLLM's body)."""
+
+    lora_name: str = Field(..., min_length=1, max_length=256)
+    lora_path: str = Field(..., min_length=1, max_length=4096)
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """``POST /v1/unload_lora_adapter`` (vLLM's body; ``lora_int_id`` is accepted and ignored)."""
+
+    lora_name: str = Field(..., min_length=1, max_length=256)
+    lora_int_id: int | None = None
 
 
 class ModelList(BaseModel):
