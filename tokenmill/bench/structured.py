@@ -68,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validity-requests", type=int, default=200, help="part 3 requests per kind; 0 skips part 3")
     p.add_argument("--validity-max-tokens", type=int, default=256)
     p.add_argument("--skip-speed", action="store_true", help="skip part 2")
+    p.add_argument("--step-cost", action="store_true",
+                   help="part 2 as the grammar's own CPU time per step at each batch size (random logits, no model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for the JSON result (default out/bench/structured)")
 
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
             model_dir = str(make_model(DEFAULT_CACHE / "bench" / args.shape, args.shape))
         result["compile"] = compile_times(model_dir, args)
-        result["speed"] = speed(model_dir, args)
+        result["speed"] = step_cost(model_dir, args) if args.step_cost else speed(model_dir, args)
     if args.validity_requests:
         result["validity"] = validity(args)
     result["load_after"] = os.getloadavg()
@@ -155,6 +157,52 @@ def speed(model_dir: str, args: argparse.Namespace) -> list[dict[str, Any]]:
               f"{med['json schema']:8.1f} tok/s ({100 * (1 - ratio):+.1f}% slower); runs "
               + "; ".join(f"{k} " + " ".join(f"{x:.1f}" for x in v) for k, v in got.items()))  # fmt: skip
     return rows
+
+
+def step_cost(model_dir: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """CPU ms per sampling step, unconstrained vs mask fill + masked sampling + accept (one torch thread)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tokenmill.core.request import SamplingParams
+    from tokenmill.model.sampler import Sampler, SamplingRow
+    from tokenmill.structured.compiler import GrammarCompiler
+    from tokenmill.structured.decoding import SequenceGrammar, StepMasks
+    from tokenmill.structured.params import StructuredOutputsParams
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = len(tokenizer)
+    compiler = GrammarCompiler(tokenizer, vocab, [tokenizer.eos_token_id or 0], disable_any_whitespace=True)
+    compiled = compiler.compiled_grammar(StructuredOutputsParams(json=BENCH_SCHEMA))
+    sampler = Sampler(torch.device("cpu"))
+    params = SamplingParams(temperature=1.0, seed=args.seed)
+    print(f"\n## part 2: grammar CPU ms per step, vocabulary {vocab}, {args.output_len} steps, one torch thread")
+    rows_out = []
+    for batch in [int(b) for b in args.batch_sizes.split(",") if b]:
+        got: dict[str, list[float]] = {"unconstrained": [], "json schema": []}
+        for r in range(args.repeats):
+            for side in ("unconstrained", "json schema") if r % 2 == 0 else ("json schema", "unconstrained"):
+                grammars = [SequenceGrammar(compiled, [tokenizer.eos_token_id or 0], []) for _ in range(batch)]
+                masks = StepMasks(vocab)
+                rows = [SamplingRow(params=params, output_token_ids=[]) for _ in range(batch)]
+                gen = torch.Generator().manual_seed(r)
+                logits = [torch.randn(batch, vocab, generator=gen) for _ in range(4)]
+                t0 = time.process_time()
+                for step in range(args.output_len):
+                    if side == "json schema":
+                        mask, constrained = masks.fill(grammars)
+                        for row, c in zip(rows, constrained, strict=True):
+                            row.constrained = c
+                        masks.accept(grammars, sampler(logits[step % 4], rows, mask).token_ids)
+                    else:
+                        sampler(logits[step % 4], rows)
+                got[side].append(1e3 * (time.process_time() - t0) / args.output_len)
+        med = {k: statistics.median(v) for k, v in got.items()}
+        rows_out.append({"batch": batch, "cpu_ms_per_step": got, "median": med, "load": os.getloadavg()})
+        print(f"batch {batch:3d}: unconstrained {med['unconstrained']:.2f} ms, json schema {med['json schema']:.2f} ms "
+              f"(+{med['json schema'] - med['unconstrained']:.2f} ms CPU per step)")  # fmt: skip
+    return rows_out
 
 
 def _decode(engine: Any, prompts: list[list[int]], params: Any, output_len: int) -> float:
