@@ -20,6 +20,7 @@ from tokenmill.model.attention import AttentionMetadata, kv_cache_shape
 from tokenmill.model.config import ModelConfig, resolve_dtype
 from tokenmill.model.loader import load_model
 from tokenmill.model.sampler import LogprobEntry, Sampler, SamplingRow
+from tokenmill.model.threads import controller as thread_controller
 
 # A plan whose token count is below this builds slot mappings in Python; above it in torch.
 _TORCH_SLOTS_MIN_TOKENS = 64
@@ -72,6 +73,8 @@ class ModelExecutor:
         self.kv_cache = torch.zeros((cfg.num_layers, *shape), dtype=self.dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.sampler = Sampler(self.device)
+        # fits the CPU kernels' thread count to the cores this process gets (model/threads.py)
+        self.threads = thread_controller(self.device)
 
     @staticmethod
     def kv_cache_bytes_per_block(
@@ -200,7 +203,8 @@ class ModelExecutor:
             max_seq_len=max(b.seq_lens),
         )
         input_ids = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
-        return self.model(input_ids, positions.to(dev), self.kv_caches, meta)
+        with self.threads.step():
+            return self.model(input_ids, positions.to(dev), self.kv_caches, meta)
 
     @staticmethod
     def _row_positions(b: _Batch):

@@ -5,4 +5,5 @@
 #include "gemm.cpp"
 #include "layer_ops.cpp"
 #include "sampling.cpp"
+#include "threads.cpp"
 #include "registration.cpp"

@@ -28,5 +28,7 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& temperature,
                        const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
                        const at::Tensor& u);
 bool has_avx512();
+int64_t set_thread_limit(int64_t n);
+int64_t kernel_threads();
 
 }  // namespace tokenmill

@@ -32,4 +32,6 @@ TORCH_LIBRARY(tokenmill, m) {
       "Tensor u) -> Tensor",
       &tokenmill::sample_rows);
   m.def("has_avx512() -> bool", &tokenmill::has_avx512);
+  m.def("set_thread_limit(int n) -> int", &tokenmill::set_thread_limit);
+  m.def("kernel_threads() -> int", &tokenmill::kernel_threads);
 }
