@@ -36,6 +36,7 @@ def test_contention_bench_smoke(
         assert r["quiet"] > 0 and r["busy"] > 0
         assert r["quiet_over_busy"] == pytest.approx(r["quiet"] / r["busy"])
         assert len(r["load_before"]) == 3
+        assert set(r["others_cores"]) == {"quiet", "busy"}
     assert rows[2]["threads_after"] == {"quiet": [1], "busy": [1]}
     assert "quiet/busy" in capsys.readouterr().out
     # the bench leaves the controller on

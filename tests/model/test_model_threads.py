@@ -136,6 +136,9 @@ def test_controller_samples_once_per_window_and_ignores_gappy_windows() -> None:
     # steps far apart (a request now and then): windows restart, none is judged on gaps
     steps(ctl, clock, 50, 0.01, gap=0.5)
     assert applied == []
+    # gaps shorter than a window but most of it: not judged either
+    steps(ctl, clock, 30, 0.01, gap=0.05)
+    assert applied == []
     # busy steps with short gaps (the engine's own work between forward passes) are judged
     steps(ctl, clock, 20, 0.01, gap=0.004)
     assert applied == [1]

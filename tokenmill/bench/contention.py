@@ -12,8 +12,10 @@ ratio compares runs a few seconds apart. A run is one prompt of
 - ``fixed``: all of torch's threads, always (tokenmill without the controller);
 - ``single``: one thread.
 
-Prints each cell's median tokens/s, the busy/quiet ratio, the load average
-before each model and the kernels' thread count at the end of the runs.
+Prints each cell's median tokens/s, the quiet/busy ratio, the load average
+before and after each model, and (Linux) the cores' worth of CPU that other
+processes used during the runs: ~0 in a quiet run on an idle machine, ~1 per
+busy process in a busy run; more says the machine was not idle.
 """
 
 from __future__ import annotations
@@ -95,18 +97,34 @@ class Busy:
             p.wait()
 
 
-def measure(llm: Any, prompt: list[int], output_len: int) -> float:
-    """Output tokens per second of one greedy generation (prefill included)."""
+def _busy_ticks() -> tuple[int, int] | None:
+    """(non-idle, all) clock ticks of every CPU so far, from /proc/stat (None elsewhere)."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
+def measure(llm: Any, prompt: list[int], output_len: int) -> tuple[float, float | None]:
+    """Output tokens/s of one greedy generation (prefill included), and the cores' worth of
+    CPU that other processes used meanwhile (the busy processes of a busy run included)."""
     from tokenmill.core.request import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    ticks0, cpu0 = _busy_ticks(), time.process_time()
     start = time.perf_counter()
     out = llm.generate([prompt], params)
     seconds = time.perf_counter() - start
+    ticks1, cpu1 = _busy_ticks(), time.process_time()
     n = len(out[0].outputs[0].token_ids)
     if n != output_len:
         raise RuntimeError(f"generated {n} tokens, expected {output_len}")
-    return n / seconds
+    others = None
+    if ticks0 and ticks1 and ticks1[1] > ticks0[1]:
+        cores = (os.cpu_count() or 1) * (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1])
+        others = max(0.0, cores - (cpu1 - cpu0) / seconds)
+    return n / seconds, others
 
 
 def run_cell(llm: Any, prompt: list[int], args: argparse.Namespace, modes: list[str]) -> list[dict]:
@@ -114,6 +132,7 @@ def run_cell(llm: Any, prompt: list[int], args: argparse.Namespace, modes: list[
     from tokenmill.model import kernels, threads
 
     runs: dict[str, dict[str, list[float]]] = {m: {"quiet": [], "busy": []} for m in modes}
+    others: dict[str, dict[str, list[float]]] = {m: {"quiet": [], "busy": []} for m in modes}
     end_threads: dict[str, dict[str, list[int]]] = {m: {"quiet": [], "busy": []} for m in modes}
     for r in range(args.repeats):
         for mode in modes:
@@ -122,10 +141,12 @@ def run_cell(llm: Any, prompt: list[int], args: argparse.Namespace, modes: list[
             for kind in order:
                 if kind == "busy":
                     with Busy(args.busy):
-                        tps = measure(llm, prompt, args.output_len)
+                        tps, other = measure(llm, prompt, args.output_len)
                 else:
-                    tps = measure(llm, prompt, args.output_len)
+                    tps, other = measure(llm, prompt, args.output_len)
                 runs[mode][kind].append(tps)
+                if other is not None:
+                    others[mode][kind].append(other)
                 end_threads[mode][kind].append(kernels.kernel_threads())
     _set_mode("adaptive" if isinstance(threads.controller(), threads.ThreadController) else "fixed")
     rows = []
@@ -135,6 +156,7 @@ def run_cell(llm: Any, prompt: list[int], args: argparse.Namespace, modes: list[
         rows.append({
             "mode": mode, "quiet": quiet, "busy": busy, "quiet_over_busy": quiet / busy,
             "quiet_runs": runs[mode]["quiet"], "busy_runs": runs[mode]["busy"],
+            "others_cores": {k: statistics.median(v) if v else None for k, v in others[mode].items()},
             "threads_after": end_threads[mode],
         })  # fmt: skip
     return rows
@@ -177,18 +199,22 @@ def run(args: argparse.Namespace) -> int:
                 results.append(row)
                 console.print(
                     f"{name} {dtype} {row['mode']}: quiet {row['quiet']:.1f} tok/s, busy "
-                    f"{row['busy']:.1f} tok/s, quiet/busy {row['quiet_over_busy']:.2f}x "
+                    f"{row['busy']:.1f} tok/s, quiet/busy {row['quiet_over_busy']:.2f}x; "
+                    f"others' CPU {_cores(row, 'quiet')} / {_cores(row, 'busy')} cores "
                     f"(load {load_before[0]:.2f} -> {load_after[0]:.2f})"
                 )
             del llm
 
     table = Table(title="batch-1 tokens/s, quiet and beside busy processes (medians)")
-    for col in ("model", "dtype", "threads", "quiet", "busy", "quiet/busy", "load before", "after"):
+    cols = ("model", "dtype", "threads", "quiet", "busy", "quiet/busy", "others' CPU quiet/busy",
+            "load before", "after")  # fmt: skip
+    for col in cols:
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(
             r["model"], r["dtype"], r["mode"], f"{r['quiet']:.1f}", f"{r['busy']:.1f}",
-            f"{r['quiet_over_busy']:.2f}x", " ".join(f"{x:.2f}" for x in r["load_before"]),
+            f"{r['quiet_over_busy']:.2f}x", f"{_cores(r, 'quiet')} / {_cores(r, 'busy')}",
+            " ".join(f"{x:.2f}" for x in r["load_before"]),
             " ".join(f"{x:.2f}" for x in r["load_after"]),
         )  # fmt: skip
     console.print(table)
@@ -196,6 +222,11 @@ def run(args: argparse.Namespace) -> int:
         Path(args.result_file).write_text(json.dumps({"args": vars(args) | {"func": None},
                                                       "results": results}, indent=2))  # fmt: skip
     return 0
+
+
+def _cores(row: dict[str, Any], kind: str) -> str:
+    v = row["others_cores"][kind]
+    return "-" if v is None else f"{v:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
