@@ -27,7 +27,7 @@ def test_contention_bench_smoke(
     out = tmp_path / "contention.json"
     assert contention.main([
         "--models", str(tiny_model_dir("llama")), "--dtypes", "float32", "--repeats", "1",
-        "--prompt-len", "8", "--output-len", "4", "--result-file", str(out),
+        "--prompt-len", "8", "--output-len", "4", "--settle", "0.05", "--result-file", str(out),
     ]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["results"]
     assert [r["mode"] for r in rows] == ["adaptive", "fixed", "single"]
@@ -38,6 +38,7 @@ def test_contention_bench_smoke(
         assert len(r["load_before"]) == 3
         assert set(r["others_cores"]) == {"quiet", "busy"}
     assert rows[2]["threads_after"] == {"quiet": [1], "busy": [1]}
+    assert rows[1]["thread_changes_while_timed"] == {"quiet": [0], "busy": [0]}
     assert "quiet/busy" in capsys.readouterr().out
     # the bench leaves the controller on
     assert threads.controller().enabled

@@ -6,7 +6,9 @@ thread mode, one quiet run and one busy run (``--busy`` processes spinning in
 just after it) follow each other, in alternating order, so every busy/quiet
 ratio compares runs a few seconds apart. A run is one prompt of
 ``--prompt-len`` random tokens and ``--output-len`` greedy tokens through
-``LLM.generate`` (prefill included). Thread modes:
+``LLM.generate`` (prefill included), timed after ``--settle`` seconds of the
+same runs in the same condition, so that the figures are steady state (the
+controller's reaction time is in its docstring). Thread modes:
 
 - ``adaptive``: tokenmill's thread controller (``tokenmill/model/threads.py``), the default;
 - ``fixed``: all of torch's threads, always (tokenmill without the controller);
@@ -46,6 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--busy", type=int, default=1, help="busy processes beside the busy runs")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="seconds of untimed runs before each timed one, in the same condition (0: time "
+        "the controller's reaction too)",
+    )
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -87,7 +96,8 @@ class Busy:
 
     def __enter__(self) -> Busy:
         self.procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(self.n)]
-        time.sleep(0.2)  # interpreter start-up: spinning by the time the run starts
+        if self.procs:
+            time.sleep(0.2)  # interpreter start-up: spinning by the time the run starts
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -104,6 +114,13 @@ def _busy_ticks() -> tuple[int, int] | None:
     except (OSError, ValueError):
         return None
     return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
+def settle(llm: Any, prompt: list[int], output_len: int, seconds: float) -> None:
+    """Untimed runs for ``seconds``: the thread controller settles in the new condition."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        measure(llm, prompt, output_len)
 
 
 def measure(llm: Any, prompt: list[int], output_len: int) -> tuple[float, float | None]:
@@ -134,16 +151,18 @@ def run_cell(llm: Any, prompt: list[int], args: argparse.Namespace, modes: list[
     runs: dict[str, dict[str, list[float]]] = {m: {"quiet": [], "busy": []} for m in modes}
     others: dict[str, dict[str, list[float]]] = {m: {"quiet": [], "busy": []} for m in modes}
     end_threads: dict[str, dict[str, list[int]]] = {m: {"quiet": [], "busy": []} for m in modes}
+    changes: dict[str, dict[str, list[int]]] = {m: {"quiet": [], "busy": []} for m in modes}
+    ctl = threads.controller()
     for r in range(args.repeats):
         for mode in modes:
             _set_mode(mode)
             order = ("quiet", "busy") if r % 2 == 0 else ("busy", "quiet")
             for kind in order:
-                if kind == "busy":
-                    with Busy(args.busy):
-                        tps, other = measure(llm, prompt, args.output_len)
-                else:
+                with Busy(args.busy if kind == "busy" else 0):
+                    settle(llm, prompt, args.output_len, args.settle)
+                    changes_before = ctl.changes
                     tps, other = measure(llm, prompt, args.output_len)
+                changes[mode][kind].append(ctl.changes - changes_before)
                 runs[mode][kind].append(tps)
                 if other is not None:
                     others[mode][kind].append(other)
@@ -158,6 +177,7 @@ def run_cell(llm: Any, prompt: list[int], args: argparse.Namespace, modes: list[
             "quiet_runs": runs[mode]["quiet"], "busy_runs": runs[mode]["busy"],
             "others_cores": {k: statistics.median(v) if v else None for k, v in others[mode].items()},
             "threads_after": end_threads[mode],
+            "thread_changes_while_timed": changes[mode],
         })  # fmt: skip
     return rows
 
