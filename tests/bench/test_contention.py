@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,21 @@ def test_busy_processes_spin_and_are_gone_after_the_block() -> None:
     with contention.Busy(2) as busy:
         assert len(busy.procs) == 2 and all(p.poll() is None for p in busy.procs)
     assert all(p.returncode is not None for p in busy.procs)
+
+
+def test_busy_processes_end_with_a_benchmark_killed_before_cleaning_up() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import os, subprocess, sys; c = subprocess.Popen([sys.executable, "
+         "'-c', sys.argv[1], str(os.getpid())]); print(c.pid, flush=True)", contention.BUSY_LOOP],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    child = int(parent.stdout.readline())
+    parent.wait()  # exits without killing its busy child
+    stat = Path(f"/proc/{child}/stat")
+    deadline = time.monotonic() + 10
+    while stat.exists() and stat.read_text().split()[2] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not stat.exists() or stat.read_text().split()[2] == "Z"
 
 
 def test_contention_bench_smoke(

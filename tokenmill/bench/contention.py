@@ -2,7 +2,7 @@
 
 For each model and dtype the model is loaded once; then, per repeat and per
 thread mode, one quiet run and one busy run (``--busy`` processes spinning in
-``while True: pass``, pinned to no core, started just before the run and killed
+a ``while True: pass`` loop, pinned to no core, started just before the run and killed
 just after it) follow each other, in alternating order, so every busy/quiet
 ratio compares runs a few seconds apart. A run is one prompt of
 ``--prompt-len`` random tokens and ``--output-len`` greedy tokens through
@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("adaptive", "fixed", "single")
-BUSY_LOOP = "while True: pass"
+# ``while True: pass`` that ends with the benchmark, even one killed before it could clean up
+# (run as ``python -c BUSY_LOOP <parent pid>``)
+BUSY_LOOP = """
+import os, sys
+parent = int(sys.argv[1])
+while os.getppid() == parent:
+    for _ in range(1_000_000):
+        pass
+"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,7 +103,8 @@ class Busy:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> Busy:
-        self.procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(self.n)]
+        cmd = [sys.executable, "-c", BUSY_LOOP, str(os.getpid())]
+        self.procs = [subprocess.Popen(cmd) for _ in range(self.n)]
         if self.procs:
             time.sleep(0.2)  # interpreter start-up: spinning by the time the run starts
         return self
