@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -156,3 +157,80 @@ def test_multibyte_text_is_detokenized_whole(tiny_model_dir) -> None:
     pieces = [detok.add([t]) for t in ids]
     assert "".join(pieces) + detok.flush() == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_seeds_that_used_to_collide_give_different_text(tiny_model_dir) -> None:
+    path = str(tiny_model_dir("llama"))
+    llm = LLM(path, dtype="float32", kv_cache_memory=8 << 20)
+    prompt = prompts_for_test(1, seed=5)[0]
+
+    def tokens(seed: int, n: int = 1, index: int = 0) -> list[int]:
+        sp = SamplingParams(n=n, temperature=2.0, seed=seed, max_tokens=24, ignore_eos=True)
+        return llm.generate([prompt], sp)[0].outputs[index].token_ids
+
+    assert tokens(0) != tokens(2**63 - 1)
+    assert tokens(-1) != tokens(-(2**63))
+    # the fan-out used to give sample i the seed + i: sample 1 of seed 7 was seed 8's only sample
+    assert tokens(7, n=2, index=1) != tokens(8)
+    top = 2**63 - 1  # and seed + 1 left the 64-bit range
+    assert tokens(top, n=2, index=1) != tokens(top, n=2, index=0)
+    assert tokens(top, n=2, index=0) == tokens(top)  # sample 0 of n is the n=1 stream
+
+
+def _hf_log_softmax(path: str, ids: list[int]) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].log_softmax(-1)
+
+
+def test_prompt_logprobs_match_transformers_with_chunks_and_a_warm_prefix_cache(tiny_model_dir) -> None:
+    path = str(tiny_model_dir("llama"))
+    rng = random.Random(12)
+    prompt = [rng.randrange(5, 320) for _ in range(40)]
+    ref = _hf_log_softmax(path, prompt)
+    # 16-token chunks; the prompt's full blocks get cached by a first request
+    llm = LLM(path, dtype="float32", kv_cache_memory=8 << 20, max_num_batched_tokens=16, block_size=8)
+    warm = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0))[0]
+    assert warm.prompt_logprobs is None
+    out = llm.generate([prompt], SamplingParams(n=2, max_tokens=3, temperature=0, prompt_logprobs=3))[0]
+    plp = out.prompt_logprobs
+    assert plp is not None and len(plp) == len(prompt) and plp[0] is None
+    for j in range(1, len(prompt)):
+        entry = plp[j]
+        assert entry is not None and prompt[j] in entry
+        assert entry[prompt[j]].logprob == pytest.approx(ref[j - 1, prompt[j]].item(), abs=1e-4)
+        top = sorted((lp.rank, tid) for tid, lp in entry.items() if lp.rank is not None)
+        assert [tid for _, tid in top] == ref[j - 1].topk(3).indices.tolist()
+        for tid, lp in entry.items():
+            assert lp.logprob == pytest.approx(ref[j - 1, tid].item(), abs=1e-4)
+    # the cached prompt positions were recomputed for their logprobs, not skipped
+    assert out.num_cached_tokens == 0
+    assert all(o.token_ids == warm.outputs[0].token_ids[:1] + o.token_ids[1:] for o in out.outputs)
+    again = llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert again.num_cached_tokens > 0 and again.prompt_logprobs is None
+    assert again.outputs[0].token_ids == out.outputs[0].token_ids
+
+
+def test_prompt_logprobs_survive_preemption(tiny_model_dir) -> None:
+    path = str(tiny_model_dir("llama"))
+    rng = random.Random(13)
+    prompts = [[rng.randrange(5, 320) for _ in range(30)] for _ in range(6)]
+    # a cache of 12 blocks of 8 tokens for six 30-token prompts growing to 70: preemptions happen
+    llm = LLM(path, dtype="float32", kv_cache_memory=12 * 8 * 2 * 2 * 2 * 16 * 4, block_size=8,
+              max_num_batched_tokens=16, max_decode_steps=1)  # fmt: skip
+    outs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prompt_logprobs=0))
+    assert llm.engine.scheduler.num_preemptions > 0
+    for prompt, out in zip(prompts, outs, strict=True):
+        ref = _hf_log_softmax(path, prompt)
+        plp = out.prompt_logprobs
+        assert plp is not None and len(plp) == len(prompt)
+        got = [plp[j][prompt[j]].logprob for j in range(1, len(prompt))]  # type: ignore[index]
+        assert got == pytest.approx([ref[j - 1, prompt[j]].item() for j in range(1, len(prompt))], abs=1e-4)
+
+
+def test_prompt_logprobs_range_is_checked() -> None:
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=21)

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "tokenmill.commands.bench",
     "tokenmill.commands.sim",
     "tokenmill.commands.profile",
+    "tokenmill.commands.model_path",
 ]
 
 

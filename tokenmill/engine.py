@@ -4,18 +4,28 @@
 processor. It validates and tokenizes requests, fans ``n`` samples out into
 core requests, and turns updates into ``RequestOutput``s. It has no thread of
 its own: callers (``LLM``, the async server engine) call ``step()``.
+
+Streaming a multi-step plan: a caller that sets ``Engine.on_partial`` gets
+each sub-step's tokens as they are sampled (the executor reports them
+through a callback), so a stream's inter-token gaps are decode steps, not
+plans. Those provisional outputs are checked against each request's stop
+rules with the same pure ``Request.check_output`` that ``update()`` applies
+at the end of the plan, so nothing past a stop is published; the scheduling
+state changes only in ``update()``, and a stop string found mid-plan finishes
+its request right after it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from tokenmill.core.plan import StepPlan
-from tokenmill.core.request import FinishReason, Request, SamplingParams
+from tokenmill.core.plan import SeqUpdate, StepPlan
+from tokenmill.core.request import Request, SamplingParams
 from tokenmill.core.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerStats
+from tokenmill.executor import Executor
 from tokenmill.output_processor import OutputProcessor
 from tokenmill.outputs import RequestOutput
 
@@ -29,6 +39,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | int8 (weight-only)
     device: str = "cpu"
     kv_cache_memory: int = 1 << 30  # bytes of KV cache
+    # MoE models: bytes of RAM for experts, the rest memory-mapped (None: all experts in RAM)
+    expert_cache_memory: int | None = None
+    expert_prefetch: bool = True  # read the next layer's likely experts ahead (with a cache)
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
@@ -37,10 +50,22 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     max_decode_steps: int = 8  # decode steps one plan may cover when nothing can change
     max_waiting: int | None = None
+    # Running slots the n samples of one request keep while other requests wait for
+    # one (None: no share); see core/scheduler.py.
+    max_seqs_per_request: int | None = 8
+    # Bound on n x max_tokens of one request (max_tokens=None counts as the rest of
+    # the context); None: no bound.
+    max_tokens_per_request: int | None = None
     policy: str = "fcfs"
     policy_options: dict[str, Any] = field(default_factory=dict)
     debug_checks: bool = False
     record_steps: bool = False  # keep a StepRecord per step (for replay in the simulator)
+
+    def scheduler_config(self, num_blocks: int, max_model_len: int) -> SchedulerConfig:
+        """The scheduler's share of this config: every ``SchedulerConfig`` field, by name."""
+        shared = {f.name: getattr(self, f.name) for f in fields(SchedulerConfig) if hasattr(self, f.name)}
+        shared.update(num_blocks=num_blocks, max_model_len=max_model_len, policy_options=dict(self.policy_options))
+        return SchedulerConfig(**shared)
 
 
 @dataclass
@@ -58,6 +83,8 @@ class EngineStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     finished_by_reason: dict[str, int]
+    # counters of an offloaded MoE model's expert cache (model.expert_cache.ExpertCacheStats)
+    expert_cache: Any = None
 
 
 def resolve_model_path(model: str | None) -> str:
@@ -69,49 +96,49 @@ def resolve_model_path(model: str | None) -> str:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
-        from tokenmill.executor.model_executor import ModelExecutor
-        from tokenmill.tokenizer import load_tokenizer
+    """The step loop around one scheduler, one executor and the output processor.
 
+    ``executor`` defaults to a ``ModelExecutor`` built from ``config`` (and then
+    ``tokenizer`` to the model's); any ``Executor`` will do (``executor/``):
+    with a ``SimExecutor`` and its ``VirtualClock`` as ``clock`` the same loop
+    runs in virtual time, as the scheduling benchmarks and the replay recorder
+    use it. Without a tokenizer, prompts are token ids and outputs carry no text.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        executor: Executor | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        if config.max_tokens_per_request is not None and config.max_tokens_per_request < 1:
+            raise ValueError(f"max_tokens_per_request must be >= 1 or None, got {config.max_tokens_per_request}")
         self.config = config
         self.clock = clock
-        model_path = resolve_model_path(config.model)
-        self.model_path = model_path
-        self.executor = ModelExecutor(
-            model_path,
-            dtype=config.dtype,
-            device=config.device,
-            kv_cache_memory=config.kv_cache_memory,
-            block_size=config.block_size,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_num_seqs=config.max_num_seqs,
-        )
-        mc = self.executor.model_config
-        self.model_config = mc
-        self.tokenizer = load_tokenizer(config.tokenizer or model_path)
-        self.max_model_len = min(config.max_model_len or mc.max_model_len, mc.max_model_len)
-        eos = set(mc.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
+        self.model_path = resolve_model_path(config.model)
+        if executor is None:
+            from tokenmill.executor.model_executor import ModelExecutor
+
+            executor = ModelExecutor.from_config(config)
+            if tokenizer is None:
+                from tokenmill.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(config.tokenizer or self.model_path)
+        self.executor = executor
+        self.model_config = getattr(executor, "model_config", None)
+        self.tokenizer = tokenizer
+        self.max_model_len = min(config.max_model_len or executor.max_model_len, executor.max_model_len)
+        eos = set(executor.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        self.vocab_size = mc.vocab_size
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                num_blocks=self.executor.num_blocks,
-                block_size=config.block_size,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=self.max_model_len,
-                enable_prefix_caching=config.enable_prefix_caching,
-                enable_chunked_prefill=config.enable_chunked_prefill,
-                max_decode_steps=config.max_decode_steps,
-                max_waiting=config.max_waiting,
-                policy=config.policy,
-                policy_options=dict(config.policy_options),
-                debug_checks=config.debug_checks,
-            )
-        )
+        self.vocab_size = executor.vocab_size
+        self.scheduler = Scheduler(config.scheduler_config(executor.num_blocks, self.max_model_len))
         self.outputs = OutputProcessor(self.tokenizer)
+        # Set by a caller that streams (the async engine): see the module docstring.
+        self.on_partial: Callable[[list[RequestOutput]], None] | None = None
         self._children: dict[str, list[Request]] = {}
         self._added_since_step: list[str] = []
         self.step_log: list[StepRecord] = []
@@ -123,6 +150,8 @@ class Engine:
     # ---------------------------------------------------------------- inputs
 
     def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer: give the prompt as token ids")
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     def add_request(
@@ -146,6 +175,8 @@ class Engine:
         """
         params = params or SamplingParams()
         params.validate()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this engine has none")
         if request_id in self._children:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -166,13 +197,25 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context length is "
                 f"{self.max_model_len}"
             )
+        limit = self.config.max_tokens_per_request
+        if limit is not None:
+            per_sample = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
+            if params.n * per_sample > limit:
+                raise ValueError(
+                    f"the request asks for up to n x max_tokens = {params.n} x {per_sample} = "
+                    f"{params.n * per_sample} tokens; max_tokens_per_request is {limit}: lower n or max_tokens"
+                )
         arrival = self.clock() if arrival_time is None else arrival_time
         children = []
         for i in range(params.n):
             child_params = params
             if params.n > 1:
-                # Each sample gets its own seed so that seeded samples differ but stay reproducible.
-                child_params = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+                # The samples keep the request's seed: the sampler keys each sample's stream by
+                # (seed, sample index), so seeded samples differ, stay reproducible, and never
+                # collide with another request's seed (as seed + i would).
+                child_params = replace(params, n=1)
+                if i > 0:
+                    child_params.prompt_logprobs = None  # the samples share one prompt: sample 0 computes them
             children.append(
                 Request(
                     request_id=request_id if params.n == 1 else f"{request_id}#{i}",
@@ -212,7 +255,6 @@ class Engine:
         now = self.clock()
         for child in children:
             if self.scheduler.abort_request(child.request_id, now) is not None:
-                self.executor.free_request(child.request_id)
                 self.finished_by_reason["abort"] = self.finished_by_reason.get("abort", 0) + 1
         return self.outputs.finish_aborted(request_id)
 
@@ -222,31 +264,34 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one plan; return an output for every user request that advanced."""
+        """Run one plan; return an output for every user request that advanced.
+
+        With ``on_partial`` set, a multi-step plan streams: after each sub-step but
+        the last, ``on_partial`` gets the outputs of the requests that sampled a
+        token in it (see the module docstring); what it got is not returned again.
+        """
         plan = self.scheduler.schedule(self.clock())
         if plan.is_empty:
+            if plan.finished_ids:
+                self.executor.execute(plan)  # only to drop the finished requests' state
             return []
+        sink = self.on_partial
+        publisher = _Publisher(self, plan)
+        streaming = sink is not None and plan.num_steps > 1
         t0 = self.clock()
-        result = self.executor.execute(plan)
+        result = self.executor.execute(plan, publisher.substep(sink)) if streaming else self.executor.execute(plan)
         result.duration = self.clock() - t0
         self._record(plan, result.duration)
-        updates = self.scheduler.update(plan, result)
-        now = self.clock()
-        outputs, stopped = self.outputs.process(updates, now)
-        for child_id, stop in stopped:
-            self.scheduler.finish_request(child_id, FinishReason.STOP, stop, now)
-        for u in updates:
+        outputs = publisher.publish(result.sampled_token_ids, result.logprobs, result.prompt_logprobs)
+        result.stop_strings = publisher.stop_strings or None
+        for u in self.scheduler.update(plan, result):
             self.num_generation_tokens += len(u.new_token_ids)
         self.num_prompt_tokens += sum(s.num_new_tokens for s in plan.seqs if s.is_prefill)
-        for child_id in plan.preempted_ids:
-            self.executor.free_request(child_id)
-        for out in outputs:
-            if out.finished:
-                for child in self._children.pop(out.request_id, []):
-                    self.executor.free_request(child.request_id)
-                for o in out.outputs:
-                    reason = o.finish_reason or "stop"
-                    self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
+        for out in publisher.finished + [o for o in outputs if o.finished]:
+            self._children.pop(out.request_id, None)
+            for o in out.outputs:
+                reason = o.finish_reason or "stop"
+                self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
         return outputs
 
     def _record(self, plan: StepPlan, duration: float) -> None:
@@ -262,4 +307,78 @@ class Engine:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
             finished_by_reason=dict(self.finished_by_reason),
+            expert_cache=self._expert_cache_stats(),
         )
+
+    def _expert_cache_stats(self) -> Any:
+        stats = getattr(getattr(getattr(self.executor, "model", None), "experts", None), "stats", None)
+        return None if stats is None else replace(stats)  # a snapshot: the cache's are live
+
+
+class _Publisher:
+    """Turns a plan's sampled tokens into outputs before ``update`` (``Engine.step``).
+
+    It reads requests and never changes them: each sequence's tokens so far go
+    through ``Request.check_output`` (the stop rules ``update()`` applies) and
+    the output processor (detokenization, stop strings); what it found of stop
+    strings goes to ``update`` in the step result. A streaming caller gets a
+    publish after each sub-step of a multi-step plan (``substep``); the end of
+    the plan publishes the rest.
+    """
+
+    def __init__(self, engine: Engine, plan: StepPlan) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.published: dict[str, int] = {}  # request id -> tokens of this plan handed out
+        self.stop_strings: dict[str, tuple[int, str]] = {}  # request id -> (tokens taken, stop string)
+        self.finished: list[RequestOutput] = []  # outputs that finished in a sub-step publish
+
+    def substep(self, sink: Callable[[list[RequestOutput]], None]) -> Callable[..., None]:
+        def on_substep(sampled: dict[str, list[int]], logprobs: dict[str, list[Any]]) -> None:
+            outputs = self.publish(sampled, logprobs or None, None)
+            self.finished.extend(out for out in outputs if out.finished)
+            if outputs:
+                sink(outputs)
+
+        return on_substep
+
+    def publish(
+        self,
+        sampled: dict[str, list[int]],
+        logprobs: dict[str, list[Any]] | None,
+        prompt_logprobs: dict[str, Any] | None,
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        requests = engine.scheduler.requests
+        max_len = engine.max_model_len
+        updates: list[SeqUpdate] = []
+        before: dict[str, int] = {}  # request id -> tokens of the plan published before this call
+        for s in self.plan.seqs:
+            rid = s.request_id
+            req = requests.get(rid)
+            if req is None:
+                continue
+            plp = prompt_logprobs.get(rid) if prompt_logprobs else None
+            if not s.samples:
+                if plp is not None:
+                    updates.append(SeqUpdate(req, [], prompt_logprobs=plp))
+                continue
+            if rid in self.stop_strings:
+                continue  # a stop string ended it in an earlier sub-step
+            toks = sampled[rid]
+            done = self.published.get(rid, 0)
+            n, reason, stop_reason = req.check_output(toks, max_len)
+            if n <= done:
+                continue  # stopped in an earlier sub-step
+            before[rid] = done
+            self.published[rid] = n
+            lps = logprobs.get(rid) if logprobs else None
+            updates.append(SeqUpdate(req, toks[done:n], lps[done:n] if lps else None, reason is not None,
+                                     reason, stop_reason, plp))  # fmt: skip
+        if not updates:
+            return []
+        outputs, stopped = engine.outputs.process(updates, engine.clock())
+        for rid, stop, taken in stopped:
+            self.published[rid] = n = before[rid] + taken
+            self.stop_strings[rid] = (n, stop)
+        return outputs

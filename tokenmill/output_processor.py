@@ -1,8 +1,12 @@
 """Turns the scheduler's per-sequence updates into user-facing ``RequestOutput``s.
 
 It owns detokenization, stop strings (with hold-back, so a stream never shows
-text that later turns out to be part of a stop string), logprob formatting
-and the fan-in of ``n`` samples into one output per user request.
+text that later turns out to be part of a stop string, and checked token by
+token, so no token after the one that completes a stop string is handed
+out), logprob formatting and the fan-in of ``n`` samples into one output per
+user request. The engine feeds it the updates of each plan, and, when it
+streams, the tokens of each sub-step of a multi-step plan as they are sampled
+(``Engine.step``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class SampleState:
     """One of a user request's ``n`` samples."""
 
     index: int
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None: no tokenizer, outputs carry token ids only
     params: SamplingParams
     text: str = ""
     emitted: int = 0  # characters of ``text`` already handed out
@@ -51,6 +55,7 @@ class ParentState:
     samples: list[SampleState]
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # filled chunk by chunk
 
     @property
     def finished(self) -> bool:
@@ -69,26 +74,37 @@ class OutputProcessor:
             samples.append(
                 SampleState(
                     index=child.sample_index,
-                    detok=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, sp.skip_special_tokens),
+                    detok=None if self.tokenizer is None
+                    else IncrementalDetokenizer(self.tokenizer, prompt_token_ids, sp.skip_special_tokens),
                     params=sp,
                     logprobs=[] if sp.logprobs is not None else None,
                     cumulative_logprob=0.0 if sp.logprobs is not None else None,
                 )
             )
-        self.parents[request_id] = ParentState(request_id, prompt, prompt_token_ids, samples, RequestMetrics(arrival))
+        parent = ParentState(request_id, prompt, prompt_token_ids, samples, RequestMetrics(arrival))
+        if any(child.sampling_params.prompt_logprobs is not None for child in children):
+            parent.prompt_logprobs = [None]  # the first prompt token has no logprob
+        self.parents[request_id] = parent
 
     def remove(self, request_id: str) -> None:
         self.parents.pop(request_id, None)
 
-    def process(self, updates: list[SeqUpdate], now: float) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
-        """Apply updates. Returns the outputs and the (child id, stop string) pairs that hit a stop string."""
+    def process(
+        self, updates: list[SeqUpdate], now: float
+    ) -> tuple[list[RequestOutput], list[tuple[str, str, int]]]:
+        """Apply updates. Returns the outputs and, for each sequence that hit a stop string,
+        ``(child id, stop string, tokens of its update taken up to the one that completed it)``."""
         touched: dict[str, ParentState] = {}
-        stopped: list[tuple[str, str]] = []
+        stopped: list[tuple[str, str, int]] = []
         for u in updates:
             req = u.request
             parent = self.parents.get(req.parent_id or req.request_id)
             if parent is None:
                 continue
+            if u.prompt_logprobs is not None:
+                self._add_prompt_logprobs(parent, *u.prompt_logprobs)
+                if not u.new_token_ids and not u.finished:
+                    continue  # a prompt chunk: nothing to hand out before the first token
             sample = parent.samples[req.sample_index]
             if sample.finished:
                 continue
@@ -102,9 +118,9 @@ class OutputProcessor:
                 m.last_token_time = now
             hit = self._append(sample, u)
             if hit is not None:
-                stopped.append((req.request_id, hit))
+                stopped.append((req.request_id, *hit))
             elif u.finished:
-                self._finish(sample, u.finish_reason, req.stop_reason)
+                self._finish(sample, u.finish_reason, u.stop_reason)
         outputs = []
         for parent in touched.values():
             if parent.finished:
@@ -113,14 +129,37 @@ class OutputProcessor:
             outputs.append(self._snapshot(parent))
         return outputs, stopped
 
-    def _append(self, s: SampleState, u: SeqUpdate) -> str | None:
-        s.token_ids.extend(u.new_token_ids)
-        if s.logprobs is not None and u.new_logprobs:
-            for tok, (lp, top) in zip(u.new_token_ids, u.new_logprobs, strict=False):
+    def _append(self, s: SampleState, u: SeqUpdate) -> tuple[str, int] | None:
+        """Append the update's tokens; return the stop string they complete, if any, with
+        how many of them were taken (up to the one that completed it)."""
+        tokens = u.new_token_ids
+        if s.params.stop and len(tokens) > 1:
+            # Several tokens at once (a multi-step plan): take them one at a time, so
+            # that the tokens after the one that completes a stop string are dropped.
+            lps = u.new_logprobs
+            for i, t in enumerate(tokens):
+                hit = self._append_tokens(
+                    s, [t], lps[i : i + 1] if lps else None, u.finished and i == len(tokens) - 1
+                )
+                if hit is not None:
+                    return hit, i + 1
+            return None
+        hit = self._append_tokens(s, tokens, u.new_logprobs, u.finished)
+        return None if hit is None else (hit, len(tokens))
+
+    def _append_tokens(
+        self, s: SampleState, tokens: list[int], lps: list[tuple[float, list[tuple[int, float]]]] | None, last: bool
+    ) -> str | None:
+        """Append tokens (and their logprobs); return the stop string they complete, if any."""
+        s.token_ids.extend(tokens)
+        if s.logprobs is not None and lps:
+            for tok, (lp, top) in zip(tokens, lps, strict=False):
                 s.logprobs.append(self._format_logprobs(tok, lp, top))
                 s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp
-        delta = s.detok.add(u.new_token_ids)
-        if u.finished:
+        if s.detok is None:
+            return None
+        delta = s.detok.add(tokens)
+        if last:
             delta += s.detok.flush()
         if not delta:
             return None
@@ -142,12 +181,28 @@ class OutputProcessor:
                 return stop
         return None
 
+    def _add_prompt_logprobs(
+        self, parent: ParentState, first: int, entries: list[tuple[float, list[tuple[int, float]]]]
+    ) -> None:
+        """Entries of prompt tokens ``first, first + 1, ...``; a recomputed chunk (after a
+        preemption) repeats some, which are kept once."""
+        got = parent.prompt_logprobs
+        if got is None or first > len(got):
+            return
+        ids = parent.prompt_token_ids
+        for j in range(len(got), first + len(entries)):
+            lp, top = entries[j - first]
+            got.append(self._format_logprobs(ids[j], lp, top))
+
+    def _decode(self, token: int) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode([token])
+
     def _format_logprobs(self, token: int, lp: float, top: list[tuple[int, float]]) -> TokenLogprobs:
         out: TokenLogprobs = {}
         for rank, (tid, tlp) in enumerate(top, start=1):
-            out[tid] = Logprob(tlp, rank, self.tokenizer.decode([tid]))
+            out[tid] = Logprob(tlp, rank, self._decode(tid))
         if token not in out:
-            out[token] = Logprob(lp, None, self.tokenizer.decode([token]))
+            out[token] = Logprob(lp, None, self._decode(token))
         return out
 
     @staticmethod
@@ -197,4 +252,11 @@ class OutputProcessor:
             finished=parent.finished,
             num_cached_tokens=parent.num_cached_tokens,
             metrics=parent.metrics,
+            prompt_logprobs=self._complete_prompt_logprobs(parent),
         )
+
+    @staticmethod
+    def _complete_prompt_logprobs(parent: ParentState) -> list[TokenLogprobs | None] | None:
+        """The prompt's logprobs once every prompt token has its entry (by the first token)."""
+        got = parent.prompt_logprobs
+        return got if got is not None and len(got) == len(parent.prompt_token_ids) else None

@@ -57,3 +57,6 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
+    # One entry per prompt token, the first None, when SamplingParams.prompt_logprobs asked
+    # (set from the first output that has a generated token on).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+# Files that hold a vocabulary, one of which any tokenizer transformers can load needs.
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "*.tiktoken")
+
 
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer (with its chat template) of a local Hugging Face directory.
@@ -15,6 +18,13 @@ def load_tokenizer(path: str | Path) -> Any:
     start on a small CPU for the same object.
     """
     path = Path(path)
+    if path.is_dir() and not any(any(path.glob(pattern)) for pattern in _VOCAB_FILES):
+        # Without this, transformers falls through to converting a slow tokenizer and
+        # complains that sentencepiece is not installed, which is not the problem.
+        raise FileNotFoundError(
+            f"no tokenizer files in {path} (looked for {', '.join(_VOCAB_FILES)}); "
+            "copy them from the checkpoint the weights come from"
+        )
     cfg_file = path / "tokenizer_config.json"
     if (path / "tokenizer.json").exists() and cfg_file.exists():
         cls = json.loads(cfg_file.read_text()).get("tokenizer_class")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import zlib
 
+from tokenmill.core.executor_state import ExecutorState
 from tokenmill.core.plan import StepPlan, StepResult
 
 VOCAB = 97
@@ -23,10 +24,17 @@ def next_token(history: list[int]) -> int:
 
 
 class FakeKVExecutor:
+    # The model facts an engine asks its executor for.
+    max_model_len = 1 << 20
+    vocab_size = VOCAB
+    eos_token_ids: tuple[int, ...] = ()
+
     def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
         self.block_size = block_size
         self.slots: list[tuple[int, int] | None] = [None] * (num_blocks * block_size)
         self.steps = 0
+        self.state = ExecutorState()  # what it knows of requests comes from plans alone
 
     def _write(self, block_ids: list[int], pos: int, token: int) -> None:
         bs = self.block_size
@@ -42,27 +50,29 @@ class FakeKVExecutor:
             out.append(entry[1])
         return out
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, on_substep: object = None) -> StepResult:
         self.steps += plan.num_steps
         sampled: dict[str, list[int]] = {}
-        for s in plan.seqs:
-            toks = s.new_token_ids()
-            for i, t in enumerate(toks):
-                self._write(s.block_ids, s.start_pos + i, t)
+        for s, view in zip(plan.seqs, self.state.apply(plan), strict=True):
+            history = view.token_ids()
+            if history[s.start_pos : s.start_pos + s.num_new_tokens] != s.token_ids:
+                raise AssertionError(f"{s.request_id}: the plan's tokens differ from the request's")
+            for i, t in enumerate(s.token_ids):
+                self._write(view.blocks, s.start_pos + i, t)
             if not s.samples:
                 continue
             end = s.start_pos + s.num_new_tokens
-            history = s.request.all_token_ids
             out: list[int] = []
             for step in range(plan.num_steps):
                 if step > 0:
-                    self._write(s.block_ids, end, out[-1])
+                    self._write(view.blocks, end, out[-1])
                     end += 1
-                ctx = self._read(s.block_ids, end)
+                ctx = self._read(view.blocks, end)
                 if ctx != (history + out)[:end]:
                     raise AssertionError(f"{s.request_id}: KV read back differs from the tokens")
                 out.append(next_token(history + out))
             sampled[s.request_id] = out
+        self.state.record(sampled)
         return StepResult(sampled, duration=0.001 * plan.num_steps)
 
 

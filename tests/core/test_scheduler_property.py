@@ -15,6 +15,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tokenmill.core.executor_state import ExecutorState
 from tokenmill.core.plan import StepPlan, StepResult
 from tokenmill.core.policies import available_policies
 from tokenmill.core.request import Request, SamplingParams
@@ -48,6 +49,7 @@ class PagedFakeExecutor:
         self.sched = sched
         self.bs = sched.config.block_size
         self.kv: dict[tuple[int, int], int] = {}
+        self.state = ExecutorState()
 
     def _write(self, table: list[int], pos: int, tok: int) -> None:
         b = table[pos // self.bs]
@@ -61,21 +63,21 @@ class PagedFakeExecutor:
 
     def execute(self, plan: StepPlan) -> StepResult:
         out: dict[str, list[int]] = {}
-        for s in plan.seqs:
-            toks = s.request.all_token_ids
+        for s, view in zip(plan.seqs, self.state.apply(plan), strict=True):
             pos = s.start_pos
-            for p in range(pos, pos + s.num_new_tokens):
-                self._write(s.block_ids, p, toks[p])
+            for i, p in enumerate(range(pos, pos + s.num_new_tokens)):
+                self._write(view.blocks, p, s.token_ids[i])
             pos += s.num_new_tokens
             if not s.samples:
                 continue
             sampled = []
             for k in range(plan.num_steps):
                 if k > 0:  # each later sub-step feeds the token sampled just before
-                    self._write(s.block_ids, pos, sampled[-1])
+                    self._write(view.blocks, pos, sampled[-1])
                     pos += 1
-                sampled.append(next_token(self._read(s.block_ids, pos)))
+                sampled.append(next_token(self._read(view.blocks, pos)))
             out[s.request_id] = sampled
+        self.state.record(out)
         return StepResult(sampled_token_ids=out, duration=1.0)
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenmill.core import Request, SamplingParams, ScheduledSeq, StepPlan
+from tokenmill.core import Request, SamplingParams, StepPlan
+from tokenmill.core.plan import standalone_seq
 from tokenmill.executor import ModelExecutor
 from tokenmill.model import kernels, threads
 from tokenmill.model.testing import load_hf_model, make_tiny_checkpoint
@@ -60,8 +61,8 @@ def new_request(rid: str, **params) -> Request:
     return Request(rid, list(PROMPTS[rid]), SamplingParams(max_tokens=16, **params))
 
 
-def decode_seq(req: Request) -> ScheduledSeq:
-    return ScheduledSeq(req, req.num_tokens - 1, 1, TABLES[req.request_id], True)
+def decode_seq(req: Request):
+    return standalone_seq(req, req.num_tokens - 1, 1, TABLES[req.request_id], True)
 
 
 def apply(result, reqs: list[Request]) -> None:
@@ -85,18 +86,18 @@ def test_chunked_prefill_then_decodes_match_transformers(model_dir: Path, hf_gre
     a, b, c = new_request("a"), new_request("b"), new_request("c")
     # step 0: a's first chunk (no sample) alongside b's whole prompt and c's first chunk
     plan = StepPlan(0, 0.0, [
-        ScheduledSeq(a, 0, 6, TABLES["a"], False),
-        ScheduledSeq(b, 0, 4, TABLES["b"], True),
-        ScheduledSeq(c, 0, 13, TABLES["c"], False),
+        standalone_seq(a, 0, 6, TABLES["a"], False),
+        standalone_seq(b, 0, 4, TABLES["b"], True),
+        standalone_seq(c, 0, 13, TABLES["c"], False),
     ])  # fmt: skip
     result = ex.execute(plan)
     assert set(result.sampled_token_ids) == {"b"} and result.logprobs is None
     apply(result, [a, b, c])
     # step 1: a's and c's last chunks sample, b decodes: a mixed prefill + decode batch
     plan = StepPlan(1, 0.0, [
-        ScheduledSeq(a, 6, 5, TABLES["a"], True),
+        standalone_seq(a, 6, 5, TABLES["a"], True),
         decode_seq(b),
-        ScheduledSeq(c, 13, 17, TABLES["c"], True),
+        standalone_seq(c, 13, 17, TABLES["c"], True),
     ])  # fmt: skip
     apply(ex.execute(plan), [a, b, c])
     while a.num_output_tokens < 10:
@@ -109,7 +110,7 @@ def test_multi_step_plan_equals_single_steps(model_dir: Path, hf_greedy) -> None
     ex = make_executor(model_dir)
     reqs = [new_request(rid) for rid in PROMPTS]
     first = StepPlan(
-        0, 0.0, [ScheduledSeq(r, 0, r.num_prompt_tokens, TABLES[r.request_id], True) for r in reqs]
+        0, 0.0, [standalone_seq(r, 0, r.num_prompt_tokens, TABLES[r.request_id], True) for r in reqs]
     )
     apply(ex.execute(first), reqs)
     result = ex.execute(StepPlan(1, 0.0, [decode_seq(r) for r in reqs], num_steps=6))
@@ -121,7 +122,7 @@ def test_multi_step_plan_equals_single_steps(model_dir: Path, hf_greedy) -> None
 
 def run_sampled(ex: ModelExecutor, multi: bool, **params) -> tuple[list[int], list]:
     req = new_request("a", **params)
-    apply(ex.execute(StepPlan(0, 0.0, [ScheduledSeq(req, 0, 11, TABLES["a"], True)])), [req])
+    apply(ex.execute(StepPlan(0, 0.0, [standalone_seq(req, 0, 11, TABLES["a"], True)])), [req])
     logprobs = []
     if multi:
         result = ex.execute(StepPlan(1, 0.0, [decode_seq(req)], num_steps=8))
@@ -132,7 +133,6 @@ def run_sampled(ex: ModelExecutor, multi: bool, **params) -> tuple[list[int], li
             result = ex.execute(StepPlan(1 + step, 0.0, [decode_seq(req)]))
             apply(result, [req])
             logprobs += result.logprobs["a"] if result.logprobs else []
-    ex.free_request("a")
     return req.output_token_ids, logprobs
 
 
@@ -161,9 +161,9 @@ def test_bad_block_tables_are_refused(model_dir: Path) -> None:
     ex = make_executor(model_dir)
     req = new_request("a")
     with pytest.raises(ValueError, match="blocks"):
-        ex.execute(StepPlan(0, 0.0, [ScheduledSeq(req, 0, 11, [1, 2], True)]))  # needs 3
+        ex.execute(StepPlan(0, 0.0, [standalone_seq(req, 0, 11, [1, 2], True)]))  # needs 3
     with pytest.raises(ValueError, match="blocks"):
-        ex.execute(StepPlan(0, 0.0, [ScheduledSeq(req, 0, 11, [1, 2, ex.num_blocks], True)]))
+        ex.execute(StepPlan(0, 0.0, [standalone_seq(req, 0, 11, [1, 2, ex.num_blocks], True)]))
 
 
 class _Starved:
@@ -194,7 +194,7 @@ def test_forward_passes_feed_the_thread_controller(
         ex = make_executor(model_dir)
         assert ex.threads is ctl
         reqs = [new_request(rid) for rid in PROMPTS]
-        first = [ScheduledSeq(r, 0, r.num_prompt_tokens, TABLES[r.request_id], True) for r in reqs]
+        first = [standalone_seq(r, 0, r.num_prompt_tokens, TABLES[r.request_id], True) for r in reqs]
         apply(ex.execute(StepPlan(0, 0.0, first)), reqs)
         assert kernels.kernel_threads() == 1 and ctl.changes == 1 and stats.n >= 2
         apply(ex.execute(StepPlan(1, 0.0, [decode_seq(r) for r in reqs], num_steps=9)), reqs)

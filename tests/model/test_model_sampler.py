@@ -195,3 +195,43 @@ def test_top_p_candidates_equal_a_full_sort() -> None:
     sizes = [int((vals > 0).sum()) for vals, _ in got]
     assert sizes[4] > 200 and sizes[7] > 100  # flat rows: nuclei wider than the candidates
     assert sizes[1] <= 5 and sizes[2] == 20 and sizes[5] <= 5
+
+
+def _seeded_stream(seed: int, sample_index: int = 0, length: int = 32) -> list[int]:
+    """The tokens a seeded row draws from flat logits at output positions 0..length-1."""
+    logits = torch.zeros(1, V)
+    sampler = Sampler(backend=BACKEND)
+    extra = {"sample_index": sample_index} if sample_index else {}
+    return [
+        sampler(logits, [SamplingRow(SamplingParams(temperature=1.0, seed=seed), [0] * pos, **extra)]).token_ids[0]
+        for pos in range(length)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (0, 2**63 - 1),  # equal modulo 2**63 - 1
+        (-1, -(2**63)),  # equal modulo 2**63 - 1
+        (5, 5 + 2**32),  # equal in their low 32 bits (all a CPU torch generator keeps)
+        (-1, 2**64 - 1),  # equal as 64-bit patterns: still distinct integers
+    ],
+)
+def test_distinct_seeds_draw_distinct_streams(a: int, b: int) -> None:
+    assert _seeded_stream(a) != _seeded_stream(b)
+    assert _seeded_stream(a) == _seeded_stream(a)  # and each stays reproducible
+
+
+def test_samples_of_one_seed_draw_their_own_streams() -> None:
+    # sample i of seed s is not sample 0 of seed s + i (no arithmetic on the seed to collide or overflow)
+    assert _seeded_stream(7, sample_index=1) != _seeded_stream(8, sample_index=0)
+    assert _seeded_stream(2**63 - 1, sample_index=1) != _seeded_stream(2**63 - 1, sample_index=0)
+    assert len({tuple(_seeded_stream(3, sample_index=i)) for i in range(4)}) == 4
+
+
+def test_seed_outside_64_bits_is_refused() -> None:
+    for bad in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="seed"):
+            SamplingParams(seed=bad)
+    SamplingParams(seed=2**64 - 1)
+    SamplingParams(seed=-(2**63))

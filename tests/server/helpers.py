@@ -124,3 +124,70 @@ def assert_error_shape(resp: httpx.Response, status: int, *, type: str | None = 
     if code is not None:
         assert err["code"] == code, err
     return err
+
+
+# ------------------------------------------------------------ in-process servers
+
+
+def make_app(model_dir: Path | None, *, settings: dict[str, Any] | None = None, **engine_kw: Any) -> tuple[Any, Any]:
+    """A FastAPI app and its ``ServerState`` around a fresh engine (``model_dir`` None: the bundled model)."""
+    from tokenmill.engine import Engine, EngineConfig
+    from tokenmill.server.app import build_state, create_app
+    from tokenmill.server.state import ServerSettings
+
+    kw: dict[str, Any] = dict(kv_cache_memory=4 << 20, max_model_len=64, max_num_seqs=16)
+    engine = Engine(EngineConfig(model=None if model_dir is None else str(model_dir), **{**kw, **engine_kw}))
+    s: dict[str, Any] = {"served_model_names": [MODEL_NAME], "max_body_bytes": MAX_BODY_BYTES, **(settings or {})}
+    state = build_state(engine, ServerSettings(**s))
+    return create_app(state), state
+
+
+class InProcessServer:
+    """uvicorn on a thread of this process, on a free loopback port: tests can look inside the engine."""
+
+    def __init__(self, app: Any, state: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        self.app, self.state = app, state
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        # log_config=None: records reach the root logger, where tests can see them
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on", timeout_graceful_shutdown=1
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
+
+    def __enter__(self) -> InProcessServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def wait_until(cond: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def engine_idle(state: Any) -> bool:
+    """No request anywhere: not in the server, not in the scheduler, no KV block owned."""
+    engine = state.async_engine.engine
+    sched = engine.scheduler
+    return (
+        state.async_engine.num_in_flight == 0
+        and not sched.requests
+        and not sched.waiting
+        and not sched.running
+        and sched.kv.pool.num_used == 0
+    )

@@ -43,11 +43,12 @@ def _check_report(report: dict[str, Any], num_prompts: int) -> None:
     assert len(report["requests"]) == num_prompts
 
 
-def test_bench_serve_fixed_workload_with_plots(server: ServerProcess, tmp_path: Path) -> None:
+def test_bench_serve_fixed_workload_with_plots(server: ServerProcess, server_model_dir: Path, tmp_path: Path) -> None:
     result = tmp_path / "result.json"
     plots = tmp_path / "plots"
+    # tokenmill's /v1/models names the model, not its directory: the tokenizer is given
     args = _args(
-        "--base-url", server.base_url, "--api-key", API_KEY, "--workload", "fixed",
+        "--base-url", server.base_url, "--api-key", API_KEY, "--workload", "fixed", "--tokenizer", str(server_model_dir),
         "--num-prompts", "8", "--input-len", "24", "--output-len", "8", "--request-rate", "40",
         "--goodput", "ttft:60000", "tpot:60000", "--result-file", str(result), "--plot", str(plots),
         "--no-progress",
@@ -56,17 +57,20 @@ def test_bench_serve_fixed_workload_with_plots(server: ServerProcess, tmp_path: 
     report = json.loads(result.read_text())
     _check_report(report, 8)
     assert report["goodput"]["fraction"] == 1.0  # a minute per token is met
-    assert report["exact_prompt_lengths"]  # the server named a local model directory
+    assert report["exact_prompt_lengths"]
     assert report["total_output_tokens"] == 8 * 8  # ignore_eos: every answer is as long as asked
     assert all(r["prompt_tokens"] == 24 for r in report["requests"])
     for name in ("latency_cdf.png", "throughput.png"):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_serve_shared_prefix_chat_with_concurrency(server: ServerProcess, tmp_path: Path) -> None:
+def test_bench_serve_shared_prefix_chat_with_concurrency(
+    server: ServerProcess, server_model_dir: Path, tmp_path: Path
+) -> None:
     result = tmp_path / "result.json"
     args = _args(
         "--base-url", f"{server.base_url}/v1", "--api-key", API_KEY, "--endpoint", "chat",
+        "--tokenizer", str(server_model_dir),
         "--workload", "shared-prefix", "--num-prefixes", "2", "--questions-per-prefix", "4", "--prefix-len", "48",
         "--input-len", "8", "--output-len", "6", "--num-prompts", "8", "--max-concurrency", "3",
         "--request-rate", "100", "--burstiness", "0.5", "--goodput", "e2e:1", "--result-file", str(result),

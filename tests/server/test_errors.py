@@ -119,7 +119,7 @@ def test_body_too_large(server: ServerProcess) -> None:
         for i in range(0, len(big), 8192):
             yield big[i : i + 8192]
 
-    assert_error_shape(_post(server, "/v1/completions", content=chunks()), 413)
+    assert_error_shape(_post(server, "/v1/completions", content=chunks()), 413, code="body_too_large")
 
 
 def test_api_key_required(server: ServerProcess) -> None:

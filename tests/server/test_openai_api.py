@@ -54,6 +54,10 @@ def _stream_chat_text(client: Any, **kw: Any) -> tuple[dict[int, str], dict[int,
 def test_models_and_health(server: ServerProcess, openai_client: Any) -> None:
     models = openai_client.models.list()
     assert [m.id for m in models.data] == [MODEL_NAME]
+    # The served name only: the model's path on the server's disk is not the client's business.
+    raw = httpx.get(f"{server.base_url}/v1/models", headers=server.headers).json()
+    assert raw["data"][0]["root"] == MODEL_NAME
+    assert "/" not in str(raw)
     assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
 
 

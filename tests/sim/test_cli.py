@@ -40,11 +40,14 @@ def test_sim_run_azure_cluster_and_disagg(tmp_path) -> None:  # type: ignore[no-
 
 def test_sim_search_picks_a_best_split(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "s.json"
-    assert main(["sim", "search", "--model", "llama-3-8b", "--max-replicas", "2", "--num-requests", "150",
-                 "--slo-ttft", "1.0", "--slo-tpot", "0.05", "-o", str(out)]) == 0  # fmt: skip
+    assert main(["sim", "search", "--model", "llama-3-8b", "--max-replicas", "2", "--num-requests", "50",
+                 "--duration", "3", "--confirm", "2", "--max-num-seqs", "32", "--prompt-len", "lognormal:512,0.8",
+                 "--output-len", "lognormal:128,0.8", "--slo-ttft", "1.0", "--slo-tpot", "0.05",
+                 "-o", str(out)]) == 0  # fmt: skip
     rep = json.loads(out.read_text())
     assert {(r["prefill"], r["decode"]) for r in rep["results"]} == {(0, 1), (0, 2), (1, 1)}
     assert rep["best"]["goodput_per_gpu"] == max(r.get("goodput_per_gpu", 0) for r in rep["results"]) > 0
+    assert rep["steady_state"]["duration_s"] == 3 and rep["best"]["confirmed"]["arrival_s"] >= 4
 
 
 def test_profile_and_validate_on_tiny_model(tiny_model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -106,7 +106,7 @@ def _run_scheduler(use_reference: bool, seed: int, stop_tokens: bool, max_decode
             continue
         plan = sched.schedule(now)
         # Tokens are a function of the request and position, so both worlds sample alike.
-        toks = {s.request_id: [(hash((s.request_id, s.request.num_tokens + j)) % 11) for j in range(plan.num_steps)]
+        toks = {s.request_id: [(hash((s.request_id, s.start_pos + s.num_new_tokens + j)) % 11) for j in range(plan.num_steps)]
                 for s in plan.seqs if s.samples}  # fmt: skip
         ups = sched.update(plan, StepResult(toks, duration=0.01))
         trace.append((plan.summary(), [(u.request_id, u.new_token_ids, u.finish_reason) for u in ups],

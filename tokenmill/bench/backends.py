@@ -1,9 +1,10 @@
 """The two backends a scheduling benchmark runs its workload on (see ``harness``).
 
-``SimBackend`` drives the core ``Scheduler`` in virtual time, pricing each plan
-with ``LinearCostModel``; ``EngineBackend`` drives the real ``Engine`` on this
-machine's CPU in wall-clock time (a tiny seeded Llama by default). Both take
-the same ``WorkItem`` list and ``SchedParams`` and return a ``RunResult``.
+Both run the same ``Engine`` step loop (``run_workload``): ``SimBackend`` with a
+``SimExecutor`` in virtual time, pricing each plan with ``LinearCostModel``;
+``EngineBackend`` with the real model on this machine's CPU in wall-clock time
+(a tiny seeded Llama by default). Both take the same ``WorkItem`` list and
+``SchedParams`` and return a ``RunResult``.
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ import json
 import platform
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tokenmill.bench.harness import ArrivalQueue, RequestRecord, RunResult, WorkItem
-from tokenmill.core.plan import StepPlan, StepResult
-from tokenmill.core.request import Request, SamplingParams
-from tokenmill.core.scheduler import Scheduler, SchedulerConfig
+from tokenmill.core.plan import StepPlan
+from tokenmill.core.request import SamplingParams
 
 # ------------------------------------------------------------ cost model (sim)
 
@@ -79,7 +79,7 @@ class SchedParams:
 
 
 class SimBackend:
-    """The core scheduler in virtual time with ``LinearCostModel``."""
+    """The engine's own step loop in virtual time: a ``SimExecutor`` priced by ``LinearCostModel``."""
 
     name = "sim"
 
@@ -93,100 +93,27 @@ class SimBackend:
         )
 
     def describe(self) -> str:
-        return f"sim: core Scheduler in virtual time, bench {self.cost.describe()}"
+        return f"sim: the engine's step loop in virtual time, bench {self.cost.describe()}"
 
     def run(self, items: Sequence[WorkItem], params: SchedParams, label: str) -> RunResult:
+        from tokenmill.engine import Engine, EngineConfig
+        from tokenmill.executor.sim_executor import SimExecutor, VirtualClock
+
         args = self.args
         max_len = max(len(w.prompt) + w.output_len for w in items) + 1
-        sched = Scheduler(
-            SchedulerConfig(
-                num_blocks=params.num_blocks,
-                block_size=args.block_size,
-                max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=max_len,
-                enable_prefix_caching=params.enable_prefix_caching,
-                max_decode_steps=1,  # one step per plan: arrivals are never overrun
-                policy=params.policy,
-                policy_options=dict(params.policy_options),
-            )
+        clock = VirtualClock(ArrivalQueue(items).start)
+        executor = SimExecutor(self.cost, clock=clock, num_blocks=params.num_blocks, max_model_len=max_len)
+        config = EngineConfig(
+            block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_prefix_caching=params.enable_prefix_caching,
+            max_decode_steps=1,  # one step per plan: arrivals are never overrun
+            policy=params.policy,
+            policy_options=dict(params.policy_options),
         )
-        wall0 = time.perf_counter()
-        arrivals = ArrivalQueue(items)
-        now = t0 = arrivals.start
-        reqs: dict[str, tuple[WorkItem, Request]] = {}
-        service: list[tuple[float, str, int]] = []
-        prefill = 0
-        while arrivals or sched.has_unfinished():
-            for w in arrivals.due(now):
-                r = to_request(w)
-                r.arrival_time = arrivals.arrival[w.request_id]
-                sched.add_request(r, r.arrival_time)
-                reqs[w.request_id] = (w, r)
-            plan = sched.schedule(now)
-            if plan.is_empty:
-                nxt = arrivals.next_time()
-                if nxt is None:
-                    raise RuntimeError("the scheduler is stuck: requests left but nothing scheduled")
-                now = max(now, nxt)
-                continue
-            dur = self.cost.plan_time(plan)
-            end = now + dur
-            sampled: dict[str, list[int]] = {}
-            for s in plan.seqs:
-                if s.is_prefill:
-                    prefill += s.num_new_tokens
-                if s.samples:
-                    sampled[s.request_id] = [1] * plan.num_steps
-            for u in sched.update(plan, StepResult(sampled_token_ids=sampled, duration=dur)):
-                r = u.request
-                # Service as fair-share policies count it: the whole prompt with the first token, then each output.
-                first = len(u.new_token_ids) == r.num_output_tokens
-                service.append((end - t0, r.client_id, len(u.new_token_ids) + (r.num_prompt_tokens if first else 0)))
-                if u.finished:
-                    arrivals.finished(u.request_id, end)
-            now = end
-        records = []
-        for w, r in reqs.values():
-            records.append(
-                RequestRecord(
-                    request_id=w.request_id,
-                    client_id=w.client_id,
-                    priority=w.priority,
-                    arrival=r.arrival_time - t0,
-                    first_token=None if r.first_token_time is None else r.first_token_time - t0,
-                    finish=None if r.finish_time is None else r.finish_time - t0,
-                    prompt_len=len(w.prompt),
-                    output_len=r.num_output_tokens,
-                    cached_tokens=max(0, r.num_cached_tokens),
-                    ttft_slo=w.ttft_slo,
-                    tpot_slo=w.tpot_slo,
-                )
-            )
-        return RunResult(
-            label=label,
-            backend=self.name,
-            records=records,
-            duration=now - t0,
-            prefill_tokens=prefill,
-            num_preemptions=sched.num_preemptions,
-            service=service,
-            wall_s=time.perf_counter() - wall0,
-        )
-
-
-def to_request(w: WorkItem) -> Request:
-    return Request(
-        request_id=w.request_id,
-        prompt_token_ids=list(w.prompt),
-        sampling_params=SamplingParams(temperature=0.0, max_tokens=w.output_len, ignore_eos=True),
-        arrival_time=w.arrival,
-        client_id=w.client_id,
-        priority=w.priority,
-        ttft_slo=w.ttft_slo,
-        tpot_slo=w.tpot_slo,
-        predicted_output_len=w.predicted_output_len,
-    )
+        engine = Engine(config, clock, executor=executor)
+        return run_workload(engine, items, label, self.name, clock.advance_to)
 
 
 TINY_LLAMA = dict(
@@ -276,80 +203,92 @@ class EngineBackend:
         engine.add_request("warmup", [1] * 32, SamplingParams(max_tokens=4, ignore_eos=True), cache_namespace="warmup")
         while engine.has_unfinished():
             engine.step()
-        prefill0 = engine.stats().num_prompt_tokens
-        preempt0 = engine.stats().scheduler.num_preemptions
+        return run_workload(engine, items, label, self.name, lambda t: time.sleep(max(0.0, min(0.01, t - time.perf_counter()))))
 
-        by_id = {w.request_id: w for w in items}
-        arrivals = ArrivalQueue(items)
-        base = arrivals.start
-        first: dict[str, float] = {}
-        finish: dict[str, float] = {}
-        cached: dict[str, int] = {}
-        n_out: dict[str, int] = {}
-        service: list[tuple[float, str, int]] = []
-        wall0 = t0 = time.perf_counter()
-        while arrivals or engine.has_unfinished():
-            now = time.perf_counter() - t0
-            for w in arrivals.due(now + base):
-                engine.add_request(
-                    w.request_id,
-                    list(w.prompt),
-                    SamplingParams(temperature=0.0, max_tokens=w.output_len, ignore_eos=True),
-                    arrival_time=t0 + arrivals.arrival[w.request_id] - base,
-                    client_id=w.client_id,
-                    priority=w.priority,
-                    ttft_slo=w.ttft_slo,
-                    tpot_slo=w.tpot_slo,
-                    predicted_output_len=w.predicted_output_len,
-                )
-            if not engine.has_unfinished():
-                nxt = arrivals.next_time()
-                time.sleep(max(0.0, min(0.01, (nxt if nxt is not None else now + base) - base - now)))
-                continue
-            for out in engine.step():
-                t = time.perf_counter() - t0
-                w = by_id[out.request_id]
-                new = sum(len(o.delta_token_ids) for o in out.outputs)
-                served = new
-                if out.request_id not in first:
-                    m = out.metrics
-                    first[out.request_id] = (m.first_token_time - t0) if m and m.first_token_time else t
-                    cached[out.request_id] = out.num_cached_tokens
-                    served += len(w.prompt)
-                n_out[out.request_id] = n_out.get(out.request_id, 0) + new
-                service.append((t, w.client_id, served))
-                if out.finished:
-                    m = out.metrics
-                    finish[out.request_id] = (m.finished_time - t0) if m and m.finished_time else t
-                    arrivals.finished(out.request_id, base + finish[out.request_id])
-        end = time.perf_counter() - t0
-        stats = engine.stats()
-        records = [
-            RequestRecord(
-                request_id=w.request_id,
+
+def run_workload(
+    engine: Any, items: Sequence[WorkItem], label: str, backend: str, wait_until: Callable[[float], None]
+) -> RunResult:
+    """Add each request at its arrival time on the engine's clock and step until all finish.
+
+    The one loop of both backends: ``wait_until(t)`` passes the time to ``t``
+    when nothing runs (sleeping on a wall clock, jumping a virtual one).
+    """
+    clock = engine.clock
+    stats0 = engine.stats()
+    by_id = {w.request_id: w for w in items}
+    arrivals = ArrivalQueue(items)
+    base = arrivals.start
+    first: dict[str, float] = {}
+    finish: dict[str, float] = {}
+    cached: dict[str, int] = {}
+    n_out: dict[str, int] = {}
+    service: list[tuple[float, str, int]] = []
+    wall0 = time.perf_counter()
+    t0 = clock()
+    while arrivals or engine.has_unfinished():
+        now = clock() - t0
+        for w in arrivals.due(now + base):
+            engine.add_request(
+                w.request_id,
+                list(w.prompt),
+                SamplingParams(temperature=0.0, max_tokens=w.output_len, ignore_eos=True),
+                arrival_time=t0 + arrivals.arrival[w.request_id] - base,
                 client_id=w.client_id,
                 priority=w.priority,
-                arrival=arrivals.arrival.get(w.request_id, w.arrival) - base,
-                first_token=first.get(w.request_id),
-                finish=finish.get(w.request_id),
-                prompt_len=len(w.prompt),
-                output_len=n_out.get(w.request_id, 0),
-                cached_tokens=cached.get(w.request_id, 0),
                 ttft_slo=w.ttft_slo,
                 tpot_slo=w.tpot_slo,
+                predicted_output_len=w.predicted_output_len,
             )
-            for w in items
-        ]
-        return RunResult(
-            label=label,
-            backend=self.name,
-            records=records,
-            duration=end,
-            prefill_tokens=stats.num_prompt_tokens - prefill0,
-            num_preemptions=stats.scheduler.num_preemptions - preempt0,
-            service=service,
-            wall_s=time.perf_counter() - wall0,
+        if not engine.has_unfinished():
+            nxt = arrivals.next_time()
+            if nxt is not None:
+                wait_until(t0 + nxt - base)
+            continue
+        for out in engine.step():
+            t = clock() - t0
+            w = by_id[out.request_id]
+            new = sum(len(o.delta_token_ids) for o in out.outputs)
+            served = new
+            if out.request_id not in first:
+                m = out.metrics
+                first[out.request_id] = (m.first_token_time - t0) if m and m.first_token_time else t
+                cached[out.request_id] = out.num_cached_tokens
+                served += len(w.prompt)  # fair-share policies count the prompt with the first token
+            n_out[out.request_id] = n_out.get(out.request_id, 0) + new
+            service.append((t, w.client_id, served))
+            if out.finished:
+                m = out.metrics
+                finish[out.request_id] = (m.finished_time - t0) if m and m.finished_time else t
+                arrivals.finished(out.request_id, base + finish[out.request_id])
+    end = clock() - t0
+    stats = engine.stats()
+    records = [
+        RequestRecord(
+            request_id=w.request_id,
+            client_id=w.client_id,
+            priority=w.priority,
+            arrival=arrivals.arrival.get(w.request_id, w.arrival) - base,
+            first_token=first.get(w.request_id),
+            finish=finish.get(w.request_id),
+            prompt_len=len(w.prompt),
+            output_len=n_out.get(w.request_id, 0),
+            cached_tokens=cached.get(w.request_id, 0),
+            ttft_slo=w.ttft_slo,
+            tpot_slo=w.tpot_slo,
         )
+        for w in items
+    ]
+    return RunResult(
+        label=label,
+        backend=backend,
+        records=records,
+        duration=end,
+        prefill_tokens=stats.num_prompt_tokens - stats0.num_prompt_tokens,
+        num_preemptions=stats.scheduler.num_preemptions - stats0.scheduler.num_preemptions,
+        service=service,
+        wall_s=time.perf_counter() - wall0,
+    )
 
 
 def make_backend(args: argparse.Namespace) -> SimBackend | EngineBackend:

@@ -33,6 +33,7 @@ from tokenmill.bench.harness import (
     RunResult,
     WorkItem,
     add_common_arguments,
+    args_record,
     new_figure,
     out_dir,
     print_table,
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     d = out_dir(args, NAME)
     write_json(d / f"{NAME}.json", {
-        "benchmark": NAME, "command": " ".join(sys.argv), "backend": backend.describe(), "args": vars(args),
+        "benchmark": NAME, "command": " ".join(sys.argv), "backend": backend.describe(), "args": args_record(args),
         "num_blocks": num_blocks, "bin_edges": edges, "runs": {r["label"]: r for r in rows},
         "ratios": {"continuous_bins_over_fcfs": cont, "static_bins_over_fcfs": stat,
                    "static_bins_over_continuous_fcfs": best},

@@ -33,6 +33,7 @@ from tokenmill.bench.harness import (
     RunResult,
     WorkItem,
     add_common_arguments,
+    args_record,
     new_figure,
     out_dir,
     percentile,
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         w = max(r.duration / args.windows, 1e-9)
         windows[p] = {"window_s": w, "served": r.service_windows(w, CLIENTS)}
     write_json(d / f"{NAME}.json", {
-        "benchmark": NAME, "command": " ".join(sys.argv), "backend": backend.describe(), "args": vars(args),
+        "benchmark": NAME, "command": " ".join(sys.argv), "backend": backend.describe(), "args": args_record(args),
         "num_blocks": num_blocks, "runs": by, "windows": windows,
     })  # fmt: skip
     if not args.no_plot:

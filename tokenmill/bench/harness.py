@@ -269,6 +269,15 @@ def out_dir(args: argparse.Namespace, name: str) -> Path:
     return d
 
 
+def args_record(args: argparse.Namespace) -> dict[str, Any]:
+    """A run's settings for its JSON result: the parsed flags, without what the CLI adds.
+
+    ``tokenmill bench`` stores the function that runs the command on the
+    namespace (``func``); it is not a setting and not JSON.
+    """
+    return {k: v for k, v in vars(args).items() if not callable(v)}
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     def default(o: Any) -> Any:
         if hasattr(o, "__dataclass_fields__"):

@@ -32,6 +32,7 @@ from tokenmill.bench.harness import (
     RunResult,
     WorkItem,
     add_common_arguments,
+    args_record,
     new_figure,
     out_dir,
     poisson_arrivals,
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
     d = out_dir(args, NAME)
     write_json(d / f"{NAME}.json", {
-        "benchmark": NAME, "command": " ".join(sys.argv), "backend": backend.describe(), "args": vars(args),
+        "benchmark": NAME, "command": " ".join(sys.argv), "backend": backend.describe(), "args": args_record(args),
         "calibration": {**calib, "capacity_req_per_s": capacity},
         "slo": {"ttft_interactive_s": ttft_slo, "ttft_batch_s": batch_ttft, "tpot_s": tpot_slo, "rate": rate},
         "runs": {r["label"]: r for r in rows}, "goodput_slo_over_fcfs": g,

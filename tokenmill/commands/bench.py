@@ -13,6 +13,7 @@ BENCHMARKS = {
     "fairness": ("tokenmill.bench.fairness", "two clients, one 10x heavier: fcfs vs vtc vs dlpm"),
     "slo": ("tokenmill.bench.slo", "overload with SLO classes: goodput of slo vs fcfs"),
     "bins": ("tokenmill.bench.bins", "bimodal output lengths: bins vs fcfs throughput"),
+    "moe": ("tokenmill.bench.moe", "MoE decode vs transformers; expert offloading hit rate"),
     "contention": ("tokenmill.bench.contention", "batch-1 decode quiet vs beside busy processes"),
 }
 

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenmill.commands.options import MiB, size_in
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("profile", help="measure the engine's step times for the simulator's cost model",
@@ -25,7 +27,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="largest prefill measured")
     p.add_argument("--max-num-seqs", type=int, default=64, help="largest decode batch measured")
-    p.add_argument("--kv-cache-memory", type=float, default=512, help="MiB of KV cache for the measurements")
+    p.add_argument("--kv-cache-memory", type=size_in(MiB), default="512",
+                   help="KV cache for the measurements: MiB, or a size such as 1GiB")  # fmt: skip
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--statistic", default="mean", choices=["mean", "median"])
     p.add_argument("--multistep", type=int, default=8,
@@ -68,9 +71,11 @@ def _profile(args: argparse.Namespace) -> int:
 
         table = profile_model(path, grid=args.grid, dtype=args.dtype, block_size=args.block_size,
                               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                              kv_cache_memory=int(args.kv_cache_memory * 2**20), repeats=args.repeats,
+                              kv_cache_memory=args.kv_cache_memory, repeats=args.repeats,
                               stat=args.statistic, multistep=args.multistep, measure_overhead=not args.no_overhead,
                               progress=progress)  # fmt: skip
+    for note in table["clamped"]:
+        console.print(f"note: {note}", markup=False)
     out = Path(args.output or f"profile-{Path(path).name}.json")
     out.write_text(json.dumps(table, indent=1))
     over = table["engine_overhead"]

@@ -15,6 +15,8 @@ import json
 import sys
 from typing import Any
 
+from tokenmill.commands.options import MiB, UsageError, check_policy, key_value, size_in
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("sim", help="simulate serving in virtual time with the engine's own scheduler")
@@ -42,7 +44,8 @@ def register(subparsers: Any) -> None:
     val.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second")
     val.add_argument("--prompt-len", default="lognormal:96,0.5")
     val.add_argument("--output-len", default="lognormal:48,0.5")
-    val.add_argument("--kv-cache-memory", type=float, default=256, help="MiB of KV cache for the engine")
+    val.add_argument("--kv-cache-memory", type=size_in(MiB), default="256",
+                     help="KV cache for the engine: MiB, or a size such as 1GiB")  # fmt: skip
     val.add_argument("--max-num-seqs", type=int, default=32)
     val.add_argument("--max-num-batched-tokens", type=int, default=512)
     val.add_argument("--max-decode-steps", type=int, default=8)
@@ -60,7 +63,14 @@ def register(subparsers: Any) -> None:
     g.add_argument("--slo-tpot", type=float, default=0.1, help="seconds per output token")
     g.add_argument("--attainment", type=float, default=0.9, help="fraction of requests that must meet both SLOs")
     g.add_argument("--max-replicas", type=int, default=8, help="replicas per candidate, prefill and decode together")
-    g.add_argument("--num-requests", type=int, default=1000, help="requests per trial")
+    g.add_argument("--num-requests", type=int, default=1000, help="requests per trial, at least")
+    g.add_argument("--duration", type=float, default=60.0,
+                   help="seconds of arrivals per trial, at least: candidates are judged at a sustained rate")
+    g.add_argument("--warmup", type=float, default=0.2, help="fraction of a trial's arrivals not counted")
+    g.add_argument("--tail", type=float, default=0.25,
+                   help="final fraction of a trial's arrivals that must meet the target on its own")
+    g.add_argument("--confirm", type=float, default=3.0,
+                   help="each candidate's best rate is confirmed on a run this many times longer")
     g.add_argument("--prompt-len", default="azure", help="length distribution (see `sim run --help`)")
     g.add_argument("--output-len", default="azure")
     g.add_argument("--router", default="least_outstanding_tokens")
@@ -91,8 +101,9 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--num-blocks", type=int, help="KV blocks per replica (default: what fits in memory)")
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    s.add_argument("--kv-cache-memory", type=float, default=1024,
-                   help="MiB of KV cache per replica with the profiled cost model (the real engine's setting)")  # fmt: skip
+    s.add_argument("--kv-cache-memory", type=size_in(MiB), default="1024",
+                   help="KV cache per replica with the profiled cost model (the real engine's setting): MiB, "
+                        "or a size such as 4GiB")  # fmt: skip
     s.add_argument("--max-num-seqs", type=int, default=256)
     s.add_argument("--max-num-batched-tokens", type=int, default=8192)
     s.add_argument("--max-model-len", type=int)
@@ -102,7 +113,7 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                    help="decode steps one plan may cover (ideal mode: a simulation shortcut; engine mode: the "
                         "engine's setting)")  # fmt: skip
     s.add_argument("--policy", default="fcfs", help="scheduling policy")
-    s.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+    s.add_argument("--policy-option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="policy option (value parsed as JSON when it can be)")  # fmt: skip
 
 
@@ -148,32 +159,21 @@ def _slo_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slo-tpot", type=float, help="seconds per output token")
 
 
-def _policy_options(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--policy-option needs KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def _deployment(args: argparse.Namespace, tp: int | None = None) -> Any:
     from tokenmill.sim.build import DeploymentSpec
+
+    check_policy(args.policy, dict(args.policy_option))
 
     return DeploymentSpec(
         model=args.model, hardware=args.hardware, tp=tp or args.tp, dtype=args.dtype, kv_dtype=args.kv_dtype,
         cost_model=args.cost_model, profile=args.profile, step_overhead=args.step_overhead,
         flops_efficiency=args.flops_efficiency, bandwidth_efficiency=args.bandwidth_efficiency,
         block_size=args.block_size, num_blocks=args.num_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_memory=int(args.kv_cache_memory * 2**20),
+        kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         enable_chunked_prefill=not args.no_chunked_prefill, max_decode_steps=args.max_decode_steps,
-        policy=args.policy, policy_options=_policy_options(args.policy_option),
+        policy=args.policy, policy_options=dict(args.policy_option),
     )  # fmt: skip
 
 
@@ -233,7 +233,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         wl, cfg = build_run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not len(wl):
@@ -281,7 +281,7 @@ def _validate(args: argparse.Namespace) -> int:
     console = Console()
     report = validate(model=args.model, profile=args.profile, num_requests=args.num_requests, rate=args.rate,
                       prompt_len=args.prompt_len, output_len=args.output_len,
-                      kv_cache_memory=int(args.kv_cache_memory * 2**20), max_num_batched_tokens=args.max_num_batched_tokens,
+                      kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
                       max_num_seqs=args.max_num_seqs, max_decode_steps=args.max_decode_steps, dtype=args.dtype,
                       threads=args.threads, seed=args.seed, grid=args.grid, repeats=args.repeats,
                       log=console.print)  # fmt: skip
@@ -308,12 +308,18 @@ def _validate(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from tokenmill.sim.search import SearchSpec, search
 
+    try:
+        deployment = _deployment(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     spec = SearchSpec(
-        deployment=_deployment(args),
+        deployment=deployment,
         prefill_deployment=_deployment(args, tp=args.prefill_tp) if args.prefill_tp else None,
         ttft_slo=args.slo_ttft, tpot_slo=args.slo_tpot, attainment=args.attainment,
         max_replicas=args.max_replicas, colocated=not args.no_colocated, disaggregated=not args.no_disagg,
-        num_requests=args.num_requests, prompt_len=args.prompt_len, output_len=args.output_len,
+        num_requests=args.num_requests, duration=args.duration, warmup=args.warmup, tail=args.tail,
+        confirm=args.confirm, prompt_len=args.prompt_len, output_len=args.output_len,
         router=args.router, kv_transfer_bandwidth=args.kv_link_gbps * 1e9 / 8 * (args.prefill_tp or args.tp),
         seed=args.seed,
     )  # fmt: skip

@@ -20,6 +20,13 @@ class KVManager:
         self.pool = BlockPool(num_blocks)
         self.cache = PrefixCache(self.pool, block_size) if enable_prefix_caching else None
         self.tables: dict[str, list[int]] = {}
+        # Per request: how many leading entries of its table the executor already holds
+        # (sent in earlier plans and unchanged since), so a plan sends only the rest.
+        self._synced: dict[str, int] = {}
+        # KV moving between replicas (prefill/decode disaggregation): tables of finished
+        # requests held for export, and tables reserved for requests whose KV is imported.
+        self.held: dict[str, list[int]] = {}
+        self.imports: dict[str, tuple[list[int], int]] = {}  # request id -> (table, tokens imported)
         # Each live request's block keys (token tuples of its full blocks), cut once:
         # a request's tokens only grow, so its keys only grow too.
         self._keys: dict[str, list[tuple[int, ...]]] = {}
@@ -75,6 +82,8 @@ class KVManager:
         return self.cache.match_keys(self._block_keys(req, max_blocks), req.cache_namespace)
 
     def record_prefix_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        if self.cache is None:
+            return  # no cache, no lookup: the counters stay at zero (as vLLM's do)
         self.prefix_query_tokens += num_prompt_tokens
         self.prefix_hit_tokens += num_hit_tokens
 
@@ -131,6 +140,7 @@ class KVManager:
                 self.pool.incref([b])
                 self.pool.decref([table[i]])
                 table[i] = b
+                self._unsync(req.request_id, i)
 
     def trim(self, req: Request, num_tokens: int) -> None:
         """Give back the tail blocks of the request's table beyond what ``num_tokens`` tokens need.
@@ -147,18 +157,123 @@ class KVManager:
         extra = table[keep:]
         del table[keep:]
         self.pool.unpop(extra)
+        self._unsync(req.request_id, keep)
+
+    def _unsync(self, request_id: str, index: int) -> None:
+        synced = self._synced.get(request_id)
+        if synced is not None and index < synced:
+            self._synced[request_id] = index
+
+    def table_diff(self, request_id: str) -> tuple[int, list[int]]:
+        """``(offset, blocks)``: what a plan sends of the request's table; marks it sent.
+
+        The executor's copy, replaced from ``offset`` on by ``blocks``, equals
+        the table: the whole of it the first time, then only what was appended
+        or changed since the last call.
+        """
+        table = self.tables.get(request_id, [])
+        offset = self._synced.get(request_id, 0)
+        self._synced[request_id] = len(table)
+        return offset, table[offset:]
 
     def free(self, req: Request) -> None:
         """Drop the request's blocks, tail first (so its tail is reused or evicted first)."""
         self._keys.pop(req.request_id, None)
+        self._synced.pop(req.request_id, None)
         table = self.tables.pop(req.request_id, None)
         if table:
             self.pool.decref(table[::-1])
 
+    # ---------------------------------------------------- KV export and import
+
+    def hold(self, req: Request) -> None:
+        """Keep a finishing request's blocks owned, for export, until ``release``."""
+        self._keys.pop(req.request_id, None)
+        self._synced.pop(req.request_id, None)
+        table = self.tables.pop(req.request_id, None)
+        if table:
+            self.held[req.request_id] = table
+
+    def export_blocks(self, request_id: str, start_token: int, end_token: int) -> list[int]:
+        """The blocks that hold tokens ``[start_token, end_token)`` of a held (or running) request.
+
+        ``start_token`` is a multiple of the block size (what an importer
+        already has is whole blocks); the last block may be partly filled.
+        """
+        if start_token % self.block_size:
+            raise ValueError(f"an export starts at a block boundary, not token {start_token}")
+        table = self.held.get(request_id) or self.tables.get(request_id)
+        if table is None:
+            raise KeyError(f"request {request_id!r} holds no blocks to export")
+        end = self.blocks_for(end_token)
+        if end > len(table):
+            raise ValueError(f"request {request_id!r} holds {len(table)} blocks, not the {end} that {end_token} tokens need")
+        return table[start_token // self.block_size : end]
+
+    def release(self, request_id: str) -> bool:
+        """Give back a held request's blocks (full ones stay in the prefix cache); False if none."""
+        table = self.held.pop(request_id, None)
+        if table is None:
+            return False
+        self.pool.decref(table[::-1])
+        return True
+
+    def reserve_import(self, req: Request, num_tokens: int) -> tuple[int, list[int]] | None:
+        """Reserve the blocks that will hold the request's first ``num_tokens`` tokens of KV.
+
+        Full blocks the prefix cache already holds are taken from it (no need to
+        transfer them, as in Mooncake); the rest are fresh. Returns (tokens found
+        in the cache, the fresh blocks to write tokens from there up to
+        ``num_tokens`` into), or None when the pool cannot supply them. The
+        reservation is the request's table once it is admitted (``take_import``).
+        """
+        if req.request_id in self.imports or req.request_id in self.tables:
+            raise ValueError(f"request {req.request_id!r} already holds blocks")
+        if not 0 < num_tokens <= req.num_tokens:
+            raise ValueError(f"cannot import {num_tokens} tokens of a {req.num_tokens}-token request")
+        computed: list[int] = []
+        if self.cache is not None and req.cache_namespace in self.cache.roots:
+            n_full = num_tokens // self.block_size
+            if n_full:
+                computed = self.cache.match_keys(self._block_keys(req, n_full), req.cache_namespace)
+        need = self.blocks_for(num_tokens) - len(computed)
+        pool = self.pool
+        unowned_computed = sum(1 for b in computed if pool.ref_counts[b] == 0)
+        if need > pool.num_free + pool.num_evictable - unowned_computed:
+            return None
+        if computed:
+            pool.incref(computed)
+        if need > pool.num_free:
+            assert self.cache is not None
+            self.cache.evict(need - pool.num_free)
+        fresh = pool.pop_free(need)
+        self.imports[req.request_id] = (computed + fresh, num_tokens)
+        return len(computed) * self.block_size, fresh
+
+    def take_import(self, req: Request) -> int | None:
+        """Make the request's import reservation its table; returns the tokens imported (None: none).
+
+        The imported full blocks go into the prefix cache at once, for later requests."""
+        entry = self.imports.pop(req.request_id, None)
+        if entry is None:
+            return None
+        table, num_tokens = entry
+        self.tables[req.request_id] = table
+        self.cache_blocks(req, num_tokens)
+        return num_tokens
+
+    def cancel_import(self, request_id: str) -> bool:
+        """Drop an import reservation that will not be admitted; False if there is none."""
+        entry = self.imports.pop(request_id, None)
+        if entry is None:
+            return False
+        self.pool.decref(entry[0][::-1])
+        return True
+
     def check_invariants(self) -> None:
         self.pool.check_invariants()
         owners = [0] * self.pool.num_blocks
-        for table in self.tables.values():
+        for table in [*self.tables.values(), *self.held.values(), *(t for t, _ in self.imports.values())]:
             for b in table:
                 owners[b] += 1
         if owners != self.pool.ref_counts:

@@ -9,49 +9,84 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokenmill.core.request import FinishReason, Request
+from tokenmill.core.request import FinishReason, Request, SamplingParams
+
+
+@dataclass(slots=True)
+class SeqSetup:
+    """What an executor keeps about a sequence while it runs, sent once per admission.
+
+    The scheduler attaches it to a sequence's ``ScheduledSeq`` in the plan that
+    admits (or re-admits, after a preemption) the request; the executor keeps
+    it until the request appears in a plan's ``finished_ids`` or
+    ``preempted_ids``. ``output_token_ids`` are the tokens generated before
+    this admission (repetition penalties and seeded streams need them); the
+    executor appends what it samples itself.
+    """
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    sample_index: int = 0
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """True for a request that asked for its prompt's logprobs and has none sampled yet."""
+        return self.sampling_params.prompt_logprobs is not None and not self.output_token_ids
 
 
 @dataclass(slots=True)
 class ScheduledSeq:
-    """One sequence's share of a step.
+    """One sequence's share of a step: plain data, no live request.
 
-    The first sub-step computes the KV of tokens
-    ``[start_pos, start_pos + num_new_tokens)`` of ``request.all_token_ids``.
-    If ``samples`` is true the last of them yields a sampled token; in a
-    multi-step plan each later sub-step feeds the token sampled just before
-    and samples one more, so a k-step plan computes ``num_new_tokens + k - 1``
-    tokens of KV and samples k tokens.
+    The first sub-step computes the KV of tokens ``[start_pos, start_pos +
+    num_new_tokens)`` of the sequence (prompt, then output), which are
+    ``token_ids``. If ``samples`` is true the last of them yields a sampled
+    token; in a multi-step plan each later sub-step feeds the token sampled
+    just before and samples one more, so a k-step plan computes
+    ``num_new_tokens + k - 1`` tokens of KV and samples k tokens.
+
+    The block table travels as a diff: the executor's copy of the request's
+    table is replaced from index ``block_offset`` on by ``block_ids`` (the
+    whole table, offset 0, at admission or after the prefix cache swapped a
+    block; only the blocks appended since the last plan otherwise). The table
+    then covers every token the plan writes.
     """
 
-    request: Request
+    request_id: str
     start_pos: int
     num_new_tokens: int
-    block_ids: list[int]  # the request's whole block table (read-only for executors)
+    token_ids: list[int]
+    block_offset: int
+    block_ids: list[int]
     samples: bool
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
+    setup: SeqSetup | None = None  # set in the plan that admits the request
 
     @property
     def is_prefill(self) -> bool:
         """True while the step still processes prompt (or recomputed) tokens."""
         return self.num_new_tokens > 1 or not self.samples
 
-    def new_token_ids(self) -> list[int]:
-        return self.request.token_ids_slice(self.start_pos, self.start_pos + self.num_new_tokens)
-
 
 @dataclass(slots=True)
 class StepPlan:
-    """What one engine step (or ``num_steps`` decode steps) runs."""
+    """What one engine step (or ``num_steps`` decode steps) runs: a self-contained snapshot.
+
+    An executor needs nothing else: sequences carry their tokens and block
+    table diffs, newly admitted ones their ``SeqSetup``, and the ids of
+    requests that finished or were aborted since the previous plan
+    (``finished_ids``) or were preempted by this one (``preempted_ids``) tell
+    it which per-request state to drop. So an executor may live in another
+    process, and the simulator can price a plan without live requests.
+    """
 
     step_id: int
     now: float
     seqs: list[ScheduledSeq]
     num_steps: int = 1  # > 1 only when every seq is a one-token decode and nothing can change
     preempted_ids: list[str] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)
     num_batched_tokens: int = 0  # tokens computed in the first sub-step
     num_waiting: int = 0
     num_running: int = 0
@@ -69,19 +104,31 @@ class StepPlan:
         )
 
 
+# (logprob of a token, [(token_id, logprob), ...top-N])
+LogprobEntry = tuple[float, list[tuple[int, float]]]
+
+
 @dataclass(slots=True)
 class StepResult:
     """What an executor returns for a plan.
 
     ``sampled_token_ids[request_id]`` holds one token per sub-step for each
-    sampling sequence. ``logprobs[request_id]`` (when asked for) holds, per
-    sampled token, ``(logprob of the sampled token, [(token_id, logprob), ...top-N])``.
-    ``duration`` is the simulated or measured seconds the plan took.
+    sampling sequence. ``logprobs[request_id]`` (when asked for) holds a
+    ``LogprobEntry`` per sampled token. ``prompt_logprobs[request_id]`` (for
+    requests that want them, see ``Request.wants_prompt_logprobs``) is
+    ``(j, entries)``: the entries of prompt tokens ``j, j + 1, ...`` whose
+    predicting position the step computed. ``duration`` is the simulated or
+    measured seconds the plan took. ``stop_strings[request_id] = (n, stop)``
+    says that the request's ``n``-th token of this plan completed the stop
+    string ``stop`` (found by whoever detokenizes, before ``update``): the
+    request takes its first ``n`` tokens and finishes there.
     """
 
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    logprobs: dict[str, list[tuple[float, list[tuple[int, float]]]]] | None = None
+    logprobs: dict[str, list[LogprobEntry]] | None = None
     duration: float | None = None
+    prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]] | None = None
+    stop_strings: dict[str, tuple[int, str]] | None = None
 
 
 @dataclass(slots=True)
@@ -90,10 +137,21 @@ class SeqUpdate:
 
     request: Request
     new_token_ids: list[int]
-    new_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    new_logprobs: list[LogprobEntry] | None = None
     finished: bool = False
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id that finished it, if one did
+    prompt_logprobs: tuple[int, list[LogprobEntry]] | None = None  # as in StepResult
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+
+def standalone_seq(req: Request, start_pos: int, num_new_tokens: int, block_ids: list[int], samples: bool) -> ScheduledSeq:
+    """A sequence for a plan built outside the scheduler (profiling, tests): it carries
+    its setup and its whole table, so an executor takes it whatever it saw before."""
+    setup = SeqSetup(req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
+                     req.eos_token_ids, req.sample_index)  # fmt: skip
+    tokens = req.token_ids_slice(start_pos, start_pos + num_new_tokens)
+    return ScheduledSeq(req.request_id, start_pos, num_new_tokens, tokens, 0, list(block_ids), samples, setup)

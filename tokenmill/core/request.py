@@ -8,6 +8,7 @@ sequences.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -39,7 +40,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # in [-2**63, 2**64); each distinct seed draws its own stream
     max_tokens: int | None = 16  # None: up to the context length
     min_tokens: int = 0
     stop: list[str] | str | None = None
@@ -47,6 +48,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token (0: the sampled one only)
+    # top-N logprobs per prompt token (the first has none); such a request recomputes
+    # the prompt positions the prefix cache holds rather than skipping them
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -80,8 +84,12 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if any(not s for s in self.stop):  # type: ignore[union-attr]
             raise ValueError("stop strings must be non-empty")
 
@@ -111,6 +119,7 @@ class Request:
     tpot_slo: float | None = None
     predicted_output_len: int | None = None  # hint for length-aware policies
     parent_id: str | None = None  # the user request this sample belongs to
+    hold_kv: bool = False  # keep its KV blocks after it finishes, for export (prefill of P/D)
     sample_index: int = 0
 
     status: RequestStatus = RequestStatus.WAITING
@@ -158,47 +167,60 @@ class Request:
     def max_output_tokens(self) -> int | None:
         return self.sampling_params.max_tokens
 
-    def append_output(
-        self, tokens: list[int], max_model_len: int
-    ) -> tuple[list[int], FinishReason | None, int | str | None]:
-        """Append sampled tokens up to the first stop condition (EOS, a stop token after
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """True until the prompt has been computed once for a request that asked for its logprobs
+        (they are all handed out by the time the first token is sampled)."""
+        return self.sampling_params.prompt_logprobs is not None and not self.output_token_ids
+
+    def check_output(
+        self, tokens: Sequence[int], max_model_len: int
+    ) -> tuple[int, FinishReason | None, int | str | None]:
+        """How many of ``tokens`` (sampled after the current output) the request takes:
+        all of them, or those up to the first stop condition (EOS, a stop token after
         ``min_tokens``, ``max_tokens``, or ``max_model_len`` in all).
 
-        Returns the tokens appended, the finish reason (None while it runs on) and the
-        stop token that ended it, if any.
+        Returns that count, the finish reason (None while it runs on) and the stop
+        token that ended it, if any. Pure: the engine uses it to stream the tokens of a
+        multi-step plan before ``update`` appends them with ``append_output``.
         """
         sp = self.sampling_params
         eos = () if sp.ignore_eos else self.eos_token_ids
         stop_ids = sp.stop_token_ids
         max_tokens = sp.max_tokens
-        max_len = max_model_len
-        out = self.output_token_ids
+        n0 = len(self.output_token_ids)
+        total0 = len(self.prompt_token_ids) + n0
         if not (eos or stop_ids) or not any(t in eos or t in stop_ids for t in tokens):  # type: ignore[operator]
             # No token can stop the request, so only the length limits apply: the
             # loop below would stop right after the token that reaches the first one.
-            n0 = len(out)
-            room = max_len - len(self.prompt_token_ids) - n0
+            room = max_model_len - total0
             if max_tokens is not None and max_tokens - n0 < room:
                 room = max_tokens - n0
             if room < 1:
                 room = 1
             if room <= len(tokens):
-                new = tokens[:room]
-                out.extend(new)
-                return new, FinishReason.LENGTH, None
-            new = list(tokens)
-            out.extend(new)
-            return new, None, None
-        new: list[int] = []
-        for t in tokens:
-            out.append(t)
-            new.append(t)
-            n_out = len(out)
+                return room, FinishReason.LENGTH, None
+            return len(tokens), None, None
+        for i, t in enumerate(tokens):
+            n_out = n0 + i + 1
             if n_out >= sp.min_tokens:
                 if t in eos:
-                    return new, FinishReason.STOP, None
+                    return i + 1, FinishReason.STOP, None
                 if stop_ids and t in stop_ids:  # type: ignore[operator]
-                    return new, FinishReason.STOP, t
-            if (max_tokens is not None and n_out >= max_tokens) or self.num_tokens >= max_len:
-                return new, FinishReason.LENGTH, None
-        return new, None, None
+                    return i + 1, FinishReason.STOP, t
+            if (max_tokens is not None and n_out >= max_tokens) or total0 + i + 1 >= max_model_len:
+                return i + 1, FinishReason.LENGTH, None
+        return len(tokens), None, None
+
+    def append_output(
+        self, tokens: Sequence[int], max_model_len: int
+    ) -> tuple[list[int], FinishReason | None, int | str | None]:
+        """Append sampled tokens up to the first stop condition (see ``check_output``).
+
+        Returns the tokens appended, the finish reason (None while it runs on) and the
+        stop token that ended it, if any.
+        """
+        n, reason, stop_reason = self.check_output(tokens, max_model_len)
+        new = list(tokens) if n == len(tokens) else list(tokens[:n])
+        self.output_token_ids.extend(new)
+        return new, reason, stop_reason

@@ -9,6 +9,20 @@ prefill and decode; long prompts are chunked. When every scheduled sequence
 is a one-token decode and no admission can happen, a plan covers several
 decode steps at once. ``update(plan, result)`` appends sampled tokens, checks
 stop conditions and frees or caches blocks.
+
+Fan-out share: the ``n`` samples of one user request (core requests with one
+``parent_id``) may hold every free running slot while nobody else waits, but
+beyond ``max_seqs_per_request`` slots they give way to other requests,
+whatever the policy: while a request of another parent that may be admitted
+waits, the samples past the cap are not admitted ahead of it, and when the
+running set is full, ``schedule`` preempts (by recompute; full blocks stay
+cached) as many samples past the cap as such requests need slots. When
+blocks run short, samples past their parent's cap are the first victims.
+So a request arriving behind a fan-out is admitted at the first ``schedule``
+after it arrives (blocks and token budget permitting): its first token comes
+after at most the plan in flight (``max_decode_steps`` steps) and its own
+prefill chunks, instead of ``n / max_num_seqs`` rounds of ``max_tokens``
+decodes.
 """
 
 from __future__ import annotations
@@ -18,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.core.kv_manager import KVManager
-from tokenmill.core.plan import ScheduledSeq, SeqUpdate, StepPlan, StepResult
+from tokenmill.core.plan import ScheduledSeq, SeqSetup, SeqUpdate, StepPlan, StepResult
 from tokenmill.core.policies import SchedulingPolicy, make_policy
 from tokenmill.core.request import FinishReason, Request, RequestStatus
 
@@ -38,6 +52,9 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     max_decode_steps: int = 1  # > 1 lets one plan cover several decode steps
     max_waiting: int | None = None  # bound on the waiting queue; None: unbounded
+    # Running slots the samples of one user request keep while requests of other
+    # parents wait for one (see the module docstring); None: no share, plain policy order.
+    max_seqs_per_request: int | None = 8
     policy: str = "fcfs"
     policy_options: dict[str, Any] = field(default_factory=dict)
     debug_checks: bool = False  # check block invariants after every schedule and update
@@ -47,6 +64,8 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.max_decode_steps < 1:
             raise ValueError("max_decode_steps must be >= 1")
+        if self.max_seqs_per_request is not None and self.max_seqs_per_request < 1:
+            raise ValueError(f"max_seqs_per_request must be >= 1 or None, got {self.max_seqs_per_request}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 "without chunked prefill, max_num_batched_tokens must be >= max_model_len "
@@ -79,6 +98,13 @@ class Scheduler:
         self._seq = 0
         self._step = 0
         self.num_preemptions = 0
+        self._held: dict[str, int] = {}  # parent -> its running samples (parents with more than one)
+        # The last plan's live requests, in its seq order: plans carry ids only, and
+        # ``update``/``shorten_plan`` take the plan that ``schedule`` returned last.
+        self._plan_step = 0
+        self._plan_requests: list[Request] = []
+        self._finished_ids: list[str] = []  # finished or aborted since the last plan
+        self._over: set[str] = set()  # parents holding more than max_seqs_per_request slots
 
     # ---------------------------------------------------------------- inputs
 
@@ -116,6 +142,74 @@ class Scheduler:
     def _order(r: Request) -> tuple[float, int]:
         return (r.arrival_time, r.seq_no)
 
+    # ----------------------------------------------------------- fan-out share
+
+    @staticmethod
+    def _parent(r: Request) -> str:
+        return r.parent_id or r.request_id
+
+    def _start_running(self, req: Request) -> None:
+        self.running.append(req)
+        cap = self.config.max_seqs_per_request
+        if cap is not None and req.parent_id is not None:
+            p = req.parent_id
+            held = self._held[p] = self._held.get(p, 0) + 1
+            if held > cap:
+                self._over.add(p)
+
+    def _stop_running(self, req: Request) -> None:
+        self.running.remove(req)
+        p = req.parent_id
+        if p is not None and p in self._held:
+            held = self._held[p] - 1
+            if held:
+                self._held[p] = held
+            else:
+                del self._held[p]
+            if held <= self.config.max_seqs_per_request:  # type: ignore[operator]
+                self._over.discard(p)
+
+    def _holds_share(self, req: Request) -> bool:
+        """True when ``req``'s parent already holds its share of running slots."""
+        cap = self.config.max_seqs_per_request
+        return cap is not None and req.parent_id is not None and self._held.get(req.parent_id, 0) >= cap
+
+    def _reclaim(self, now: float) -> list[Request]:
+        """Preempt samples past their parent's share for the waiting requests within theirs.
+
+        Called when every running slot is taken. Only requests the policy would
+        admit count, and only as many slots as they lack, so a request that
+        cannot start for other reasons (blocks, token budget) leaves the slot
+        free rather than making samples bounce in and out.
+        """
+        cap = self.config.max_seqs_per_request
+        assert cap is not None
+        want = 0
+        counted: dict[str, int] = {}
+        for r in self.waiting:
+            p = self._parent(r)
+            k = counted.get(p, self._held.get(p, 0))
+            if k < cap and self.policy.may_admit(r, now, self):
+                counted[p] = k + 1
+                want += 1
+        want -= self.config.max_num_seqs - len(self.running)
+        victims: list[Request] = []
+        while want > 0 and self._over:
+            p = max(self._over, key=lambda q: (self._held[q], q))
+            victim = self.policy.choose_victim([r for r in self.running if r.parent_id == p], now, self)
+            self._preempt(victim)
+            victims.append(victim)
+            want -= 1
+        return victims
+
+    def _victim_candidates(self, candidates: list[Request]) -> list[Request]:
+        """Samples past their parent's share go first when blocks run short."""
+        if self._over:
+            over = [r for r in candidates if r.parent_id in self._over]
+            if over:
+                return over
+        return candidates
+
     def abort_request(self, request_id: str, now: float = 0.0) -> Request | None:
         """Finish a request with ``abort``; its blocks are freed (full ones stay cached)."""
         return self.finish_request(request_id, FinishReason.ABORT, now=now)
@@ -128,21 +222,54 @@ class Scheduler:
         if req is None or req.is_finished:
             return None
         if req.status is RequestStatus.RUNNING:
-            self.running.remove(req)
+            self._stop_running(req)
         else:
             self.waiting.remove(req)
         self._finish(req, reason, stop_reason, now)
         return req
 
     def _finish(self, req: Request, reason: FinishReason, stop_reason: int | str | None, now: float) -> None:
-        self.kv.cache_blocks(req, req.num_computed_tokens)
-        self.kv.free(req)
+        if req.status is RequestStatus.RUNNING:
+            self._finished_ids.append(req.request_id)  # the executor holds state for it
+        kv = self.kv
+        kv.cache_blocks(req, req.num_computed_tokens)
+        if req.hold_kv and reason is not FinishReason.ABORT:
+            kv.hold(req)  # its KV is exported before ``release_kv``
+        else:
+            kv.free(req)
+        kv.cancel_import(req.request_id)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
         req.finish_time = now
         del self.requests[req.request_id]
         self.policy.on_finished(req, now)
+
+    # ------------------------------------------------------ KV between replicas
+
+    def reserve_import(self, req: Request, num_tokens: int) -> tuple[int, list[int]] | None:
+        """Reserve blocks for KV that another replica computed (prefill/decode disaggregation).
+
+        Call before ``add_request(req)``; the request's first ``num_tokens``
+        tokens then need no compute, and it is admitted only once added (after
+        its KV has landed). Returns (tokens the prefix cache already held, the
+        fresh blocks to write the rest into), or None when the blocks are not
+        there (the caller adds the request plainly and it recomputes its prompt).
+        """
+        if req.request_id in self.requests:
+            raise ValueError(f"request {req.request_id!r} is already queued")
+        got = self.kv.reserve_import(req, num_tokens)
+        if got is not None:
+            self.kv.record_prefix_query(num_tokens, got[0])
+        return got
+
+    def cancel_import(self, request_id: str) -> bool:
+        """Give back an import reservation whose request will not be added."""
+        return self.kv.cancel_import(request_id)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free the blocks a finished ``hold_kv`` request kept for export."""
+        return self.kv.release(request_id)
 
     # -------------------------------------------------------------- queries
 
@@ -159,7 +286,40 @@ class Scheduler:
 
     def prefix_match_tokens(self, req: Request) -> int:
         """Tokens of the request that the prefix cache would serve now (for cache-aware policies)."""
+        if req.wants_prompt_logprobs:
+            return 0
         return len(self.kv.get_computed_blocks(req)) * self.config.block_size
+
+    def decode_run(self) -> tuple[int, int] | None:
+        """The decode run the next plan would be, if it can be a multi-step plan at all.
+
+        A multi-step plan can only consist of one-token decodes of running
+        requests while no admission is possible (no preemption, no prefill
+        chunk); when that holds now, returns (how many decode, their context
+        tokens), which a simulator prices to cap the plan's length before
+        ``schedule``. None: the next plan is a single step.
+        """
+        running = self.running
+        if not running or self._admission_possible():
+            return None
+        if self._over and self.waiting:
+            return None  # the fan-out share will reclaim a slot: a preemption, a single step
+        m = len(running)
+        budget = self.config.max_num_batched_tokens
+        if m > budget:
+            m = budget
+            running = running[:m]
+        ctx = 0
+        for r in running:
+            nt = len(r.prompt_token_ids) + len(r.output_token_ids)
+            if r.num_computed_tokens != nt - 1:
+                return None
+            ctx += nt
+        return m, ctx
+
+    def _admission_possible(self) -> bool:
+        """Whether a waiting request could be admitted if blocks and budget allowed."""
+        return bool(self.waiting) and len(self.running) < self.config.max_num_seqs
 
     def stats(self) -> SchedulerStats:
         kv = self.kv
@@ -182,12 +342,22 @@ class Scheduler:
         """Decide the next step. ``max_steps`` caps a multi-step plan (e.g. at the next arrival)."""
         cfg = self.config
         budget = cfg.max_num_batched_tokens
-        seqs: list[ScheduledSeq] = []
+        # (request, first token, tokens, admitted now): made into ScheduledSeqs at the end,
+        # once the blocks of every sub-step are reserved.
+        seqs: list[tuple[Request, int, int, bool]] = []
         preempted: list[Request] = []
+        # 0. Fan-out share: free slots held by samples past their parent's share.
+        reclaimed: list[Request] = []
+        if self._over and self.waiting and len(self.running) >= cfg.max_num_seqs:
+            reclaimed = self._reclaim(now)
         running = self.running
         kv = self.kv
         tables = kv.tables
         bs = cfg.block_size
+        if self._finished_ids:
+            finished_ids, self._finished_ids = self._finished_ids, []
+        else:
+            finished_ids = []
 
         # 1. Running requests, in admission order. running[:i] are the ones scheduled so far.
         i = 0
@@ -201,15 +371,14 @@ class Scheduler:
             table = tables.get(req.request_id)
             if table is None or len(table) * bs < nc + n:  # else the blocks are held already
                 while not kv.allocate_slots(req, n):
-                    victim = self.policy.choose_victim(running[i:], now, self)
+                    victim = self.policy.choose_victim(self._victim_candidates(running[i:]), now, self)
                     self._preempt(victim)
                     preempted.append(victim)
                     if victim is req:
                         break
                 if req.status is not RequestStatus.RUNNING:
                     continue  # preempted itself; self.running shifted left
-                table = tables[req.request_id]
-            seqs.append(ScheduledSeq(req, nc, n, table, nc + n == total))
+            seqs.append((req, nc, n, False))
             budget -= n
             i += 1
 
@@ -222,66 +391,123 @@ class Scheduler:
                 admitted_set = set(map(id, admitted))
                 self.waiting = [r for r in self.waiting if id(r) not in admitted_set]
 
-        num_batched = sum(s.num_new_tokens for s in seqs)
+        preempted = reclaimed + preempted
         num_steps = self._multi_step_count(seqs, preempted, max_steps)
         self._step += 1
         plan = StepPlan(
             step_id=self._step,
             now=now,
-            seqs=seqs,
+            seqs=self._snapshot(seqs),
             num_steps=num_steps,
             preempted_ids=[r.request_id for r in preempted],
-            num_batched_tokens=num_batched,
+            finished_ids=finished_ids,
+            num_batched_tokens=sum(t[2] for t in seqs),
             num_waiting=len(self.waiting),
             num_running=len(self.running),
         )
+        self._plan_step = self._step
+        self._plan_requests = [t[0] for t in seqs]
         if cfg.debug_checks:
             self._check()
         return plan
 
-    def _plan_seq(self, req: Request, n: int) -> ScheduledSeq:
-        start = req.num_computed_tokens
-        return ScheduledSeq(
-            request=req,
-            start_pos=start,
-            num_new_tokens=n,
-            block_ids=self.kv.tables[req.request_id],
-            samples=start + n == req.num_tokens,
-        )
+    def _snapshot(self, picked: list[tuple[Request, int, int, bool]]) -> list[ScheduledSeq]:
+        """The plan's sequences as data: tokens to feed, block table diffs, setups of admissions."""
+        table_diff = self.kv.table_diff
+        seqs = []
+        for req, start, n, admitted in picked:
+            end = start + n
+            offset, blocks = table_diff(req.request_id)
+            setup = None
+            if admitted:
+                setup = SeqSetup(req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
+                                 req.eos_token_ids, req.sample_index)  # fmt: skip
+            seqs.append(ScheduledSeq(req.request_id, start, n, req.token_ids_slice(start, end), offset, blocks,
+                                     end == req.num_tokens, setup))  # fmt: skip
+        return seqs
 
-    def _admit(self, now: float, budget: int, seqs: list[ScheduledSeq]) -> list[Request]:
+    def _plan_of(self, plan: StepPlan) -> list[Request]:
+        """The live requests of ``plan``, which must be the last one scheduled."""
+        if plan.step_id != self._plan_step:
+            raise ValueError(f"plan {plan.step_id} is not the last one scheduled ({self._plan_step})")
+        return self._plan_requests
+
+    def _admit(self, now: float, budget: int, seqs: list[tuple[Request, int, int, bool]]) -> list[Request]:
+        """Admit waiting requests in policy order; samples whose parent holds its share
+        of slots go after the others (a second pass), so they only take what is left."""
         cfg = self.config
         admitted: list[Request] = []
+        deferred: list[Request] = []
+        blocked = False
         for req in self.policy.order_waiting(self.waiting, now, self):
             if budget <= 0 or len(self.running) >= cfg.max_num_seqs:
                 break
             if not self.policy.may_admit(req, now, self):
                 continue
-            computed = self.kv.get_computed_blocks(req)
-            num_cached = len(computed) * cfg.block_size
-            n = req.num_tokens - num_cached
-            if n > budget:
-                if not cfg.enable_chunked_prefill:
-                    break
-                n = budget
-            if not self.kv.allocate_slots(req, n, computed):
-                break  # blocks are short: later requests would only jump the queue
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_cached
-                req.first_scheduled_time = now
-                self.kv.record_prefix_query(req.num_prompt_tokens, num_cached)
-            req.num_computed_tokens = num_cached
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            if self._holds_share(req):
+                deferred.append(req)
+                continue
+            n = self._try_admit(req, now, budget, seqs)
+            if n is None:
+                blocked = True  # blocks are short: later requests would only jump the queue
+                break
             admitted.append(req)
-            seqs.append(self._plan_seq(req, n))
             budget -= n
-            self.policy.on_admitted(req, now)
+        if deferred and not blocked:
+            for req in deferred:
+                if budget <= 0 or len(self.running) >= cfg.max_num_seqs:
+                    break
+                n = self._try_admit(req, now, budget, seqs)
+                if n is None:
+                    break
+                admitted.append(req)
+                budget -= n
         return admitted
+
+    def _try_admit(self, req: Request, now: float, budget: int, seqs: list[tuple[Request, int, int, bool]]) -> int | None:
+        """Admit ``req`` with up to ``budget`` tokens; return the tokens planned, None if it cannot.
+
+        A request whose first tokens' KV was imported (``reserve_import``) takes
+        its reservation as its table and computes only the rest.
+        """
+        cfg = self.config
+        kv = self.kv
+        imported = kv.imports.get(req.request_id)
+        if imported is not None:
+            start = imported[1]
+        else:
+            # A request that wants its prompt's logprobs computes every prompt position,
+            # cached or not (as vLLM does): the cache holds KV, not logits.
+            computed = [] if req.wants_prompt_logprobs else kv.get_computed_blocks(req)
+            start = len(computed) * cfg.block_size
+        n = req.num_tokens - start
+        if n > budget:
+            if not cfg.enable_chunked_prefill:
+                return None
+            n = budget
+        if imported is not None:
+            if kv.blocks_for(start + n) - len(imported[0]) > kv.num_available:
+                return None
+            kv.take_import(req)
+            req.num_computed_tokens = start
+            kv.allocate_slots(req, n)
+        elif not kv.allocate_slots(req, n, computed):
+            return None
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = start
+            req.first_scheduled_time = now
+            if imported is None:  # an import's lookup was counted when it was reserved
+                kv.record_prefix_query(req.num_prompt_tokens, start)
+        req.num_computed_tokens = start
+        req.status = RequestStatus.RUNNING
+        self._start_running(req)
+        seqs.append((req, start, n, True))
+        self.policy.on_admitted(req, now)
+        return n
 
     def _preempt(self, req: Request) -> None:
         """Preempt by recompute: keep full blocks in the prefix cache, free the rest."""
-        self.running.remove(req)
+        self._stop_running(req)
         self.kv.cache_blocks(req, req.num_computed_tokens)
         self.kv.free(req)
         req.num_computed_tokens = 0
@@ -290,19 +516,20 @@ class Scheduler:
         bisect.insort(self.waiting, req, key=self._order)
         self.num_preemptions += 1
 
-    def _multi_step_count(self, seqs: list[ScheduledSeq], preempted: list[Request], max_steps: int | None) -> int:
+    def _multi_step_count(
+        self, seqs: list[tuple[Request, int, int, bool]], preempted: list[Request], max_steps: int | None
+    ) -> int:
         k = self.config.max_decode_steps if max_steps is None else min(max_steps, self.config.max_decode_steps)
         if k <= 1 or preempted or not seqs:
             return 1
         # Admission must be impossible whatever happens inside the plan.
-        if self.waiting and len(self.running) < self.config.max_num_seqs:
+        if self._admission_possible():
             return 1
         max_len = self.config.max_model_len
-        for s in seqs:
-            if s.num_new_tokens != 1 or not s.samples:
-                return 1
-            r = s.request
+        for r, start, n, _ in seqs:
             n_out = len(r.output_token_ids)
+            if n != 1 or start + 1 != len(r.prompt_token_ids) + n_out:
+                return 1  # a prefill chunk, or a sequence that does not sample
             mt = r.sampling_params.max_tokens
             if mt is not None and mt - n_out < k:
                 k = mt - n_out
@@ -312,17 +539,18 @@ class Scheduler:
         if k <= 1:
             return 1
         bs = self.kv.block_size
-        short: list[ScheduledSeq] = []
+        tables = self.kv.tables
+        short: list[Request] = []
         need = 0
-        for s in seqs:
-            extra = -(-(s.request.num_computed_tokens + k) // bs) - len(s.block_ids)
+        for r, _, _, _ in seqs:
+            extra = -(-(r.num_computed_tokens + k) // bs) - len(tables[r.request_id])
             if extra > 0:
                 need += extra
-                short.append(s)
+                short.append(r)
         if need > self.kv.num_available:
             return 1
-        for s in short:  # the others hold their blocks already
-            self.kv.allocate_slots(s.request, k)
+        for r in short:  # the others hold their blocks already
+            self.kv.allocate_slots(r, k)
         return k
 
     def shorten_plan(self, plan: StepPlan, num_steps: int) -> None:
@@ -341,8 +569,8 @@ class Scheduler:
         if num_steps == plan.num_steps:
             return
         # Reservations were made seq by seq in plan order; undo them in reverse.
-        for s in reversed(plan.seqs):
-            self.kv.trim(s.request, s.start_pos + s.num_new_tokens + num_steps - 1)
+        for s, req in zip(reversed(plan.seqs), reversed(self._plan_of(plan)), strict=True):
+            self.kv.trim(req, s.start_pos + s.num_new_tokens + num_steps - 1)
         plan.num_steps = num_steps
         if self.config.debug_checks:
             self._check()
@@ -350,18 +578,23 @@ class Scheduler:
     # --------------------------------------------------------------- update
 
     def update(self, plan: StepPlan, result: StepResult) -> list[SeqUpdate]:
-        """Advance the requests of ``plan`` by ``result``; return what changed, as data."""
+        """Advance the requests of ``plan`` by ``result``; return what changed, as data.
+
+        A request with an entry in ``result.stop_strings`` takes the tokens up to
+        the one that completed the stop string and finishes with ``stop``.
+        """
         now = plan.now + (result.duration or 0.0)
         updates: list[SeqUpdate] = []
         sampled = result.sampled_token_ids
         logprobs = result.logprobs
+        prompt_lps = result.prompt_logprobs
+        stop_strings = result.stop_strings
         policy = self.policy
         on_generated = policy.on_generated
         max_model_len = self.config.max_model_len
         running_status = RequestStatus.RUNNING
         t_plan = plan.now
-        for s in plan.seqs:
-            req = s.request
+        for s, req in zip(plan.seqs, self._plan_of(plan), strict=True):
             if req.status is not running_status:
                 continue  # aborted or finished from outside since the plan was made
             if not s.samples:
@@ -370,23 +603,34 @@ class Scheduler:
                 # A long prompt shares each chunk as soon as its KV exists, so that
                 # requests with the same prefix need not wait for the whole prefill.
                 self.kv.cache_blocks(req, req.num_computed_tokens)
+                if prompt_lps and req.request_id in prompt_lps:
+                    updates.append(SeqUpdate(req, [], prompt_logprobs=prompt_lps[req.request_id]))
                 continue
             if s.num_new_tokens > 1:
                 policy.on_computed(req, s.num_new_tokens, t_plan)
             rid = req.request_id
-            new, reason, stop_reason = req.append_output(sampled[rid], max_model_len)
+            stop = stop_strings.get(rid) if stop_strings else None
+            if stop is None:
+                new, reason, stop_reason = req.append_output(sampled[rid], max_model_len)
+            else:
+                new, reason, stop_reason = req.append_output(sampled[rid][: stop[0]], max_model_len)
+                if len(new) == stop[0]:  # else a stop token came first
+                    reason, stop_reason = FinishReason.STOP, stop[1]
             if req.first_token_time is None and new:
                 req.first_token_time = now
             req.num_computed_tokens = len(req.prompt_token_ids) + len(req.output_token_ids) - 1
             on_generated(req, len(new), t_plan)
             if reason is not None:
-                self.running.remove(req)
+                self._stop_running(req)
                 self._finish(req, reason, stop_reason, now)
             elif s.num_new_tokens > 1:
                 # Share the prompt with later requests as soon as its KV exists.
                 self.kv.cache_blocks(req, req.num_computed_tokens)
             lps = logprobs.get(rid) if logprobs else None
-            updates.append(SeqUpdate(req, new, lps[: len(new)] if lps else None, reason is not None, reason))
+            updates.append(
+                SeqUpdate(req, new, lps[: len(new)] if lps else None, reason is not None, reason, stop_reason,
+                          prompt_lps.get(rid) if prompt_lps else None)  # fmt: skip
+            )
         if self.config.debug_checks:
             self._check()
         return updates
@@ -397,3 +641,14 @@ class Scheduler:
         for rid in self.kv.tables:
             if rid not in live:
                 raise AssertionError(f"request {rid} holds blocks but is not running")
+        for rid in self.kv.held:
+            if rid in self.requests:
+                raise AssertionError(f"request {rid} holds KV for export but has not finished")
+        cap = self.config.max_seqs_per_request
+        if cap is not None:
+            held: dict[str, int] = {}
+            for r in self.running:
+                if r.parent_id is not None:
+                    held[r.parent_id] = held.get(r.parent_id, 0) + 1
+            if held != self._held or self._over != {p for p, k in held.items() if k > cap}:
+                raise AssertionError(f"fan-out books {self._held} / {self._over} disagree with running {held}")

@@ -6,15 +6,30 @@ tokens of which request to compute, which cache blocks they live in, and who
 samples. A multi-step plan (``num_steps > 1``, one-token decodes only) loops
 its sub-steps here, feeding each sampled token back, so the scheduler and the
 engine pay their per-step cost once.
+
+Plans are snapshots (``core/plan.py``): the executor keeps, per running
+request, what the plan that admitted it sent (``SeqSetup``), its block table
+(patched by each plan's diffs) and the tokens it has sampled for it, and drops
+them when a plan names the request finished or preempted. It never sees a
+live ``Request``, so it could run in another process. A caller that streams passes
+``on_substep``: it sees the tokens sampled so far after every sub-step but the
+last, so that they can reach clients as they are sampled rather than in a
+burst at the end of the plan. For a request that wants its prompt's
+logprobs, the first sub-step also computes the logits of every prompt
+position of its chunk (in slices, so a long prompt never holds a
+``tokens x vocab`` tensor at once).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from tokenmill.core.executor_state import ExecutorState, SeqView
 from tokenmill.core.plan import ScheduledSeq, StepPlan, StepResult
 from tokenmill.model.attention import AttentionMetadata, kv_cache_shape
 from tokenmill.model.config import ModelConfig, resolve_dtype
@@ -24,6 +39,13 @@ from tokenmill.model.threads import controller as thread_controller
 
 # A plan whose token count is below this builds slot mappings in Python; above it in torch.
 _TORCH_SLOTS_MIN_TOKENS = 64
+
+# Prompt logprobs: rows of logits computed at once (bounds the tokens x vocab tensor).
+_PROMPT_LOGPROB_ROWS = 256
+
+# ``on_substep(sampled, logprobs)``: per request, the tokens (and logprob entries, for
+# requests that asked) sampled so far in the plan. Read-only: the lists keep growing.
+SubStepCallback = Callable[[dict[str, list[int]], dict[str, list[LogprobEntry]]], None]
 
 
 @dataclass(slots=True)
@@ -49,12 +71,17 @@ class ModelExecutor:
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
         kv_cache_memory: int = 256 * 2**20,
+        expert_cache_memory: int | None = None,
+        expert_prefetch: bool = True,
         block_size: int = 16,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
     ) -> None:
         self.device = torch.device(device)
-        self.model, self.model_config = load_model(model_path, dtype=dtype, device=self.device)
+        self.model, self.model_config = load_model(
+            model_path, dtype=dtype, device=self.device, expert_cache_memory=expert_cache_memory,
+            expert_prefetch=expert_prefetch,
+        )
         self.dtype = self.model_config.dtype
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -75,6 +102,37 @@ class ModelExecutor:
         self.sampler = Sampler(self.device)
         # fits the CPU kernels' thread count to the cores this process gets (model/threads.py)
         self.threads = thread_controller(self.device)
+        self.state = ExecutorState()
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelExecutor:
+        """The executor an ``EngineConfig`` describes."""
+        from tokenmill.engine import resolve_model_path
+
+        return cls(
+            resolve_model_path(config.model),
+            dtype=config.dtype,
+            device=config.device,
+            kv_cache_memory=config.kv_cache_memory,
+            expert_cache_memory=config.expert_cache_memory,
+            expert_prefetch=config.expert_prefetch,
+            block_size=config.block_size,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+        )
+
+    # The model facts an engine takes from its executor (see executor/__init__.py).
+    @property
+    def max_model_len(self) -> int:
+        return self.model_config.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(self.model_config.eos_token_ids)
 
     @staticmethod
     def kv_cache_bytes_per_block(
@@ -88,87 +146,146 @@ class ModelExecutor:
             * model_config.head_dim * itemsize
         )  # fmt: skip
 
-    def free_request(self, request_id: str) -> None:
-        """Forget per-request state; the executor keeps none between plans today."""
-
     # -- one plan -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
-        """Run ``plan`` (all its sub-steps) and return the sampled tokens and logprobs."""
+    def execute(self, plan: StepPlan, on_substep: SubStepCallback | None = None) -> StepResult:
+        """Run ``plan`` (all its sub-steps) and return the sampled tokens and logprobs.
+
+        ``on_substep`` is called after each sub-step except the last with what has
+        been sampled so far (see ``SubStepCallback``).
+        """
         start = time.perf_counter()
         result = StepResult(sampled_token_ids={})
+        states = self.state.apply(plan)
         if plan.is_empty:
             result.duration = 0.0
             return result
-        samplers = [s for s in plan.seqs if s.samples]
-        sampled: dict[str, list[int]] = {s.request_id: [] for s in samplers}
+        samplers = [(s, st) for s, st in zip(plan.seqs, states, strict=True) if s.samples]
+        sampled: dict[str, list[int]] = {s.request_id: [] for s, _ in samplers}
         logprobs: dict[str, list[LogprobEntry]] = {}
 
-        batch = self._first_batch(plan.seqs)
+        batch = self._first_batch(plan.seqs, states)
         for step in range(plan.num_steps):
             if step > 0:
                 batch = self._decode_batch(samplers, sampled, step)
             hidden = self._forward(batch)
+            if step == 0:
+                result.prompt_logprobs = self._prompt_logprobs(plan.seqs, states, batch, hidden)
             if not batch.sample_rows:
                 continue
             rows_idx = torch.tensor(batch.sample_rows, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows_idx))
-            rows = [self._sampling_row(s, sampled[s.request_id]) for s in samplers]
+            rows = [self._sampling_row(st, sampled[s.request_id]) for s, st in samplers]
             out = self.sampler(logits, rows)
-            for i, s in enumerate(samplers):
+            for i, (s, _) in enumerate(samplers):
                 sampled[s.request_id].append(out.token_ids[i])
                 if out.logprobs is not None and out.logprobs[i] is not None:
                     logprobs.setdefault(s.request_id, []).append(out.logprobs[i])
+            if on_substep is not None and step < plan.num_steps - 1:
+                on_substep(sampled, logprobs)
 
+        self.state.record(sampled)
         result.sampled_token_ids = sampled
         result.logprobs = logprobs or None
         result.duration = time.perf_counter() - start
         return result
 
-    @staticmethod
-    def _sampling_row(seq: ScheduledSeq, earlier: list[int]) -> SamplingRow:
-        req = seq.request
-        outputs = req.output_token_ids + earlier if earlier else req.output_token_ids
-        return SamplingRow(req.sampling_params, outputs, req.prompt_token_ids, req.eos_token_ids)
+    def _prompt_logprobs(
+        self, seqs: list[ScheduledSeq], states: list[SeqView], batch: _Batch, hidden: torch.Tensor
+    ) -> dict[str, tuple[int, list[LogprobEntry]]] | None:
+        """Logprobs of the prompt tokens predicted by the prompt positions of this step.
 
-    def _first_batch(self, seqs: list[ScheduledSeq]) -> _Batch:
+        Position ``p`` of a chunk predicts prompt token ``p + 1``; the last prompt
+        position predicts the first output token, so it is the sampler's, not ours.
+        """
+        rows: list[int] = []
+        targets: list[int] = []
+        spans: list[tuple[str, int, int, int, int]] = []  # id, first token index, first row, count, top-N
+        for i, (s, st) in enumerate(zip(seqs, states, strict=True)):
+            setup = st.setup
+            if not setup.wants_prompt_logprobs:
+                continue
+            prompt = setup.prompt_token_ids
+            last = min(s.start_pos + s.num_new_tokens, len(prompt) - 1)
+            if last <= s.start_pos:
+                continue
+            base = batch.query_start[i] - s.start_pos
+            n = setup.sampling_params.prompt_logprobs or 0
+            spans.append((s.request_id, s.start_pos + 1, len(rows), last - s.start_pos, n))
+            rows.extend(range(base + s.start_pos, base + last))
+            targets.extend(prompt[s.start_pos + 1 : last + 1])
+        if not rows:
+            return None
+        top_n = max(span[4] for span in spans)
+        chosen: list[float] = []
+        top_vals: list[list[float]] = []
+        top_ids: list[list[int]] = []
+        for a in range(0, len(rows), _PROMPT_LOGPROB_ROWS):
+            idx = torch.tensor(rows[a : a + _PROMPT_LOGPROB_ROWS], device=self.device)
+            lp = self.model.compute_logits(hidden.index_select(0, idx)).float().log_softmax(dim=-1)
+            tgt = torch.tensor(targets[a : a + _PROMPT_LOGPROB_ROWS], device=self.device)
+            chosen.extend(lp.gather(1, tgt[:, None])[:, 0].tolist())
+            if top_n:
+                v, t = lp.topk(top_n, dim=-1)
+                top_vals.extend(v.tolist())
+                top_ids.extend(t.tolist())
+        out: dict[str, tuple[int, list[LogprobEntry]]] = {}
+        for rid, first, r0, count, n in spans:
+            out[rid] = (
+                first,
+                [
+                    (chosen[r], list(zip(top_ids[r][:n], top_vals[r][:n], strict=True)) if n else [])
+                    for r in range(r0, r0 + count)
+                ],
+            )
+        return out
+
+    @staticmethod
+    def _sampling_row(st: SeqView, earlier: list[int]) -> SamplingRow:
+        setup = st.setup
+        outputs = st.outputs + earlier if earlier else st.outputs
+        return SamplingRow(
+            setup.sampling_params, outputs, setup.prompt_token_ids, setup.eos_token_ids, setup.sample_index
+        )
+
+    def _first_batch(self, seqs: list[ScheduledSeq], states: list[SeqView]) -> _Batch:
         b = _Batch()
-        for s in seqs:
+        for s, st in zip(seqs, states, strict=True):
             n = s.num_new_tokens
             end = s.start_pos + n
-            b.input_ids.extend(s.new_token_ids())
+            b.input_ids.extend(s.token_ids)
             b.positions.extend(range(s.start_pos, end))
             b.query_start.append(b.query_start[-1] + n)
             b.seq_lens.append(end)
-            b.block_rows.append(self._blocks(s, end))
+            b.block_rows.append(self._blocks(s.request_id, st, end))
             if s.samples:
                 b.sample_rows.append(b.query_start[-1] - 1)
         return b
 
-    def _blocks(self, seq: ScheduledSeq, length: int) -> list[int]:
+    def _blocks(self, request_id: str, st: SeqView, length: int) -> list[int]:
         """The blocks holding a sequence's first ``length`` tokens, checked against the cache."""
         n = (length + self.block_size - 1) // self.block_size
-        blocks = seq.block_ids[:n]
+        blocks = st.blocks[:n]
         if len(blocks) < n or (blocks and (max(blocks) >= self.num_blocks or min(blocks) < 0)):
             raise ValueError(
-                f"request {seq.request_id!r}: {length} tokens need {n} blocks of "
-                f"{self.block_size} in [0, {self.num_blocks}), got {seq.block_ids[: n + 1]}"
+                f"request {request_id!r}: {length} tokens need {n} blocks of "
+                f"{self.block_size} in [0, {self.num_blocks}), got {st.blocks[: n + 1]}"
             )
         return blocks
 
     def _decode_batch(
-        self, samplers: list[ScheduledSeq], sampled: dict[str, list[int]], step: int
+        self, samplers: list[tuple[ScheduledSeq, SeqView]], sampled: dict[str, list[int]], step: int
     ) -> _Batch:
         # sub-step ``step`` feeds the token sampled in sub-step ``step - 1``
         b = _Batch()
-        for i, s in enumerate(samplers):
+        for i, (s, st) in enumerate(samplers):
             pos = s.start_pos + s.num_new_tokens + step - 1
             b.input_ids.append(sampled[s.request_id][-1])
             b.positions.append(pos)
             b.query_start.append(i + 1)
             b.seq_lens.append(pos + 1)
-            b.block_rows.append(self._blocks(s, pos + 1))
+            b.block_rows.append(self._blocks(s.request_id, st, pos + 1))
             b.sample_rows.append(i)
         return b
 

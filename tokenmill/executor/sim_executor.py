@@ -19,23 +19,60 @@ class PlanCostModel(Protocol):
     def plan_time(self, plan: StepPlan) -> float: ...
 
 
-class SimExecutor:
-    """Executes plans in zero wall time; ``duration`` is what the cost model says they take."""
+class VirtualClock:
+    """Seconds of simulated time: an ``Engine`` clock that a ``SimExecutor`` moves forward."""
 
-    def __init__(self, cost_model: PlanCostModel, token_id: int = 0) -> None:
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance_to(self, t: float) -> None:
+        """Jump ahead (e.g. to the next arrival while idle); time never runs back."""
+        self.now = max(self.now, t)
+
+
+class SimExecutor:
+    """Executes plans in zero wall time; ``duration`` is what the cost model says they take.
+
+    Given a ``clock``, it advances it by each plan's duration, so an ``Engine``
+    driven by that clock runs in virtual time with its own step loop. The
+    model facts an engine asks an executor for (``num_blocks``,
+    ``max_model_len``, ``vocab_size``, ``eos_token_ids``) are given here.
+    """
+
+    def __init__(
+        self,
+        cost_model: PlanCostModel,
+        token_id: int = 0,
+        *,
+        clock: VirtualClock | None = None,
+        num_blocks: int = 0,
+        max_model_len: int = 1 << 30,
+        vocab_size: int = 1 << 30,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
         self.cost_model = cost_model
         self.token_id = token_id
+        self.clock = clock
+        self.num_blocks = num_blocks
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
         self.num_plans = 0
         self.num_steps = 0
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, on_substep: object = None) -> StepResult:
+        """Price the plan (``on_substep`` is accepted for the executor interface; a simulated
+        plan has no time between its sub-steps to stream in)."""
         k = plan.num_steps
         # One list shared by every sequence: the scheduler reads sampled tokens and never mutates them.
         toks = [self.token_id] * k
-        sampled = dict.fromkeys([s.request.request_id for s in plan.seqs if s.samples], toks)
+        sampled = dict.fromkeys([s.request_id for s in plan.seqs if s.samples], toks)
         self.num_plans += 1
         self.num_steps += k
-        return StepResult(sampled_token_ids=sampled, duration=self.cost_model.plan_time(plan))
-
-    def free_request(self, request_id: str) -> None:
-        """Nothing to free: the simulator keeps no per-request executor state."""
+        duration = self.cost_model.plan_time(plan)
+        if self.clock is not None:
+            self.clock.now += duration
+        return StepResult(sampled_token_ids=sampled, duration=duration)

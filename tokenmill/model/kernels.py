@@ -11,11 +11,14 @@ fall back to the torch reference after one warning.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,6 +30,8 @@ _SOURCES = (
     "layer_ops.cpp",
     "gemm.cpp",
     "sampling.cpp",
+    "family_ops.cpp",
+    "moe.cpp",
     "threads.cpp",
     "registration.cpp",
 )
@@ -57,19 +62,40 @@ def _build() -> None:
     from torch.utils.cpp_extension import load
 
     h = hashlib.sha256(_cpu_flags().encode() + torch.__version__.encode())
+    # The build files name the sources and torch's headers by path: two installs
+    # (virtual environments, checkouts) must not share, and rebuild over, one directory.
+    h.update(str(_CSRC.resolve()).encode() + str(Path(torch.__file__).resolve()).encode())
     for name in _SOURCES + _HEADERS:
         h.update((_CSRC / name).read_bytes())
     digest = h.hexdigest()[:12]
     name = f"tokenmill_cpu_{digest}"
-    load(
-        name=name,
-        sources=[str(_CSRC / _SOURCES[0])],  # a unity build that includes the others
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(_build_dir(name)),
-        is_python_module=False,
-        verbose=False,
-    )
+    build_dir = _build_dir(name)
+    with _exclusive(build_dir / "tokenmill.lock"):
+        # torch's own build lock is a plain file that a process killed mid-build leaves
+        # behind, and every later build then waits on it forever. Holding our lock (the
+        # kernel releases it when its holder dies) means no build is running: a torch
+        # lock found now is stale.
+        (build_dir / "lock").unlink(missing_ok=True)
+        load(
+            name=name,
+            sources=[str(_CSRC / _SOURCES[0])],  # a unity build that includes the others
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` for the block (between processes)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cpu_kernels_available() -> bool:

@@ -6,9 +6,12 @@ presence / frequency penalties (OpenAI: over output tokens only), then greedy
 argmax, or temperature -> top-k -> top-p -> min-p -> sample.
 
 Sampling inverts the CDF of the surviving probabilities, in token-id order,
-with one uniform draw per row. A row with a ``seed`` draws it from a generator seeded by ``(seed,
-output position)`` alone, so its tokens do not depend on what else is in the
-batch, on sub-step boundaries, or on the run. top-k / top-p work on the top
+with one uniform draw per row. A row with a ``seed`` draws it from a
+counter-based stream keyed by ``(seed, sample index, output position)`` alone
+(``seeded_uniform``), so its tokens do not depend on what else is in the
+batch, on sub-step boundaries, or on the run, and every distinct seed in
+``[-2**63, 2**64)`` and every sample of an ``n > 1`` request has a stream of
+its own. top-k / top-p work on the top
 ``TOP_P_CANDIDATES`` tokens (a full sort only when a nucleus is wider). Logprobs are the
 log-softmax of the raw logits (before penalties and temperature). Rows that
 are plain greedy cost one batched argmax.
@@ -16,18 +19,17 @@ are plain greedy cost one batched argmax.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from tokenmill.core.plan import LogprobEntry
 from tokenmill.core.request import SamplingParams
 from tokenmill.model.backend import argmax_rows, sample_rows_kernel, sampling_kernel_applies
 
-LogprobEntry = tuple[float, list[tuple[int, float]]]
-
-_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) pairs
-_SEED_MOD = 2**63 - 1
+_UNIT = 2.0**-53  # a 53-bit integer times this is a float in [0, 1), exactly
 
 
 @dataclass(slots=True)
@@ -38,6 +40,7 @@ class SamplingRow:
     output_token_ids: Sequence[int]  # everything generated so far, earlier sub-steps included
     prompt_token_ids: Sequence[int] = ()
     eos_token_ids: Sequence[int] = ()
+    sample_index: int = 0  # which of the request's n samples: seeded samples draw their own streams
 
     @property
     def is_plain_greedy(self) -> bool:
@@ -58,11 +61,23 @@ class SamplerOutput:
     logprobs: list[LogprobEntry | None] | None = None  # None when no row asked
 
 
-def seeded_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
-    """The generator for the token at output ``position`` of a request with ``seed``."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * _SEED_MIX + position) % _SEED_MOD)
-    return g
+def seeded_uniform(seed: int, sample_index: int, position: int) -> float:
+    """The U[0, 1) draw for the token at output ``position`` of sample ``sample_index`` of a
+    request with ``seed``.
+
+    A counter-based generator: BLAKE2b of the three integers, written at fixed widths
+    (so no two triples share an encoding), keeps 53 bits. Seeding a torch generator
+    instead would not do: a CPU generator keeps only the low 32 bits of its seed, so
+    seeds 5 and 5 + 2**32 would draw the same stream, and folding the triple into one
+    64-bit seed must collide somewhere.
+    """
+    key = (
+        seed.to_bytes(9, "little", signed=True)
+        + sample_index.to_bytes(8, "little", signed=False)
+        + position.to_bytes(8, "little", signed=False)
+    )
+    word = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+    return (word >> 11) * _UNIT
 
 
 class Sampler:
@@ -206,10 +221,15 @@ class Sampler:
         unseeded = [j for j, r in enumerate(rows) if r.params.seed is None]
         if unseeded:
             u[unseeded] = torch.rand(len(unseeded), device=device, generator=self._generator)
-        for j, r in enumerate(rows):
-            if r.params.seed is not None:
-                g = seeded_generator(r.params.seed, len(r.output_token_ids), device)
-                u[j] = torch.rand(1, device=device, generator=g)[0]
+        seeded = [j for j, r in enumerate(rows) if r.params.seed is not None]
+        if seeded:
+            u[seeded] = torch.tensor(
+                [
+                    seeded_uniform(rows[j].params.seed, rows[j].sample_index, len(rows[j].output_token_ids))  # type: ignore[arg-type]
+                    for j in seeded
+                ],
+                dtype=u.dtype,
+            ).to(device)
         return u
 
     @staticmethod

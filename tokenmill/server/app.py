@@ -8,6 +8,10 @@ Routes:
   server is draining
 - ``GET /metrics``: Prometheus text format
 
+The published OpenAPI schema (``/openapi.json``) is kept true by a
+schemathesis run in the tests: every body the routes send validates against
+the models declared here.
+
 The app is a thin shell (DESIGN.md principle 5): it validates, tokenizes,
 hands requests to the ``AsyncEngine`` and renders what comes back.
 """
@@ -21,28 +25,62 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse, Response
+from pydantic.json_schema import models_json_schema
 
+from tokenmill.server.admission import Admission
 from tokenmill.server.async_engine import AsyncEngine
 from tokenmill.server.chat import create_chat_completion
 from tokenmill.server.completions import create_completion
+from tokenmill.server.defaults import DEFAULT_CHARS_PER_TOKEN
 from tokenmill.server.errors import error_response, install_error_handlers
 from tokenmill.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from tokenmill.server.middleware import GuardMiddleware
+from tokenmill.server.prompts import Preprocessor, PromptLimits
 from tokenmill.server.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    HealthResponse,
     ModelList,
 )
 from tokenmill.server.render import JSONResponse
-from tokenmill.server.state import ServerSettings, ServerState
+from tokenmill.server.state import ServerSettings, ServerState, unless_disconnected
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
-}
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+# Every route may answer these: the Host check (421) and the drain (503) run before any route.
+_GUARD_ERRORS = (421, 503)
+_POST_ERRORS = _errors(400, 401, 404, 413, 429, *_GUARD_ERRORS)
+
+
+def _event_stream(chunk_model: str) -> dict[str, Any]:
+    """The ``text/event-stream`` alternative of a streaming route: each event's data is a chunk, an error, or [DONE].
+
+    ``itemSchema`` describes one event, as FastAPI writes it for its own
+    event streams (OpenAPI 3.2's field).
+    """
+    chunk = {"anyOf": [{"$ref": f"#/components/schemas/{chunk_model}"}, {"$ref": "#/components/schemas/ErrorResponse"}]}
+    data = {
+        "oneOf": [
+            {"const": "[DONE]"},
+            {"type": "string", "contentMediaType": "application/json", "contentSchema": chunk},
+        ]
+    }
+    item = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": data, "event": {"type": "string"}, "id": {"type": "string"}},
+        "description": "with stream=true: one chunk per 'data: {json}' event, then 'data: [DONE]'",
+    }
+    return {"text/event-stream": {"itemSchema": item}}
 
 
 def build_state(engine: Any, settings: ServerSettings, tokenizer: Any = None) -> ServerState:
@@ -55,16 +93,31 @@ def build_state(engine: Any, settings: ServerSettings, tokenizer: Any = None) ->
         tokenizer = AutoTokenizer.from_pretrained(
             engine.config.tokenizer or engine.model_path, local_files_only=True, trust_remote_code=False
         )
+    # One encode now, on this thread: a fast tokenizer whose file sets truncation
+    # clears it on first use, and that must not happen on two pool threads at once.
+    tokenizer("warm up", add_special_tokens=True)
     metrics = ServerMetrics(settings.served_model_names[0])
+    async_engine = AsyncEngine(engine, metrics)
+    max_chars = settings.max_prompt_chars or engine.max_model_len * DEFAULT_CHARS_PER_TOKEN
     return ServerState(
-        async_engine=AsyncEngine(engine, metrics),
+        async_engine=async_engine,
         tokenizer=tokenizer,
         settings=settings,
         metrics=metrics,
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,
-        model_root=str(engine.model_path),
         created=int(time.time()),
+        limits=PromptLimits(
+            max_model_len=engine.max_model_len,
+            max_chars=max_chars,
+            max_prompts=settings.max_prompts_per_request,
+            vocab_size=engine.vocab_size,
+            template_timeout_s=settings.chat_template_timeout,
+        ),
+        admission=Admission(
+            async_engine, engine.config.max_waiting, engine.config.max_num_seqs, metrics, settings.retry_after_s
+        ),
+        preprocessor=Preprocessor(settings.preprocess_threads),
     )
 
 
@@ -97,6 +150,7 @@ def create_app(state: ServerState) -> FastAPI:
             yield
         finally:
             await state.async_engine.stop()
+            state.preprocessor.shutdown()
 
     app = FastAPI(
         title="tokenmill",
@@ -108,15 +162,26 @@ def create_app(state: ServerState) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, get_state=lambda: state)
 
-    @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **_ERRORS})
+    # Handlers return JSONResponse(dict) rather than the response models: the
+    # models document the bodies (response_model), and tests check that real
+    # bodies validate against them; building them per request would cost time.
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses={200: {"content": _event_stream("CompletionResponse")}, **_POST_ERRORS},
+    )
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return _json(await create_completion(state, body, request))
+        return _json(await unless_disconnected(request, create_completion(state, body, request)))
 
-    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **_ERRORS})
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses={200: {"content": _event_stream("ChatCompletionChunk")}, **_POST_ERRORS},
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        return _json(await create_chat_completion(state, body, request))
+        return _json(await unless_disconnected(request, create_chat_completion(state, body, request)))
 
-    @app.get("/v1/models", responses={200: {"model": ModelList}})
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(401, *_GUARD_ERRORS))
     async def models() -> Any:
         cards = [
             {
@@ -124,24 +189,51 @@ def create_app(state: ServerState) -> FastAPI:
                 "object": "model",
                 "created": state.created,
                 "owned_by": "tokenmill",
-                "root": state.model_root,
+                # The served name, not the path on the server's disk (vLLM shows the path).
+                "root": name,
                 "max_model_len": state.max_model_len,
             }
             for name in state.settings.served_model_names
         ]
         return JSONResponse({"object": "list", "data": cards})
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse, responses=_errors(*_GUARD_ERRORS))
     async def health() -> Any:
         if state.async_engine.dead is not None:
             return error_response(503, f"the engine is not running: {state.async_engine.dead}", code="engine_unavailable")
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                         "description": "Prometheus text exposition format"}, **_errors(421)},
+    )  # fmt: skip
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, without the 422 it adds to every route with a body (schema errors are 400
+    here), with the models that only streamed events use."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        _, defs = models_json_schema(
+            [(ChatCompletionChunk, "serialization")], ref_template="#/components/schemas/{model}"
+        )
+        for name, definition in defs.get("$defs", {}).items():
+            components.setdefault(name, definition)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _json(result: Any) -> Any:

@@ -9,8 +9,13 @@ waits on a forward pass, and it keeps every engine call on that thread:
   once, so a client that goes away costs at most the step in progress);
 - outputs go back to the event loop with ``loop.call_soon_threadsafe``, one
   call per step, into a per-request ``asyncio.Queue`` (a ``RequestStream``);
-- adding a request is awaited, so bad input (``ValueError``) and a full
-  queue (``QueueFullError``) reach the HTTP handler before it answers.
+  within a multi-step decode plan, one call per sub-step (``Engine.on_partial``),
+  so a stream gets each token when it is sampled;
+- adding requests is awaited (the prompts of one HTTP request go over in
+  one batch), so bad input (``ValueError``) and a full queue
+  (``QueueFullError``) reach the HTTP handler before it answers;
+- the event loop counts the sequences it has handed over and not seen
+  finish (``num_seqs_in_flight``), so that admission needs no engine call.
 
 The thread sleeps on the command queue when the engine has nothing to do.
 """
@@ -21,7 +26,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +115,8 @@ class AsyncEngine:
         self.dead: BaseException | None = None
         self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # event-loop thread only
+        self._seqs: dict[str, int] = {}  # event-loop thread only: sequences (n) per request
+        self.num_seqs_in_flight = 0  # event-loop view: sequences added and not finished
         self._lock = threading.Lock()  # orders "dead" against enqueuing
         self._live: set[str] = set()  # engine thread only: requests added and not finished
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -122,6 +129,7 @@ class AsyncEngine:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self.engine.on_partial = self._publish_partial
         self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
         self._thread.start()
 
@@ -133,6 +141,7 @@ class AsyncEngine:
         self._commands.put(_Stop())
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
         self._thread = None
+        self.engine.on_partial = None
 
     @property
     def num_in_flight(self) -> int:
@@ -149,32 +158,59 @@ class AsyncEngine:
         stream: RequestStream | None = None,
         **kwargs: Any,
     ) -> tuple[RequestStream, list[int]]:
-        """Queue a request; return its output stream and prompt token ids.
+        """Queue a request; return its output stream and prompt token ids (see ``add_requests``)."""
+        stream = stream if stream is not None else RequestStream()
+        (prompt_ids,) = await self.add_requests([(request_id, prompt, params)], stream, **kwargs)
+        return stream, prompt_ids
 
-        Pass ``stream`` to send this request's outputs into an existing stream
-        (several prompts of one HTTP request). ``kwargs`` go to
-        ``Engine.add_request``. Raises what that raises (``ValueError``,
-        ``QueueFullError``) or ``EngineDeadError``; on any error the request
-        is not in the engine.
+    async def add_requests(
+        self,
+        requests: list[tuple[str, str | list[int], SamplingParams]],
+        stream: RequestStream,
+        on_queued: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> list[list[int]]:
+        """Queue requests (id, prompt, params) into ``stream``, all or none; return their prompt token ids.
+
+        All are handed to the engine thread at once and taken before its next
+        step; ``on_queued`` runs right after, before this awaits anything
+        (their sequences count in ``num_seqs_in_flight`` from then on).
+        ``kwargs`` go to ``Engine.add_request``. Raises what that raises
+        (``ValueError``, ``QueueFullError``) or ``EngineDeadError``; on any
+        error, or if the caller is cancelled, none of them stays in the engine.
         """
         loop = asyncio.get_running_loop()
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        future: asyncio.Future[list[int]] = loop.create_future()
-        stream = stream if stream is not None else RequestStream()
+        ids = [rid for rid, _, _ in requests]
+        if len(set(ids)) != len(ids) or any(rid in self._streams for rid in ids):
+            raise ValueError("a request id is already in use")
+        futures: list[asyncio.Future[list[int]]] = []
         with self._lock:
             if self.dead is not None or self._thread is None:
                 raise EngineDeadError(f"the engine is not running ({self.dead or 'stopped'})")
-            self._streams[request_id] = stream
-            stream.pending.add(request_id)
-            self._commands.put(_Add(request_id, prompt, params, kwargs, future))
+            for rid, prompt, params in requests:
+                future: asyncio.Future[list[int]] = loop.create_future()
+                futures.append(future)
+                self._streams[rid] = stream
+                self._seqs[rid] = params.n
+                self.num_seqs_in_flight += params.n
+                stream.pending.add(rid)
+                self._commands.put(_Add(rid, prompt, params, kwargs, future))
+        if on_queued is not None:
+            on_queued()
         try:
-            prompt_ids = await future
+            results = await asyncio.gather(*futures, return_exceptions=True)
         except asyncio.CancelledError:
-            # The client left before the engine took the request: make sure it goes.
-            self.abort(request_id)
+            # The client left before the engine took the requests: make sure they go.
+            for rid in ids:
+                self.abort(rid)
             raise
-        return stream, prompt_ids
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for rid, r in zip(ids, results, strict=True):
+                if not isinstance(r, BaseException):
+                    self.abort(rid)
+            raise failures[0]
+        return results  # type: ignore[return-value]
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it finished); takes effect before the next step."""
@@ -186,10 +222,14 @@ class AsyncEngine:
 
     # ------------------------------------------------------- event-loop side
 
+    def _forget(self, request_id: str) -> RequestStream | None:
+        self.num_seqs_in_flight -= self._seqs.pop(request_id, 0)
+        return self._streams.pop(request_id, None)
+
     def _deliver(self, delivery: _Delivery) -> None:
         for request_id, future, prompt_ids, exc in delivery.added:
             if exc is not None:
-                stream = self._streams.pop(request_id, None)
+                stream = self._forget(request_id)
                 if stream is not None:
                     stream.pending.discard(request_id)
             if future.done():
@@ -204,12 +244,14 @@ class AsyncEngine:
                 continue
             stream.put(out)
             if out.finished:
-                del self._streams[out.request_id]
+                self._forget(out.request_id)
 
     def _fail_all(self, exc: BaseException) -> None:
         for stream in {id(s): s for s in self._streams.values()}.values():
             stream.put(exc)
         self._streams.clear()
+        self._seqs.clear()
+        self.num_seqs_in_flight = 0
 
     def _post(self, fn: Any, arg: Any) -> None:
         assert self._loop is not None
@@ -303,6 +345,17 @@ class AsyncEngine:
             else:
                 stop = True
         return stop
+
+    def _publish_partial(self, outputs: list[RequestOutput]) -> None:
+        """Hand the outputs of one sub-step of a multi-step plan to the event loop now."""
+        for out in outputs:
+            if out.finished:
+                self._live.discard(out.request_id)
+        if self.metrics is not None:
+            now = self.engine.clock()
+            for out in outputs:
+                self.metrics.on_output(out, now)
+        self._post(self._deliver, _Delivery(outputs=outputs))
 
     def _publish(self, delivery: _Delivery) -> None:
         engine = self.engine

@@ -12,12 +12,8 @@ from tokenmill.server import streaming
 from tokenmill.server.completions import ABORTED_MESSAGE
 from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.logprobs import chat_logprobs
-from tokenmill.server.params import (
-    chat_prompt,
-    reject_unsupported,
-    resolve_max_tokens,
-    sampling_params,
-)
+from tokenmill.server.params import reject_unsupported, resolve_max_tokens, sampling_params
+from tokenmill.server.prompts import chat_prompt_ids, check_chat_size, request_template
 from tokenmill.server.protocol import ChatCompletionRequest, make_id, now_s
 from tokenmill.server.state import ServerState, collect
 from tokenmill.server.usage import UsageCounter
@@ -28,23 +24,30 @@ async def create_chat_completion(
 ) -> Response | dict[str, Any]:
     model = state.check_model(body.model)
     reject_unsupported(body)
-    prompt_ids = chat_prompt(state.tokenizer, body)
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = resolve_max_tokens(requested, len(prompt_ids), state.max_model_len, "messages")
-    num_top = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens=max_tokens, logprobs=num_top)
-    request_id = make_id("chatcmpl")
-    stream, _ = await state.add_all(
-        request_id,
-        [prompt_ids],
-        [params],
-        arrival_time=state.async_engine.engine.clock(),
-        client_id=state.client_id(request, body.user),
-        priority=body.priority,
-        ttft_slo=body.ttft_slo,
-        tpot_slo=body.tpot_slo,
-        cache_namespace=body.cache_salt or "",
-    )
+    template, template_param = request_template(body, state.settings.trust_request_chat_template)
+    check_chat_size(body, state.limits)  # no work yet
+    state.admission.check_fits(body.n, "n")
+    with state.admission.reserve(body.n) as reservation:
+        prompt_ids = await state.preprocessor.run(
+            chat_prompt_ids, state.tokenizer, body, template, template_param, state.limits
+        )
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = resolve_max_tokens(requested, len(prompt_ids), state.max_model_len, "messages")
+        num_top = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling_params(body, max_tokens=max_tokens, logprobs=num_top)
+        request_id = make_id("chatcmpl")
+        stream, _ = await state.add_all(
+            request_id,
+            [prompt_ids],
+            [params],
+            reservation,
+            arrival_time=state.async_engine.engine.clock(),
+            client_id=state.client_id(request, body.user),
+            priority=body.priority,
+            ttft_slo=body.ttft_slo,
+            tpot_slo=body.tpot_slo,
+            cache_namespace=body.cache_salt or "",
+        )
     usage = UsageCounter([len(prompt_ids)])
     created = now_s()
 
@@ -57,9 +60,7 @@ async def create_chat_completion(
             lambda: state.abort(stream),
         )
 
-    final = await collect(state, stream, request)
-    if final is None:
-        return Response(status_code=499)  # the client is gone; nobody reads this
+    final = await collect(state, stream)
     out = final[request_id]
     usage.update(out)
     choices = []
@@ -108,16 +109,21 @@ async def _events(
         return streaming.chunk_event("chat.completion.chunk", request_id, created, model, choice, body_usage, include_usage)
 
     # OpenAI opens every choice with the role and empty content.
-    for j in range(body.n):
-        yield chunk({"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+    yield b"".join(
+        chunk({"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+        for j in range(body.n)
+    )
     try:
         async for out in stream:
             usage.update(out)
+            # One write per engine output, not per sample: n=128 is 128 chunks a step.
+            events: list[bytes] = []
             for o in out.outputs:
                 if o.index in finished:
                     continue
                 if o.finish_reason == "abort":
-                    yield streaming.event(error_body(ABORTED_MESSAGE, "service_unavailable", None, "aborted"))
+                    events.append(streaming.event(error_body(ABORTED_MESSAGE, "service_unavailable", None, "aborted")))
+                    yield b"".join(events)
                     return
                 has_logprobs = num_top is not None and bool(o.delta_token_ids) and o.delta_logprobs is not None
                 if not (o.delta_text or o.finish_reason or has_logprobs):
@@ -136,7 +142,9 @@ async def _events(
                 if o.finish_reason is not None:
                     finished.add(o.index)
                     choice["stop_reason"] = o.stop_reason
-                yield chunk(choice)
+                events.append(chunk(choice))
+            if events:
+                yield b"".join(events)
     except APIError as exc:
         yield streaming.event(exc.body())
         return

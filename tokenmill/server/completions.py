@@ -7,7 +7,7 @@ OpenAI numbers them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -17,13 +17,8 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.server import streaming
 from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.logprobs import completion_logprobs
-from tokenmill.server.params import (
-    check_token_ids,
-    completion_prompts,
-    reject_unsupported,
-    resolve_max_tokens,
-    sampling_params,
-)
+from tokenmill.server.params import reject_unsupported, resolve_max_tokens, sampling_params
+from tokenmill.server.prompts import split_completion_prompt, tokenize_prompts
 from tokenmill.server.protocol import CompletionRequest, make_id, now_s
 from tokenmill.server.state import ServerState, collect
 from tokenmill.server.usage import UsageCounter
@@ -34,42 +29,48 @@ ABORTED_MESSAGE = "the request was aborted: the server is shutting down"
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
     model = state.check_model(body.model)
     reject_unsupported(body)
-    prompts = completion_prompts(state.tokenizer, body.prompt)
-    params = []
-    for text, ids in prompts:
-        if text is None:
-            check_token_ids(ids, state.vocab_size, "prompt")
-        max_tokens = resolve_max_tokens(body.max_tokens, len(ids), state.max_model_len, "prompt")
-        params.append(sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs))
-    request_id = make_id("cmpl")
-    stream, engine_ids = await state.add_all(
-        request_id,
-        [ids for _, ids in prompts],
-        params,
-        arrival_time=state.async_engine.engine.clock(),
-        client_id=state.client_id(request, body.user),
-        priority=body.priority,
-        ttft_slo=body.ttft_slo,
-        tpot_slo=body.tpot_slo,
-        cache_namespace=body.cache_salt or "",
-    )
+    texts = split_completion_prompt(body.prompt, state.limits)  # count and sizes: no work yet
+    state.admission.check_fits(len(texts) * body.n, "n")
+    with state.admission.reserve(len(texts) * body.n) as reservation:
+        prompts = await state.preprocessor.run(tokenize_prompts, state.tokenizer, texts, state.limits, body.echo)
+        params = [
+            sampling_params(
+                body,
+                max_tokens=resolve_max_tokens(body.max_tokens, len(ids), state.max_model_len, "prompt"),
+                logprobs=body.logprobs,
+                # echo with logprobs: the prompt's logprobs too, as vLLM and OpenAI give them
+                prompt_logprobs=body.logprobs if body.echo else None,
+            )
+            for _, ids in prompts
+        ]
+        request_id = make_id("cmpl")
+        stream, engine_ids = await state.add_all(
+            request_id,
+            [ids for _, ids in prompts],
+            params,
+            reservation,
+            arrival_time=state.async_engine.engine.clock(),
+            client_id=state.client_id(request, body.user),
+            priority=body.priority,
+            ttft_slo=body.ttft_slo,
+            tpot_slo=body.tpot_slo,
+            cache_namespace=body.cache_salt or "",
+        )
     index_of = {rid: i for i, rid in enumerate(engine_ids)}
-    echo = [(text if text is not None else state.tokenizer.decode(ids)) if body.echo else "" for text, ids in prompts]
+    echo = [(text or "") if body.echo else "" for text, _ in prompts]
     usage = UsageCounter([len(ids) for _, ids in prompts])
     created = now_s()
 
     if body.stream:
         opts = body.stream_options
         return streaming.sse_response(
-            _events(body, stream, index_of, echo, usage, request_id, created, model,
+            _events(body, stream, index_of, echo, usage, request_id, created, model, _decoder(state),
                     include_usage=bool(opts and opts.include_usage),
                     continuous_usage=bool(opts and opts.include_usage and opts.continuous_usage_stats)),
             lambda: state.abort(stream),
         )
 
-    final = await collect(state, stream, request)
-    if final is None:
-        return Response(status_code=499)  # the client is gone; nobody reads this
+    final = await collect(state, stream)
     choices = []
     for rid, out in final.items():
         usage.update(out)
@@ -79,7 +80,13 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
                 raise APIError(503, ABORTED_MESSAGE, code="aborted")
             logprobs = None
             if body.logprobs is not None and o.logprobs is not None:
-                logprobs, _ = completion_logprobs(o.token_ids, o.logprobs, body.logprobs, 0)
+                if body.echo:
+                    logprobs, _ = completion_logprobs(
+                        out.prompt_token_ids + o.token_ids, [*(out.prompt_logprobs or []), *o.logprobs],
+                        body.logprobs, 0, _decoder(state),
+                    )  # fmt: skip
+                else:
+                    logprobs, _ = completion_logprobs(o.token_ids, o.logprobs, body.logprobs, 0)
             choices.append(
                 {
                     "index": i * body.n + o.index,
@@ -101,6 +108,11 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     }
 
 
+def _decoder(state: ServerState) -> Callable[[int], str]:
+    """Text of one token (for the first prompt token under echo, which has no logprob entry)."""
+    return lambda token_id: state.tokenizer.decode([token_id])
+
+
 async def _events(
     body: CompletionRequest,
     stream: Any,
@@ -110,6 +122,7 @@ async def _events(
     request_id: str,
     created: int,
     model: str,
+    decode: Callable[[int], str],
     *,
     include_usage: bool,
     continuous_usage: bool,
@@ -118,24 +131,42 @@ async def _events(
     want_logprobs = body.logprobs is not None
     finished: set[int] = set()
     offsets: dict[int, int] = {}
+    # echo with logprobs: a prompt's echo waits for its logprobs (they come with its first token)
+    echo_later = body.echo and want_logprobs
+    echoed: set[int] = set()
 
     def chunk(choice: dict[str, Any]) -> bytes:
         body_usage = usage.body() if include_usage and continuous_usage else None
         return streaming.chunk_event("text_completion", request_id, created, model, choice, body_usage, include_usage)
 
-    if body.echo:
-        for i, text in enumerate(echo):
-            for j in range(n):
-                yield chunk({"index": i * n + j, "text": text, "logprobs": None, "finish_reason": None})
+    if body.echo and not echo_later:
+        yield b"".join(
+            chunk({"index": i * n + j, "text": text, "logprobs": None, "finish_reason": None})
+            for i, text in enumerate(echo)
+            for j in range(n)
+        )
     try:
         async for out in stream:
             usage.update(out)
-            yield_list = _chunks_for(out, index_of[out.request_id], n, want_logprobs, body.logprobs or 0, finished, offsets)
-            for choice in yield_list:
+            # One write per engine output, not per sample: n=128 is 128 chunks a step.
+            events: list[bytes] = []
+            i = index_of[out.request_id]
+            if echo_later and i not in echoed and out.prompt_logprobs is not None:
+                echoed.add(i)
+                for j in range(n):
+                    logprobs, offsets[i * n + j] = completion_logprobs(
+                        out.prompt_token_ids, out.prompt_logprobs, body.logprobs or 0, 0, decode
+                    )
+                    events.append(chunk({"index": i * n + j, "text": echo[i], "logprobs": logprobs,
+                                         "finish_reason": None}))  # fmt: skip
+            for choice in _chunks_for(out, index_of[out.request_id], n, want_logprobs, body.logprobs or 0, finished, offsets):
                 if choice.get("finish_reason") == "abort":
-                    yield streaming.event(error_body(ABORTED_MESSAGE, "service_unavailable", None, "aborted"))
+                    events.append(streaming.event(error_body(ABORTED_MESSAGE, "service_unavailable", None, "aborted")))
+                    yield b"".join(events)
                     return
-                yield chunk(choice)
+                events.append(chunk(choice))
+            if events:
+                yield b"".join(events)
     except APIError as exc:
         yield streaming.event(exc.body())
         return

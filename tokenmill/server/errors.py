@@ -6,12 +6,19 @@ the status codes OpenAI uses:
 =====  ===========================  ==========================================
  400   ``invalid_request_error``    invalid JSON, wrong types or ranges (schema
                                     errors included: tokenmill maps pydantic's
-                                    422 to 400, as OpenAI does), prompt +
-                                    max_tokens over the context length
+                                    422 to 400, as OpenAI does); by code:
+                                    ``context_length_exceeded`` (prompt +
+                                    max_tokens, or prompt characters, over the
+                                    limit), ``too_many_prompts``,
+                                    ``request_too_large`` (more sequences than
+                                    the queue holds), ``untrusted_chat_template``,
+                                    ``chat_template_limit``, ``chat_template_error``
  401   ``authentication_error``     ``--api-key`` set and no valid Bearer token
  404   ``not_found_error``          unknown model or route
  405   ``invalid_request_error``    wrong method for a route
- 413   ``invalid_request_error``    body over ``--max-body-bytes``
+ 413   ``invalid_request_error``    body over ``--max-body-bytes`` (code ``body_too_large``)
+ 421   ``invalid_request_error``    a ``Host`` header the server does not answer to
+                                    (DNS-rebinding protection, ``--allowed-hosts``)
  429   ``rate_limit_error``         the waiting queue is full (``--max-queue``),
                                     with a ``Retry-After`` header
  503   ``service_unavailable``      draining after SIGTERM, or the engine failed
@@ -39,6 +46,7 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    421: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable",
@@ -135,7 +143,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail) if exc.detail else "error"
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
-        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+        # 413 comes from a chunked body growing past the limit (middleware.py)
+        code = "body_too_large" if exc.status_code == 413 else None
+        return error_response(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tokenmill.outputs import Logprob, TokenLogprobs
@@ -19,18 +20,32 @@ def _token_text(lp: Logprob) -> str:
 
 
 def completion_logprobs(
-    token_ids: list[int], logprobs: list[TokenLogprobs], num_top: int, text_offset: int
+    token_ids: list[int],
+    logprobs: list[TokenLogprobs | None],
+    num_top: int,
+    text_offset: int,
+    decode: Callable[[int], str] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """The ``logprobs`` object of a completion choice; returns it and the next text offset.
 
     ``top_logprobs`` holds the ``num_top`` most likely tokens plus the sampled
-    one (as vLLM does), keyed by their text.
+    one (as vLLM does), keyed by their text. An entry of None (the first
+    prompt token under ``echo``) gives a null logprob and null top_logprobs;
+    its text comes from ``decode``.
     """
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
     offsets: list[int] = []
     for tid, entry in zip(token_ids, logprobs, strict=False):
+        if entry is None:
+            text = decode(tid) if decode is not None else ""
+            tokens.append(text)
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            offsets.append(text_offset)
+            text_offset += len(text)
+            continue
         sampled = entry.get(tid)
         text = _token_text(sampled) if sampled is not None else ""
         tokens.append(text)

@@ -12,6 +12,9 @@ handler accepted the request:
 - ``inter_token_latency``: the gap between consecutive outputs of a sample,
   spread evenly over the tokens it brought (a multi-step decode plan hands
   over several tokens at once);
+- ``time_per_output_token``: per finished sample with at least two tokens,
+  (its last token - its first token) / (its tokens - 1), i.e. vLLM's
+  (e2e - TTFT) / (output tokens - 1) for each sequence;
 - ``e2e_request_latency``: arrival -> the request's last sample finished;
 - ``request_queue_time``: arrival -> first scheduled.
 """
@@ -30,6 +33,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_TPOT_BUCKETS = (*_ITL_BUCKETS, 5.0, 10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 300.0)
 
 
@@ -38,6 +42,9 @@ class _Track:
     arrival: float
     first_token_seen: bool = False
     last_token_time: dict[int, float] = field(default_factory=dict)  # sample index -> time
+    first_token_time: dict[int, float] = field(default_factory=dict)  # sample index -> time
+    num_tokens: dict[int, int] = field(default_factory=dict)  # sample index -> tokens so far
+    finished: set[int] = field(default_factory=set)  # samples whose TPOT is observed
 
 
 class ServerMetrics:
@@ -66,6 +73,11 @@ class ServerMetrics:
         )
         self.ttft = histogram("tokenmill_time_to_first_token_seconds", "Arrival to first token.", _TTFT_BUCKETS)
         self.itl = histogram("tokenmill_inter_token_latency_seconds", "Time between tokens of a sample.", _ITL_BUCKETS)
+        self.tpot = histogram(
+            "tokenmill_time_per_output_token_seconds",
+            "Per finished sample: (last token - first token) / (output tokens - 1).",
+            _TPOT_BUCKETS,
+        )
         self.e2e = histogram("tokenmill_e2e_request_latency_seconds", "Arrival to last token.", _E2E_BUCKETS)
         self.queue_time = histogram("tokenmill_request_queue_time_seconds", "Arrival to first scheduled.", _E2E_BUCKETS)
         self.running = gauge("tokenmill_num_requests_running", "Sequences running in the engine.")
@@ -84,6 +96,14 @@ class ServerMetrics:
         self.prefix_queries = counter("tokenmill_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("tokenmill_prefix_cache_hits", "Prompt tokens served from the prefix cache.")
         self.engine_steps = counter("tokenmill_engine_steps", "Engine steps (plans) run.")
+        self.expert_cache = counter(
+            "tokenmill_expert_cache_lookups",
+            "Offloaded MoE experts looked up, by result: hit (in RAM) or miss (read from the checkpoint).",
+            ("result",),
+        )
+        self.expert_bytes_read = counter(
+            "tokenmill_expert_cache_read_bytes", "Bytes of experts read from the memory-mapped checkpoint."
+        )
         self._last: EngineStats | None = None
         self._tracks: dict[str, _Track] = {}
 
@@ -118,6 +138,14 @@ class ServerMetrics:
                     for _ in range(k):
                         self.itl.labels(**lab).observe(gap)
                 track.last_token_time[sample.index] = now
+                track.first_token_time.setdefault(sample.index, now)
+                track.num_tokens[sample.index] = track.num_tokens.get(sample.index, 0) + len(sample.delta_token_ids)
+            if sample.finish_reason is not None and sample.index not in track.finished:
+                track.finished.add(sample.index)
+                n = track.num_tokens.get(sample.index, 0)
+                if n >= 2:
+                    span = track.last_token_time[sample.index] - track.first_token_time[sample.index]
+                    self.tpot.labels(**lab).observe(max(0.0, span) / (n - 1))
         if out.finished:
             del self._tracks[out.request_id]
             for sample in out.outputs:
@@ -152,6 +180,11 @@ class ServerMetrics:
         )
         self.prefix_hits.labels(**lab).inc(s.prefix_hit_tokens - (last.scheduler.prefix_hit_tokens if last else 0))
         self.engine_steps.labels(**lab).inc(stats.num_steps - (last.num_steps if last else 0))
+        ec, prev = stats.expert_cache, (last.expert_cache if last else None)
+        if ec is not None:
+            self.expert_cache.labels(**lab, result="hit").inc(ec.hits - (prev.hits if prev else 0))
+            self.expert_cache.labels(**lab, result="miss").inc(ec.misses - (prev.misses if prev else 0))
+            self.expert_bytes_read.labels(**lab).inc(ec.bytes_read - (prev.bytes_read if prev else 0))
         self._last = stats
 
     # ------------------------------------------------------------- event loop

@@ -1,8 +1,10 @@
-"""Checks that run before any route: draining, the API key, the body size.
+"""Checks that run before any route: the Host header, draining, the API key, the body size.
 
 One pure ASGI middleware rather than three ``BaseHTTPMiddleware``s: it adds
 no task per request and does not buffer streamed responses.
 
+- A ``Host`` header the server does not answer to gets 421 (DNS-rebinding
+  protection; see ``hosts.py``), on every route.
 - While draining (after SIGTERM) every new request gets 503, except
   ``/metrics`` so that the drain can be watched.
 - With an API key, routes under ``/v1/`` need ``Authorization: Bearer KEY``;
@@ -20,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.server.errors import error_response
+from tokenmill.server.hosts import host_allowed
 from tokenmill.server.state import ServerState
 
 
@@ -35,6 +38,20 @@ class GuardMiddleware:
             return
         path: str = scope.get("path", "")
         settings = state.settings
+        if settings.allowed_hosts is not None:
+            raw = _header(scope, b"host")
+            host = None if raw is None else raw.decode("latin-1")
+            if not host_allowed(host, settings.allowed_hosts):
+                state.metrics.reject("invalid_host")
+                response = error_response(
+                    421,
+                    f"this server does not answer to Host {host!r} (protection against DNS rebinding: on "
+                    "loopback without an API key it takes only loopback names); start it with "
+                    "--allowed-hosts NAME to allow others",
+                    code="invalid_host",
+                )
+                await response(scope, receive, send)
+                return
         if state.draining and path != "/metrics":
             response = error_response(503, "the server is shutting down", code="draining")
             await response(scope, receive, send)
@@ -57,7 +74,7 @@ class GuardMiddleware:
                 response = error_response(413, _too_large(limit), code="body_too_large")
                 await response(scope, receive, send)
                 return
-            receive = _limited(receive, limit)
+            receive = _limited(receive, limit, lambda: state.metrics.reject("body_too_large"))
         await self.app(scope, receive, send)
 
 
@@ -65,7 +82,7 @@ def _too_large(limit: int) -> str:
     return f"the request body is larger than the server's limit of {limit} bytes"
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
+def _limited(receive: Receive, limit: int, on_reject: Callable[[], None]) -> Receive:
     seen = 0
 
     async def wrapped() -> Message:
@@ -74,6 +91,7 @@ def _limited(receive: Receive, limit: int) -> Receive:
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
+                on_reject()
                 # The framework re-raises HTTPException from body parsing; the
                 # app's handler renders it in the error shape.
                 raise HTTPException(413, _too_large(limit))

@@ -3,8 +3,9 @@
 Requests follow OpenAI's field names and defaults; the extra fields that
 OpenAI does not have (``top_k``, ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``priority``, ``ttft_slo`` ...) follow vLLM's "extra body"
-names, so clients that already send them to vLLM work unchanged. Unknown
-fields are ignored, as vLLM does, so that clients sending newer OpenAI
+names, so clients that already send them to vLLM work unchanged. Types are
+strict, as OpenAI checks them (``"n": "2"`` or ``"max_tokens": 16.0`` are
+400s). Unknown fields are ignored, as vLLM does, so that clients sending newer OpenAI
 parameters are not refused for a field that would not change the result.
 
 Ranges are checked here (a violation is a 400 ``invalid_request_error``
@@ -25,13 +26,16 @@ _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
 _MAX_N = 128  # samples per prompt; more is almost surely a mistake and would hold the queue
 _MAX_STOP = 16  # stop strings per request
 _MAX_LOGPROBS = 20
+MAX_TEMPLATE_CHARS = 65536  # a request's own chat template; those on the Hub are a few KB
 
 TokenIds = list[Annotated[int, Field(ge=0, le=2**31 - 1)]]
 
 
 class _Request(BaseModel):
-    # No NaN or infinity: JSON has neither, but Python's parser accepts them.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # No NaN or infinity: JSON has neither, but Python's parser accepts them. Strict
+    # types, as OpenAI checks them: no "5" or 5.0 for an integer, no true for a number
+    # (an integer is still a number); the published schema says exactly what is taken.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Request):
@@ -98,10 +102,23 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON string, as the model wrote them")
+
+
+class ToolCall(_Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant message's calls, for the template")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
 
     def text(self) -> str:
         if self.content is None:
@@ -109,6 +126,23 @@ class ChatMessage(_Request):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+    def text_length(self) -> int:
+        """Characters of text this message brings to the prompt (content and tool calls)."""
+        n = len(self.content) if isinstance(self.content, str) else sum(len(p.text) for p in self.content or ())
+        for call in self.tool_calls or ():
+            n += len(call.function.name) + len(call.function.arguments)
+        return n
+
+    def template_dict(self, content: str | None) -> dict[str, Any]:
+        """The message as chat templates see it (transformers' shape); None values are dropped later."""
+        return {
+            "role": self.role,
+            "content": content,
+            "name": self.name,
+            "tool_calls": [c.model_dump() for c in self.tool_calls] if self.tool_calls else None,
+            "tool_call_id": self.tool_call_id,
+        }
 
 
 class ResponseFormat(_Request):
@@ -128,6 +162,9 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = Field(
+        None, max_length=MAX_TEMPLATE_CHARS, description="needs --trust-request-chat-template"
+    )
 
 
 # ------------------------------------------------------------------ responses
@@ -249,6 +286,10 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
 
 
 class ErrorDetail(BaseModel):

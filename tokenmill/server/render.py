@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from starlette.responses import Response
+from starlette.responses import JSONResponse as _StarletteJSONResponse
 
 
 def dumps(obj: Any) -> bytes:
@@ -22,8 +22,8 @@ def dumps(obj: Any) -> bytes:
         return json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-class JSONResponse(Response):
-    media_type = "application/json"
+class JSONResponse(_StarletteJSONResponse):
+    """Starlette's JSON response (FastAPI documents routes that use it as JSON), rendered by ``dumps``."""
 
     def render(self, content: Any) -> bytes:
         return dumps(content)

@@ -1,24 +1,38 @@
-"""What every handler needs: the async engine, a tokenizer, the settings and the metrics."""
+"""What every handler needs: the async engine, a tokenizer, the settings, the metrics, the bounds.
+
+Also how a handler's work ends with its client: ``unless_disconnected`` runs
+a handler and cancels it when the client goes (its requests are aborted,
+its queued prompt work dropped), and ``collect`` runs a non-streaming
+request to the end.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import Response
 
 from tokenmill.core.scheduler import QueueFullError
+from tokenmill.server.admission import Admission, Reservation
 from tokenmill.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from tokenmill.server.defaults import (
+    DEFAULT_CHAT_TEMPLATE_TIMEOUT_S,
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_PROMPTS_PER_REQUEST,
+    DEFAULT_PREPROCESS_THREADS,
     DEFAULT_RETRY_AFTER_S,
 )
 from tokenmill.server.errors import APIError
 from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.prompts import Preprocessor, PromptLimits
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -28,6 +42,14 @@ class ServerSettings:
     max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S
     retry_after_s: int = DEFAULT_RETRY_AFTER_S
+    # Run chat templates sent with requests (they are code; the sandbox bounds them, the operator decides).
+    trust_request_chat_template: bool = False
+    chat_template_timeout: float = DEFAULT_CHAT_TEMPLATE_TIMEOUT_S
+    max_prompt_chars: int | None = None  # None: the context length x DEFAULT_CHARS_PER_TOKEN
+    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST
+    # Host header values taken (DNS-rebinding protection); None: any. See hosts.py.
+    allowed_hosts: list[str] | None = None
+    preprocess_threads: int = DEFAULT_PREPROCESS_THREADS
 
 
 @dataclass
@@ -38,8 +60,10 @@ class ServerState:
     metrics: ServerMetrics
     max_model_len: int
     vocab_size: int
-    model_root: str
     created: int
+    limits: PromptLimits
+    admission: Admission
+    preprocessor: Preprocessor
     draining: bool = False
     # Set by the runner: a drain was asked for (SIGTERM) and is in progress.
     drain_task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -82,25 +106,25 @@ class ServerState:
             raise APIError(400, str(exc)) from None
 
     async def add_all(
-        self, request_id: str, prompts: list[list[int]], params: list[Any], **kwargs: Any
+        self,
+        request_id: str,
+        prompts: list[list[int]],
+        params: list[Any],
+        reservation: Reservation,
+        **kwargs: Any,
     ) -> tuple[RequestStream, list[str]]:
         """Add one engine request per prompt into one stream; all or none.
 
-        Returns the stream and the engine request ids (``{request_id}-{i}``
-        for several prompts).
+        The admission ``reservation`` passes to the engine's count as the
+        requests are queued. Returns the stream and the engine request ids
+        (``{request_id}-{i}`` for several prompts).
         """
         stream = RequestStream()
         ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
-        added: list[str] = []
-        try:
-            with self.engine_errors():
-                for rid, ids_i, params_i in zip(ids, prompts, params, strict=True):
-                    await self.async_engine.add_request(rid, ids_i, params_i, stream=stream, **kwargs)
-                    added.append(rid)
-        except BaseException:
-            for rid in added:
-                self.async_engine.abort(rid)
-            raise
+        with self.engine_errors():
+            await self.async_engine.add_requests(
+                list(zip(ids, prompts, params, strict=True)), stream, on_queued=reservation.release, **kwargs
+            )
         return stream, ids
 
     def abort(self, stream: RequestStream) -> None:
@@ -116,38 +140,39 @@ async def wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def collect(state: ServerState, stream: RequestStream, request: Request) -> dict[str, Any] | None:
-    """Run a non-streaming request to the end; None if the client left first (it is aborted).
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | Response:
+    """Run a handler; if the client goes first, cancel it (499, which nobody reads).
 
-    Returns the last (cumulative) output of each engine request.
+    Cancelling stops the handler wherever it is: its prompt work on the
+    pool, its adds to the engine (aborted), a non-streaming collect
+    (aborted). A stream already returned watches its client itself.
     """
-    final: dict[str, Any] = {}
-
-    async def consume() -> None:
-        async for out in stream:
-            final[out.request_id] = out
-
-    consumer = asyncio.ensure_future(consume())
+    task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
-        done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not consumer.done():
-            consumer.cancel()
-            state.abort(stream)
-    if consumer not in done:
-        return None
-    with state.engine_errors():
-        consumer.result()  # re-raise an engine failure
-    return final
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if task.cancelled():
+        return Response(status_code=499)
+    return task.result()
 
 
-@contextlib.asynccontextmanager
-async def aborting(state: ServerState, stream: RequestStream) -> AsyncIterator[None]:
-    """Abort what is still running in ``stream`` however the block ends."""
+async def collect(state: ServerState, stream: RequestStream) -> dict[str, Any]:
+    """Run a non-streaming request to the end; returns the last (cumulative) output of each engine request.
+
+    If the caller is cancelled (the client left), what is still running is aborted.
+    """
+    final: dict[str, Any] = {}
     try:
-        yield
-    finally:
-        if not stream.finished:
-            state.abort(stream)
+        with state.engine_errors():
+            async for out in stream:
+                final[out.request_id] = out
+    except asyncio.CancelledError:
+        state.abort(stream)
+        raise
+    return final

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tokenmill.core.plan import ScheduledSeq, StepPlan
+from tokenmill.core.plan import StepPlan, standalone_seq
 from tokenmill.core.request import Request, SamplingParams
 from tokenmill.sim.profiled import FORMAT
 
@@ -41,6 +41,55 @@ GRIDS: dict[str, dict[str, list[int]]] = {
              "decode_seqs": [0, 1, 2, 4, 8, 16, 32, 64, 128, 256],
              "context_tokens": [16, 128, 512, 1024, 2048, 4096, 8192]},
 }  # fmt: skip
+
+
+def fit_axes(
+    axes: dict[str, list[int]],
+    *,
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    max_model_len: int,
+    kv_tokens: int,
+    num_blocks: int,
+) -> tuple[dict[str, list[int]], list[str]]:
+    """The grid cut to what the engine can run, and a note for each cut the model or its KV forced.
+
+    The engine's own limits (``max_num_batched_tokens``, ``max_num_seqs``)
+    bound the prefill and decode axes and are measured at, as before: past
+    the last point the table extrapolates. The model's context and the KV
+    cache bound them too: a sequence holds at most ``max_model_len - 1``
+    tokens of context before the one it computes (positions past the context
+    have no rotary embedding), and no more than the cache holds; a decode
+    needs a block of its own. Points where many decodes of a long context
+    together exceed the cache are still measured, reusing blocks (timings do
+    not depend on what the KV holds).
+    """
+    notes: list[str] = []
+    seq_cap = min(max_model_len, kv_tokens) - 1
+
+    def why(cap: int) -> str:
+        if max_model_len - 1 == cap:
+            return f"the model's context is {max_model_len} tokens"
+        return f"the KV cache holds {kv_tokens} tokens"
+
+    out: dict[str, list[int]] = {}
+    asked = list(axes["prefill_tokens"])
+    cap = min(max_num_batched_tokens, seq_cap)
+    out["prefill_tokens"] = sorted({p for p in asked if p < cap} | {cap})
+    if seq_cap < max_num_batched_tokens:
+        notes.append(f"prefill_tokens clamped to {cap} ({why(seq_cap)}; max_num_batched_tokens is "
+                     f"{max_num_batched_tokens})")  # fmt: skip
+    asked = list(axes["decode_seqs"])
+    cap = min(max_num_seqs, num_blocks)
+    out["decode_seqs"] = sorted({d for d in asked if d < cap} | {cap})
+    if cap < max_num_seqs:
+        notes.append(f"decode_seqs clamped to {cap} (the KV cache has {num_blocks} blocks, one per sequence at "
+                     f"least; asked up to {max_num_seqs})")  # fmt: skip
+    asked = list(axes["context_tokens"])
+    out["context_tokens"] = sorted({min(c, seq_cap) for c in asked})
+    if max(asked) > seq_cap:
+        notes.append(f"context_tokens clamped to {seq_cap} ({why(seq_cap)}; asked up to {max(asked)})")
+    return out, notes
 
 
 class _Blocks:
@@ -78,10 +127,10 @@ def build_plan(prefill: int, decode: int, context: int, blocks: _Blocks, vocab: 
         prior = context if decode == 0 else 0
         total = prior + prefill
         req = Request("p", tokens(total), greedy)
-        seqs.append(ScheduledSeq(req, prior, prefill, blocks.table(total), True))
+        seqs.append(standalone_seq(req, prior, prefill, blocks.table(total), True))
     for i in range(decode):
         req = Request(f"d{i}", tokens(context), greedy)
-        seqs.append(ScheduledSeq(req, context - 1, 1, blocks.table(context + num_steps - 1), True))
+        seqs.append(standalone_seq(req, context - 1, 1, blocks.table(context + num_steps - 1), True))
     return StepPlan(step_id=0, now=0.0, seqs=seqs, num_steps=num_steps, num_batched_tokens=prefill + decode)
 
 
@@ -225,15 +274,13 @@ def profile_model(
     from tokenmill.executor.model_executor import ModelExecutor
 
     path = resolve_model_path(model_path)
-    axes = {k: list(v) for k, v in (GRIDS[grid] if isinstance(grid, str) else grid).items()}
-    # Measure up to the engine's own limits, and at them: past the last point the table extrapolates.
-    axes["prefill_tokens"] = sorted({p for p in axes["prefill_tokens"] if p < max_num_batched_tokens}
-                                    | {max_num_batched_tokens})  # fmt: skip
-    axes["decode_seqs"] = sorted({d for d in axes["decode_seqs"] if d < max_num_seqs} | {max_num_seqs})
+    asked = {k: list(v) for k, v in (GRIDS[grid] if isinstance(grid, str) else grid).items()}
     executor = ModelExecutor(path, dtype=dtype, kv_cache_memory=kv_cache_memory, block_size=block_size,
                              max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)  # fmt: skip
     mc = executor.model_config
-    axes["context_tokens"] = sorted({min(c, mc.max_model_len - 1) for c in axes["context_tokens"]})
+    axes, clamped = fit_axes(asked, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                             max_model_len=mc.max_model_len, kv_tokens=executor.num_blocks * block_size,
+                             num_blocks=executor.num_blocks)  # fmt: skip
     t0 = time.perf_counter()
     times, multi = measure_grid(executor, axes, mc.vocab_size, mc.max_model_len, repeats, warmup, progress, stat,
                                 multistep)  # fmt: skip
@@ -259,6 +306,7 @@ def profile_model(
         "repeats": repeats,
         "statistic": stat,
         "axes": axes,
+        "clamped": clamped,
         "times": times,
         "decode_multistep": {"num_steps": multistep, "times": multi} if multi is not None else None,
         "engine_overhead": overhead,

@@ -15,8 +15,8 @@ must be equal.
 
 Drivers: ``record_engine`` runs a real ``tokenmill.engine.Engine`` (which
 records its steps when ``EngineConfig.record_steps`` is set);
-``record_scheduler`` runs a bare scheduler with any executor, timing each
-plan with the wall clock.
+``record_scheduler`` runs the same engine loop around any executor (a test
+fake), timing each plan with the wall clock.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tokenmill.core.plan import StepPlan, StepResult
-from tokenmill.core.request import Request, SamplingParams
-from tokenmill.core.scheduler import Scheduler, SchedulerConfig
+from tokenmill.core.request import SamplingParams
+from tokenmill.core.scheduler import SchedulerConfig
 from tokenmill.sim.config import PoolConfig, SimConfig
 from tokenmill.sim.cost_model import ReplayCostModel
 from tokenmill.sim.simulator import Simulator
@@ -56,7 +56,12 @@ class Recording:
 
 
 class _Executor(Protocol):
-    def execute(self, plan: StepPlan) -> StepResult: ...
+    num_blocks: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+    def execute(self, plan: StepPlan, on_substep: Any = None) -> StepResult: ...
 
 
 def _params(output_len: int) -> SamplingParams:
@@ -65,34 +70,16 @@ def _params(output_len: int) -> SamplingParams:
 
 def record_scheduler(config: SchedulerConfig, executor: _Executor, arrivals: ArrivalPlan,
                      clock: Any = time.perf_counter) -> Recording:  # fmt: skip
-    """Drive a bare scheduler as the engine would, timing each plan's ``execute``."""
-    sched = Scheduler(dataclasses.replace(config))
-    rec = Recording(dataclasses.replace(config))
-    pending = sorted(enumerate(arrivals.entries), key=lambda e: e[1][0])
-    pos = 0
-    plan_index = 0
-    added: list[str] = []
-    while pos < len(pending) or sched.has_unfinished():
-        while pos < len(pending) and (pending[pos][1][0] <= plan_index or not sched.has_unfinished()):
-            i, (_, prompt, out) = pending[pos]
-            rid = arrivals.request_id(i)
-            sched.add_request(Request(rid, prompt, _params(out), arrival_time=clock()), clock())
-            rec.requests[rid] = (prompt, out)
-            added.append(rid)
-            pos += 1
-        plan = sched.schedule(clock())
-        if plan.is_empty:
-            raise RuntimeError("the scheduler planned nothing with requests waiting")
-        t0 = clock()
-        result = executor.execute(plan)
-        result.duration = clock() - t0
-        rec.added_before.append(added)
-        rec.summaries.append(plan.summary())
-        rec.durations.append(result.duration)
-        added = []
-        sched.update(plan, result)
-        plan_index += 1
-    return rec
+    """Drive an ``Engine`` around ``executor`` (any ``Executor``, e.g. a test fake), timing
+    each plan with ``clock``: the scheduler is configured by ``config``."""
+    from tokenmill.engine import Engine, EngineConfig
+
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    shared = {k: v for k, v in dataclasses.asdict(config).items() if k in names}
+    engine = Engine(EngineConfig(**shared, record_steps=True), clock, executor=executor)
+    if engine.scheduler.config.num_blocks != config.num_blocks:
+        raise ValueError(f"the executor has {engine.scheduler.config.num_blocks} blocks, the config {config.num_blocks}")
+    return record_engine(engine, arrivals)
 
 
 def record_engine(engine: Any, arrivals: ArrivalPlan) -> Recording:

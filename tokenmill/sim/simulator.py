@@ -20,13 +20,18 @@ of decodes. Two modes decide how arrivals cut such runs:
   which runs each plan to its end whatever arrives meanwhile and delivers its
   tokens when the plan returns.
 
-Prefill/decode disaggregation (DistServe, Splitwise): a prefill pool runs
-each prompt with ``max_tokens=1``; its KV then travels to a decode replica
-(chosen by the decode pool's router) for ``latency + prompt_tokens *
-kv_bytes_per_token / bandwidth`` seconds, lands there as cached blocks in the
-replica's prefix cache, and the request joins the decode replica's queue with
-its first token appended; admission matches the landed blocks, so only the
-last partial block is recomputed. Link contention is not modelled.
+Prefill/decode disaggregation (DistServe, Splitwise), with the core's KV
+import and export as the real cluster uses them: a prefill pool runs each
+prompt with ``max_tokens=1`` and holds its KV when it finishes; the decode
+pool's router picks a decode replica, which reserves blocks for the prompt's
+KV (``Scheduler.reserve_import``: full blocks its prefix cache already holds
+are not transferred, as in Mooncake); the rest travels for ``latency +
+blocks * block_size * kv_bytes_per_token / bandwidth`` seconds; then the
+prefill replica releases its blocks and the request joins the decode
+replica's queue with its first token appended and its whole prompt's KV in
+place, so the decode replica computes no prompt token. When the decode
+replica has no room to reserve, nothing is transferred and it recomputes the
+prompt. Link contention is not modelled.
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ class _Track:
 class Replica:
     __slots__ = ("index", "role", "sched", "executor", "cm", "plan", "result", "t0", "end", "version",
                  "active", "known", "arr_pos", "next_sample", "series", "busy_time", "num_plans",
-                 "num_steps", "num_cuts", "gpus", "_kmax", "_budget", "_max_seqs")  # fmt: skip
+                 "num_steps", "num_cuts", "gpus", "_kmax", "prefill_tokens")  # fmt: skip
 
     def __init__(self, index: int, role: str, pool: PoolConfig, token_id: int) -> None:
         self.index = index
@@ -94,11 +99,10 @@ class Replica:
         self.num_plans = 0
         self.num_steps = 0
         self.num_cuts = 0
+        self.prefill_tokens = 0  # prompt (or recomputed) tokens computed
         self.gpus = pool.gpus_per_replica
         cfg = self.sched.config
         self._kmax = cfg.max_decode_steps
-        self._budget = cfg.max_num_batched_tokens
-        self._max_seqs = cfg.max_num_seqs
 
 
 class Simulator:
@@ -131,6 +135,7 @@ class Simulator:
         self.num_rejected = 0
         self.num_import_failures = 0
         self.num_transfers = 0
+        self.num_transfer_blocks = 0
         self.progress = progress
         self.plan_log: list[tuple[int, tuple]] = []
         self._record = config.record_plans
@@ -207,7 +212,7 @@ class Simulator:
         params = self._prefill_params if self.disagg else self._params_for(spec.output_len)
         req = Request(rid, self.workload.prompt_tokens(index, spec), params, arrival_time=t,
                       client_id=spec.client, cache_namespace=spec.namespace, ttft_slo=spec.ttft_slo,
-                      tpot_slo=spec.tpot_slo, predicted_output_len=spec.output_len)  # fmt: skip
+                      tpot_slo=spec.tpot_slo, predicted_output_len=spec.output_len, hold_kv=self.disagg)  # fmt: skip
         router = self.entry_router
         assert router is not None
         rep = self.entry[router.route(req)]
@@ -298,24 +303,14 @@ class Simulator:
     def _cap(self, rep: Replica, t: float, t_next: float) -> tuple[int, int]:
         """``max_steps`` so that a decode run ends at the first boundary at or after ``t_next``.
 
-        A multi-step plan can only consist of the running requests' decodes
-        (any prefill chunk, preemption or admission forces a single step), so
-        it is priced on them before scheduling. Returns (cap, batch size priced).
+        The scheduler says what decode run the next plan would be
+        (``Scheduler.decode_run``); it is priced before scheduling. Returns
+        (cap, batch size priced).
         """
-        sched = rep.sched
-        running = sched.running
-        if not running or (sched.waiting and len(running) < rep._max_seqs):
+        run = rep.sched.decode_run()
+        if run is None:
             return 1, 0
-        m = len(running)
-        if m > rep._budget:
-            m = rep._budget
-            running = running[:m]
-        ctx = 0
-        for r in running:
-            nt = len(r.prompt_token_ids) + len(r.output_token_ids)
-            if r.num_computed_tokens != nt - 1:
-                return 1, 0
-            ctx += nt
+        m, ctx = run
         return steps_until(rep.cm, m, ctx, t_next - t, rep._kmax), m
 
     def _account(self, rep: Replica, plan: StepPlan, dur: float, updates: list[SeqUpdate]) -> None:
@@ -326,6 +321,9 @@ class Simulator:
         rep.busy_time += dur
         rep.num_plans += 1
         rep.num_steps += k
+        for s in plan.seqs:
+            if s.is_prefill:
+                rep.prefill_tokens += s.num_new_tokens
         if self.ideal:
             sub = dur / k
         else:
@@ -380,8 +378,9 @@ class Simulator:
             assert self.prefill_router is not None
             self.prefill_router.on_finished(req)
             if tr.spec.output_len > 1:
-                self._start_transfer(tr, req, t)
+                self._start_transfer(tr, req, t, rep)
                 return
+            rep.sched.release_kv(rid)  # the request ends here: nothing to transfer
         else:
             self.router.on_finished(req)
         del self.tracks[rid]
@@ -404,34 +403,35 @@ class Simulator:
 
     # ------------------------------------------------------ disaggregation
 
-    def _start_transfer(self, tr: _Track, req: Request, t: float) -> None:
+    def _start_transfer(self, tr: _Track, req: Request, t: float, src: Replica) -> None:
         spec = tr.spec
         tokens = req.prompt_token_ids + req.output_token_ids
         dreq = Request(req.request_id, tokens, self._params_for(spec.output_len - 1), arrival_time=t,
                        client_id=spec.client, cache_namespace=spec.namespace, ttft_slo=spec.ttft_slo,
                        tpot_slo=spec.tpot_slo, predicted_output_len=spec.output_len - 1)  # fmt: skip
-        d = self.router.route(dreq)
+        dst = self.replicas[self.router.route(dreq)]
         cfg = self.config
-        delay = cfg.kv_transfer_latency + spec.prompt_len * cfg.kv_bytes_per_token / cfg.kv_transfer_bandwidth
-        self.num_transfers += 1
-        heapq.heappush(self.heap, (t + delay, next(self._seq), _TRANSFER, (tr, dreq, self.replicas[d]), 0))
+        got = dst.sched.reserve_import(dreq, req.num_prompt_tokens)
+        if got is None:
+            self.num_import_failures += 1  # no room: nothing moves, the decode replica recomputes
+            delay = 0.0
+        else:
+            blocks = len(got[1])
+            self.num_transfers += 1
+            self.num_transfer_blocks += blocks
+            nbytes = blocks * dst.sched.kv.block_size * cfg.kv_bytes_per_token
+            delay = cfg.kv_transfer_latency + nbytes / cfg.kv_transfer_bandwidth
+        heapq.heappush(self.heap, (t + delay, next(self._seq), _TRANSFER, (tr, dreq, dst, src), 0))
 
-    def _on_transfer(self, t: float, tr: _Track, req: Request, rep: Replica) -> None:
-        kv = rep.sched.kv
-        bs = kv.block_size
-        n_full = (req.num_prompt_tokens - 1) // bs * bs  # what admission can match
-        if n_full:
-            tmp = Request("\x00kv-import", req.prompt_token_ids[:n_full], self._prefill_params,
-                          cache_namespace=req.cache_namespace)  # fmt: skip
-            if kv.allocate_slots(tmp, n_full):
-                kv.cache_blocks(tmp, n_full)
-                kv.free(tmp)
-            else:
-                self.num_import_failures += 1  # no room: the decode replica recomputes the prompt
+    def _on_transfer(self, t: float, tr: _Track, req: Request, rep: Replica, src: Replica) -> None:
+        src.sched.release_kv(req.request_id)
+        if not src.active and src.sched.requests:
+            self._wake(src, t)  # idle for want of the blocks it held: its queue can go on
         req.arrival_time = t
         try:
             rep.sched.add_request(req, t)
         except (ValueError, QueueFullError):
+            rep.sched.cancel_import(req.request_id)
             self.router.on_finished(req)
             self.num_rejected += 1
             del self.tracks[req.request_id]
@@ -451,13 +451,14 @@ class Simulator:
         summary["unfinished"] = len(self.tracks)
         if self.disagg:
             summary["kv_transfers"] = self.num_transfers
+            summary["kv_transfer_blocks"] = self.num_transfer_blocks
             summary["kv_import_failures"] = self.num_import_failures
         reps = []
         for r in everyone:
             st = r.sched.stats()
             reps.append({
                 "index": r.index, "role": r.role, "plans": r.num_plans, "steps": r.num_steps,
-                "cut_plans": r.num_cuts, "busy_fraction": r.busy_time / duration if duration else 0.0,
+                "cut_plans": r.num_cuts, "prefill_tokens": r.prefill_tokens, "busy_fraction": r.busy_time / duration if duration else 0.0,
                 "preemptions": st.num_preemptions, "num_blocks": st.num_blocks,
                 "prefix_hit_rate": st.prefix_hit_tokens / st.prefix_query_tokens if st.prefix_query_tokens else 0.0,
                 "evicted_blocks": st.num_evicted_blocks,

@@ -5,5 +5,7 @@
 #include "gemm.cpp"
 #include "layer_ops.cpp"
 #include "sampling.cpp"
+#include "family_ops.cpp"
+#include "moe.cpp"
 #include "threads.cpp"
 #include "registration.cpp"
