@@ -45,6 +45,9 @@ class EngineConfig:
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
+    # CPU kernels' threads: None adapts to the cores the process gets (model/threads.py),
+    # up to torch's thread count; n fixes n threads (torch.set_num_threads(n))
+    threads: int | None = None
     max_model_len: int | None = None  # defaults to the model's context length
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from tokenmill.model import threads
+from tokenmill.model import kernels, threads
 from tokenmill.model.threads import CpuSample, ProcCpuStats, ThreadController, ThreadPolicy
 
 # -- ThreadPolicy: observations -> thread count ------------------------------------------
@@ -226,3 +228,137 @@ def test_proc_reader_on_this_machine_counts_forward() -> None:
 
 def test_controller_is_off_for_other_devices() -> None:
     assert not threads.controller("meta").enabled
+
+
+def test_enabling_or_disabling_mid_step_takes_effect_at_the_next_step() -> None:
+    ctl, stats, clock, applied = make_controller()
+    stats.waiting = 1.0
+    with ctl.step():
+        ctl.enabled = False  # e.g. configure(n) from another thread
+        clock.now += 0.2
+    with ctl.step():
+        clock.now += 0.2
+    assert applied == [1]  # the step begun enabled was judged; the next was not watched
+    ctl.reset()
+    with ctl.step():
+        ctl.enabled = True
+        clock.now += 0.2
+    assert applied == [1, 0]  # begun disabled: not watched, and not counted later
+    steps(ctl, clock, 11, 0.01)
+    assert applied == [1, 0, 1]
+
+
+# -- configure: --threads auto | N ------------------------------------------------------
+
+
+@pytest.fixture
+def restore_threads() -> object:
+    n, ctl = torch.get_num_threads(), threads._controller
+    yield
+    torch.set_num_threads(n)
+    if isinstance(threads._controller, ThreadController):
+        threads._controller.reset()
+        threads._controller.enabled = True
+    threads._controller = ctl
+    if kernels.cpu_kernels_loaded():
+        kernels.set_thread_limit(0)
+
+
+@pytest.mark.usefixtures("restore_threads")
+def test_configure_fixes_a_count_or_adapts() -> None:
+    ctl, stats, clock, applied = make_controller()
+    threads._controller = ctl
+    stats.waiting = 1.0
+    fixed = threads.configure(1)
+    assert torch.get_num_threads() == 1 and not fixed.enabled and not ctl.enabled
+    assert applied == [0]  # no limit under a fixed count
+    with fixed.step():
+        clock.now += 1.0
+    steps(ctl, clock, 20, 0.01)  # the controller itself is off too
+    assert applied == [0] and stats.samples == 0
+    assert threads.configure(None) is ctl and ctl.enabled
+    steps(ctl, clock, 11, 0.01)
+    assert applied == [0, 0, 1]  # reset, then starved: one thread
+    with pytest.raises(ValueError, match="positive number or auto"):
+        threads.configure(0)
+
+
+# -- the real thing: /proc counters and the kernels' OpenMP regions --------------------------
+
+needs_kernels = pytest.mark.skipif(
+    not ProcCpuStats.available() or not kernels.cpu_kernels_available(),
+    reason="needs Linux schedstat counters and the CPU kernels",
+)
+
+PINNED_CHILD = """
+import os, sys, torch
+from tokenmill.model import kernels, threads
+from tokenmill.model.backend import CpuKernelOps
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core for two threads
+torch.set_num_threads(2)
+ctl = threads.ThreadController(threads.ProcCpuStats(), kernels.set_thread_limit, torch.get_num_threads)
+ops = CpuKernelOps(use_packed_gemm=kernels.has_avx512())
+x, w = torch.randn(8, 512), ops.prepare_linear(torch.randn(2048, 512))
+seen = []
+for _ in range(400):
+    with ctl.step():
+        for _ in range(5):
+            ops.linear(x, w)
+    seen.append(kernels.kernel_threads())
+    if ctl.changes:
+        break
+print(ctl.changes, kernels.kernel_threads(), ctl.last)
+"""
+
+
+@needs_kernels
+def test_two_threads_on_one_core_drop_to_one_from_real_run_delay() -> None:
+    # Linux counts the threads' waiting; the controller reads it from /proc and lowers the
+    # kernels' limit (a child process: the pinning and the limit are process-wide)
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", PINNED_CHILD], capture_output=True, text=True, timeout=300
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    changes, kernel_threads, last = out.stdout.split(" ", 2)
+    assert (changes, kernel_threads) == ("1", "1"), out.stdout
+
+
+def _cpu_ns_by_thread() -> dict[int, int]:
+    ns = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            ns[int(tid)] = int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0])
+        except FileNotFoundError:
+            continue
+    return ns
+
+
+@needs_kernels
+@pytest.mark.usefixtures("restore_threads")
+def test_kernels_run_on_the_limits_threads_only() -> None:
+    # the OpenMP workers do part of each GEMM without a limit, and none of it under limit 1
+    import threading
+
+    from tokenmill.model.backend import CpuKernelOps
+
+    torch.set_num_threads(2)
+    ops = CpuKernelOps(use_packed_gemm=kernels.has_avx512())
+    x, w = torch.randn(16, 1024), ops.prepare_linear(torch.randn(2048, 1024))
+    me = threading.get_native_id()
+
+    def workers_share(limit: int) -> float:
+        kernels.set_thread_limit(limit)
+        ops.linear(x, w)
+        time.sleep(0.05)  # workers that spun after earlier regions are asleep by now
+        before = _cpu_ns_by_thread()
+        for _ in range(60):
+            ops.linear(x, w)
+        after = _cpu_ns_by_thread()
+        grew = {t: after[t] - before.get(t, 0) for t in after}
+        return sum(v for t, v in grew.items() if t != me) / max(1, grew[me])
+
+    assert workers_share(1) < 0.05
+    assert workers_share(0) > 0.3

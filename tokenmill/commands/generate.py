@@ -17,7 +17,15 @@ import json
 import sys
 from typing import IO, Any
 
-from tokenmill.commands.options import UsageError, check_device, check_model, positive_int, size_in
+from tokenmill.commands.options import (
+    THREADS_HELP,
+    UsageError,
+    check_device,
+    check_model,
+    positive_int,
+    size_in,
+    threads,
+)
 
 PROMPT_FIELDS = ("prompt", "prompt_token_ids")
 
@@ -39,6 +47,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--threads", type=threads, default=None, metavar="auto|N", help=THREADS_HELP)
     p.add_argument("--kv-cache-memory", type=size_in(1), default=256 << 20,
                    help="KV cache size, bytes or e.g. 64MiB, 1GiB (default 256MiB)")  # fmt: skip
     p.add_argument("--expert-cache-memory", type=size_in(1), default=None,
@@ -81,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
             # Opened before the model runs, so that a bad path costs nothing.
             sink = open(args.output, "w", encoding="utf-8")
         llm = LLM(path, dtype=args.dtype, device=device, kv_cache_memory=args.kv_cache_memory,
-                  max_num_seqs=args.max_num_seqs, expert_cache_memory=args.expert_cache_memory)  # fmt: skip
+                  max_num_seqs=args.max_num_seqs, expert_cache_memory=args.expert_cache_memory,
+                  threads=args.threads)  # fmt: skip
         tok = llm.get_tokenizer()
         prompts = [_prompt(tok, r, args.chat) for r in records]
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 or bool(args.output))

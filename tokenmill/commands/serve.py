@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from tokenmill.commands.options import (
+    THREADS_HELP,
     UsageError,
     check_device,
     check_model,
@@ -25,6 +26,7 @@ from tokenmill.commands.options import (
     port,
     positive_int,
     size_in,
+    threads,
 )
 from tokenmill.server.defaults import (
     DEFAULT_CHARS_PER_TOKEN,
@@ -78,6 +80,7 @@ def register(subparsers: Any) -> None:
                         "loopback names only when listening on loopback without --api-key, else any")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--threads", type=threads, default=None, metavar="auto|N", help=THREADS_HELP)
     p.add_argument("--kv-cache-memory", type=size_in(1), default=None,
                    help="KV cache size, bytes or e.g. 512MiB, 4GiB (default 1GiB)")
     p.add_argument("--block-size", type=positive_int, default=None, help="tokens per KV block (default 16)")
@@ -181,6 +184,7 @@ def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         "max_decode_steps": args.max_decode_steps,
         "max_seqs_per_request": args.max_seqs_per_request,
         "max_tokens_per_request": args.max_tokens_per_request,
+        "threads": args.threads,
     }
     config = EngineConfig(
         model=path,

@@ -35,7 +35,7 @@ from tokenmill.model.attention import AttentionMetadata, kv_cache_shape
 from tokenmill.model.config import ModelConfig, resolve_dtype
 from tokenmill.model.loader import load_model
 from tokenmill.model.sampler import LogprobEntry, Sampler, SamplingRow
-from tokenmill.model.threads import controller as thread_controller
+from tokenmill.model.threads import configure as configure_threads
 
 # A plan whose token count is below this builds slot mappings in Python; above it in torch.
 _TORCH_SLOTS_MIN_TOKENS = 64
@@ -76,6 +76,7 @@ class ModelExecutor:
         block_size: int = 16,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
+        threads: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model, self.model_config = load_model(
@@ -100,8 +101,8 @@ class ModelExecutor:
         self.kv_cache = torch.zeros((cfg.num_layers, *shape), dtype=self.dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.sampler = Sampler(self.device)
-        # fits the CPU kernels' thread count to the cores this process gets (model/threads.py)
-        self.threads = thread_controller(self.device)
+        # the CPU kernels' thread count: fitted to the cores this process gets (None), or fixed
+        self.threads = configure_threads(threads, self.device)
         self.state = ExecutorState()
 
     @classmethod
@@ -119,6 +120,7 @@ class ModelExecutor:
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
+            threads=config.threads,
         )
 
     # The model facts an engine takes from its executor (see executor/__init__.py).

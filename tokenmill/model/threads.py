@@ -20,7 +20,8 @@ that comes and goes). The count reaches the kernels through
 ``kernels.set_thread_limit``; torch's thread count stays the ceiling.
 
 No counters (not Linux), one thread, or ``TOKENMILL_ADAPTIVE_THREADS=0``: the
-kernels keep torch's count, as before.
+kernels keep torch's count, as before. ``configure(n)`` (``--threads N``) fixes the
+count at ``n`` instead; ``configure(None)`` (``--threads auto``, the default) adapts.
 """
 
 from __future__ import annotations
@@ -197,6 +198,7 @@ class ThreadController:
         self.changes = 0
         self.last: tuple[float, float] | None = None  # (waiting, idle) of the last window judged
         self._depth = 0
+        self._watched = False
         self._entered = 0.0
         self._busy = 0.0
         self._last_exit = -math.inf
@@ -206,10 +208,12 @@ class ThreadController:
         return self
 
     def __enter__(self) -> None:
-        if not self.enabled:
-            return
         self._depth += 1
         if self._depth > 1:
+            return
+        # a step watched or not, whole: enabling or disabling mid-step takes effect at the next
+        self._watched = self.enabled
+        if not self._watched:
             return
         now = self._clock()
         if self._start is None or now - self._last_exit > self.window:
@@ -224,10 +228,8 @@ class ThreadController:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self.enabled:
-            return
         self._depth -= 1
-        if self._depth:
+        if self._depth or not self._watched or self._start is None:  # None: reset mid-step
             return
         now = self._clock()
         self._busy += now - self._entered
@@ -312,3 +314,21 @@ def controller(device: torch.device | str = "cpu") -> ThreadController | _Off:
             else _Off()
         )
     return _controller
+
+
+def configure(threads: int | None, device: torch.device | str = "cpu") -> ThreadController | _Off:
+    """Sets how many threads this process's CPU kernels use, and returns what wraps model steps.
+
+    ``None`` ("auto"): the controller adapts the count, torch's thread count the ceiling.
+    ``n``: exactly ``n`` threads (``torch.set_num_threads(n)``), whatever the load, as with
+    ``OMP_NUM_THREADS=n`` and no controller. The setting is the process's, like torch's count.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be a positive number or auto, got {threads}")
+        torch.set_num_threads(threads)
+    ctl = controller(device)
+    if isinstance(ctl, ThreadController):
+        ctl.reset()  # a fixed count has no limit under it; an adaptive one starts from the top
+        ctl.enabled = threads is None
+    return ctl if threads is None else _Off()
