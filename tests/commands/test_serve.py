@@ -93,7 +93,8 @@ def test_bad_flags_end_in_one_line(tiny_model_dir: Any, capsys: pytest.CaptureFi
 @pytest.mark.parametrize(
     "flags",
     [["--max-model-len", "0"], ["--max-model-len", "-5"], ["--block-size", "0"], ["--port", "99999"],
-     ["--max-num-seqs", "0"], ["--max-decode-steps", "0"], ["--kv-cache-memory", "lots"], ["--max-queue", "-1"]],
+     ["--max-num-seqs", "0"], ["--max-decode-steps", "0"], ["--kv-cache-memory", "lots"], ["--max-queue", "-1"],
+     ["--threads", "0"], ["--threads", "some"]],
 )  # fmt: skip
 def test_out_of_range_numbers_are_usage_errors(capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -116,3 +117,17 @@ def test_bad_model_directories(tmp_path: Path, tiny_model_dir: Any, capsys: pyte
             shutil.copy(f, model / f.name)
     assert main(["serve", str(model)]) == 2
     one_line_error(capsys, "no tokenizer files", str(model))
+
+
+@pytest.mark.parametrize(("flags", "threads"), [([], None), (["--threads", "auto"], None), (["--threads", "3"], 3)])
+def test_threads_flag_reaches_the_engine(tiny_model_dir: Any, monkeypatch: pytest.MonkeyPatch,
+                                         flags: list[str], threads: int | None) -> None:  # fmt: skip
+    seen = []
+
+    def engine(config: Any) -> None:
+        seen.append(config)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("tokenmill.engine.Engine", engine)
+    assert main(["serve", str(tiny_model_dir("llama")), *flags]) == 2
+    assert [c.threads for c in seen] == [threads]
