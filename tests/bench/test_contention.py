@@ -53,6 +53,7 @@ def test_contention_bench_smoke(
         assert len(r["quiet_runs"]) == len(r["busy_runs"]) == 1
         assert r["quiet"] > 0 and r["busy"] > 0
         assert r["quiet_over_busy"] == pytest.approx(r["quiet"] / r["busy"])
+        assert r["pair_ratio_median"] == pytest.approx(r["quiet_runs"][0] / r["busy_runs"][0])
         assert len(r["load_before"]) == 3
         assert set(r["others_cores"]) == {"quiet", "busy"}
     assert rows[2]["threads_after"] == {"quiet": [1], "busy": [1]}

@@ -130,6 +130,25 @@ def test_controller_drops_to_one_thread_when_starved_and_returns_when_cores_idle
     assert applied == [1, 0] and ctl.threads == 2  # 0: no limit, torch's count
 
 
+def test_a_raise_is_judged_after_a_short_probe_that_never_raises_again() -> None:
+    ctl, stats, clock, applied = make_controller(max_threads=4)
+    stats.waiting = 3.0
+    steps(ctl, clock, 11, 0.01)
+    assert applied == [1]
+    stats.waiting, stats.idle = 0.0, 1.0
+    while len(applied) == 1:  # the back-off passes, one idle core: one more thread
+        steps(ctl, clock, 1, 0.01)
+    assert applied == [1, 2]
+    stats.idle = 2.0
+    steps(ctl, clock, 3, 0.01)  # the probe (0.025 s): idle cores, but no second raise on it
+    assert applied == [1, 2]
+    steps(ctl, clock, 10, 0.01)  # a full window: now
+    assert applied == [1, 2, 0]
+    stats.waiting, stats.idle = 1.3, 0.0  # the raise is starved: undone after the probe
+    steps(ctl, clock, 3, 0.01)
+    assert applied == [1, 2, 0, 3]
+
+
 def test_controller_samples_once_per_window_and_ignores_gappy_windows() -> None:
     ctl, stats, clock, applied = make_controller()
     steps(ctl, clock, 100, 0.001)  # 0.1 s of steps: one window

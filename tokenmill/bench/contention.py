@@ -14,7 +14,8 @@ controller's reaction time is in its docstring). Thread modes:
 - ``fixed``: all of torch's threads, always (tokenmill without the controller);
 - ``single``: one thread.
 
-Prints each cell's median tokens/s, the quiet/busy ratio, the load average
+Prints each cell's median tokens/s, the quiet/busy ratio of the medians and the
+median of each repeat's own quiet/busy ratio ("pairs"), the load average
 before and after each model, and (Linux) the cores' worth of CPU that other
 processes used during the runs: ~0 in a quiet run on an idle machine, ~1 per
 busy process in a busy run; more says the machine was not idle.
@@ -181,8 +182,12 @@ def run_cell(llm: Any, prompt: list[int], args: argparse.Namespace, modes: list[
     for mode in modes:
         quiet = statistics.median(runs[mode]["quiet"])
         busy = statistics.median(runs[mode]["busy"])
+        # each repeat's quiet and busy runs are seconds apart: their ratio drifts less with the
+        # machine's other load than a ratio of medians taken minutes apart
+        pairs = [q / b for q, b in zip(runs[mode]["quiet"], runs[mode]["busy"], strict=True)]
         rows.append({
             "mode": mode, "quiet": quiet, "busy": busy, "quiet_over_busy": quiet / busy,
+            "pair_ratios": pairs, "pair_ratio_median": statistics.median(pairs),
             "quiet_runs": runs[mode]["quiet"], "busy_runs": runs[mode]["busy"],
             "others_cores": {k: statistics.median(v) if v else None for k, v in others[mode].items()},
             "threads_after": end_threads[mode],
@@ -228,21 +233,23 @@ def run(args: argparse.Namespace) -> int:
                 results.append(row)
                 console.print(
                     f"{name} {dtype} {row['mode']}: quiet {row['quiet']:.1f} tok/s, busy "
-                    f"{row['busy']:.1f} tok/s, quiet/busy {row['quiet_over_busy']:.2f}x; "
+                    f"{row['busy']:.1f} tok/s, quiet/busy {row['quiet_over_busy']:.2f}x "
+                    f"(pairs {row['pair_ratio_median']:.2f}x); "
                     f"others' CPU {_cores(row, 'quiet')} / {_cores(row, 'busy')} cores "
                     f"(load {load_before[0]:.2f} -> {load_after[0]:.2f})"
                 )
             del llm
 
     table = Table(title="batch-1 tokens/s, quiet and beside busy processes (medians)")
-    cols = ("model", "dtype", "threads", "quiet", "busy", "quiet/busy", "others' CPU quiet/busy",
+    cols = ("model", "dtype", "threads", "quiet", "busy", "quiet/busy", "pairs", "others' CPU quiet/busy",
             "load before", "after")  # fmt: skip
     for col in cols:
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(
             r["model"], r["dtype"], r["mode"], f"{r['quiet']:.1f}", f"{r['busy']:.1f}",
-            f"{r['quiet_over_busy']:.2f}x", f"{_cores(r, 'quiet')} / {_cores(r, 'busy')}",
+            f"{r['quiet_over_busy']:.2f}x", f"{r['pair_ratio_median']:.2f}x",
+            f"{_cores(r, 'quiet')} / {_cores(r, 'busy')}",
             " ".join(f"{x:.2f}" for x in r["load_before"]),
             " ".join(f"{x:.2f}" for x in r["load_after"]),
         )  # fmt: skip

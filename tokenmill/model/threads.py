@@ -14,7 +14,7 @@ runnable but waiting for a CPU (``run_delay`` of ``/proc/self/task/*/schedstat``
 and how much of the CPUs this process may run on sat idle (``/proc/stat``).
 ``ThreadPolicy`` turns them into a thread count: waiting that adds up to half
 a thread or more means threads are starved, and the count drops to the cores
-actually received; idle CPUs worth half a core or more raise it again, after a
+actually received; idle CPUs worth three quarters of a core raise it again, after a
 back-off that doubles whenever a raise is starved at once (a CPU quota, a load
 that comes and goes). The count reaches the kernels through
 ``kernels.set_thread_limit``; torch's thread count stays the ceiling.
@@ -74,7 +74,7 @@ class ThreadPolicy:
     """
 
     down_at: float = 0.5  # threads' worth of waiting that removes threads
-    up_at: float = 0.5  # idle cores that add threads
+    up_at: float = 0.75  # idle cores that add threads (most of a core: half of one starves them)
     backoff_min: float = 0.5  # seconds before removed threads may come back
     backoff_max: float = 16.0
     backoff: float = field(init=False)
@@ -171,7 +171,9 @@ class ThreadController:
 
     ``max_threads`` (torch's thread count) is the ceiling, read at every
     decision; ``apply(n)`` sets the count (``kernels.set_thread_limit``, 0 for
-    no limit). A window is judged once it holds ``window`` seconds of steps, if
+    no limit). A window is judged once it holds ``window`` seconds of steps (``probe``
+    seconds after a raise: threads that the cores cannot carry run ~10x slower, so a
+    raise is judged as soon as the counters can tell), if
     the steps filled a quarter of it or more: the idle CPU of gaps between
     requests says nothing about contention (a gap longer than a window starts a
     new one; the engine's own work between forward passes is a shorter gap).
@@ -185,11 +187,14 @@ class ThreadController:
         *,
         policy: ThreadPolicy | None = None,
         window: float = 0.1,
+        probe: float = 0.025,
         clock: Callable[[], float] = perf_counter,
     ) -> None:
         self.stats = stats
         self.policy = policy or ThreadPolicy()
         self.window = window
+        self.probe = min(probe, window)
+        self._length = window  # of the window being filled
         self._apply = apply
         self._max_threads = max_threads
         self._clock = clock
@@ -234,7 +239,7 @@ class ThreadController:
         now = self._clock()
         self._busy += now - self._entered
         self._last_exit = now
-        if self._busy >= self.window:
+        if self._busy >= self._length:
             self._judge(now)
 
     def _judge(self, now: float) -> None:
@@ -249,6 +254,11 @@ class ThreadController:
             self.last = (waiting, idle)
             ceiling = max(1, self._max_threads())
             threads = self.policy.decide(now, min(self.threads, ceiling), ceiling, waiting, idle)
+            if self._length < self.window:
+                # a probe judges the last raise: /proc/stat's 10 ms ticks are too coarse over
+                # so short a window to raise again on
+                threads = min(threads, self.threads)
+            raised = threads > self.threads
             if threads != self.threads:
                 logger.debug(
                     "kernel threads %d -> %d (waiting for a CPU %.2f threads, idle %.2f cores)",
@@ -257,6 +267,7 @@ class ThreadController:
                 self._apply(0 if threads >= ceiling else threads)
                 self.threads = threads
                 self.changes += 1
+            self._length = self.probe if raised else self.window
         self._start = (now, s1)
         self._busy = 0.0
 
@@ -269,6 +280,7 @@ class ThreadController:
         )
         self._start = None
         self._busy = 0.0
+        self._length = self.window
 
 
 class _Off:
