@@ -5,7 +5,7 @@ between them (waking a sleeping thread costs more than a small region does).
 On cores that serve the model alone that is fastest. When another busy process
 shares the cores, one of the threads is descheduled for a time slice now and
 then while the others spin at the end of the region waiting for it: batch-1
-decode ran 4-20x slower than with one thread (docs/benchmarks.md, "Threads
+decode ran 14-35x slower than with one thread (docs/benchmarks.md, "Threads
 under contention").
 
 ``ThreadController`` wraps each model step and, over windows of ~0.1 s of
@@ -16,7 +16,8 @@ and how much of the CPUs this process may run on sat idle (``/proc/stat``).
 a thread or more means threads are starved, and the count drops to the cores
 actually received; idle CPUs worth three quarters of a core raise it again, after a
 back-off that doubles whenever a raise is starved at once (a CPU quota, a load
-that comes and goes). The count reaches the kernels through
+that comes and goes); a raise is judged after a short probe (25 ms of steps), so
+one the cores cannot carry is undone quickly. The count reaches the kernels through
 ``kernels.set_thread_limit``; torch's thread count stays the ceiling.
 
 No counters (not Linux), one thread, or ``TOKENMILL_ADAPTIVE_THREADS=0``: the
