@@ -32,36 +32,68 @@ from tokenmill.outputs import RequestOutput
 __all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFullError", "StepRecord"]
 
 
+def cli(help: str, kind: str = "str", **extra: Any) -> dict[str, Any]:
+    """A field's command-line face: ``commands/engine_args.py`` makes ``--field-name`` from it.
+
+    ``kind`` is one of ``str``, ``choice`` (with ``choices``), ``size`` (bytes,
+    with units), ``positive`` (an int >= 1), ``bool`` (``--x/--no-x``),
+    ``flag`` (``--x`` turns it on), ``key_value`` (repeatable ``KEY=VALUE``,
+    collected into a dict), ``threads`` (``auto``, None, or an int >= 1); ``extra`` may give ``flag`` (another option
+    name) and ``aliases`` (more option strings; ``--no-...`` aliases of a
+    ``bool`` turn it off).
+    """
+    return {"cli": {"help": help, "kind": kind, **extra}}
+
+
 @dataclass
 class EngineConfig:
+    """Everything an engine is built from; the one place its defaults are written.
+
+    ``serve``, ``generate`` and ``LLM(**options)`` take these fields by name:
+    a field with ``cli`` metadata is a command-line flag of both commands.
+    """
+
     model: str | None = None  # a local HF directory; None: the bundled default model
-    tokenizer: str | None = None  # defaults to the model directory
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | int8 (weight-only)
-    device: str = "cpu"
-    kv_cache_memory: int = 1 << 30  # bytes of KV cache
+    tokenizer: str | None = field(default=None, metadata=cli("tokenizer directory (default: the model's)"))
+    dtype: str = field(default="auto", metadata=cli(
+        "weights' dtype; int8 is weight-only quantization", "choice",
+        choices=["auto", "float32", "bfloat16", "float16", "int8"]))
+    device: str = field(default="cpu", metadata=cli("cpu, cuda, cuda:1 ... (auto: cuda if available)"))
+    kv_cache_memory: int = field(default=1 << 30, metadata=cli("KV cache size, bytes or e.g. 512MiB, 4GiB", "size"))
     # MoE models: bytes of RAM for experts, the rest memory-mapped (None: all experts in RAM)
-    expert_cache_memory: int | None = None
-    expert_prefetch: bool = True  # read the next layer's likely experts ahead (with a cache)
-    block_size: int = 16
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    # CPU kernels' threads: None adapts to the cores the process gets (model/threads.py),
-    # up to torch's thread count; n fixes n threads (torch.set_num_threads(n))
-    threads: int | None = None
-    max_model_len: int | None = None  # defaults to the model's context length
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    max_decode_steps: int = 8  # decode steps one plan may cover when nothing can change
-    max_waiting: int | None = None
+    expert_cache_memory: int | None = field(default=None, metadata=cli(
+        "MoE models: RAM for experts, e.g. 8GiB; the rest stay memory-mapped (default: every expert in RAM)",
+        "size"))
+    expert_prefetch: bool = field(default=True, metadata=cli(
+        "MoE models with --expert-cache-memory: read the next layer's likely experts ahead", "bool"))
+    block_size: int = field(default=16, metadata=cli("tokens per KV block", "positive"))
+    max_num_batched_tokens: int = field(default=2048, metadata=cli("tokens per step", "positive"))
+    max_num_seqs: int = field(default=64, metadata=cli("sequences per step", "positive"))
+    # None: adapt to the cores the process gets (model/threads.py), up to torch's thread count
+    threads: int | None = field(default=None, metadata=cli(
+        "CPU kernel threads: auto uses torch's count and drops threads while other processes hold the "
+        "cores; N fixes N threads (default: auto)", "threads"))
+    max_model_len: int | None = field(default=None, metadata=cli("context length (default: the model's)", "positive"))
+    enable_prefix_caching: bool = field(default=True, metadata=cli(
+        "the radix prefix cache", "bool", aliases=["--no-prefix-caching"]))
+    enable_chunked_prefill: bool = field(default=True, metadata=cli(
+        "split long prompts over steps (off: a prompt is prefilled in one step)", "bool"))
+    max_decode_steps: int = field(default=8, metadata=cli(
+        "decode steps one plan may cover when nothing can change", "positive"))
+    max_waiting: int | None = None  # serve's --max-queue (0 there means unbounded)
     # Running slots the n samples of one request keep while other requests wait for
     # one (None: no share); see core/scheduler.py.
-    max_seqs_per_request: int | None = 8
+    max_seqs_per_request: int | None = field(default=8, metadata=cli(
+        "running slots the n samples of one request keep while other requests wait", "positive"))
     # Bound on n x max_tokens of one request (max_tokens=None counts as the rest of
     # the context); None: no bound.
-    max_tokens_per_request: int | None = None
-    policy: str = "fcfs"
-    policy_options: dict[str, Any] = field(default_factory=dict)
-    debug_checks: bool = False
+    max_tokens_per_request: int | None = field(default=None, metadata=cli(
+        "refuse requests whose n x max_tokens exceeds this (default: no bound)", "positive"))
+    policy: str = field(default="fcfs", metadata=cli("scheduling policy", "policy"))
+    policy_options: dict[str, Any] = field(default_factory=dict, metadata=cli(
+        "an option of the policy (repeatable; VALUE parsed as JSON when it is)", "key_value",
+        flag="--policy-option"))
+    debug_checks: bool = field(default=False, metadata=cli("check the scheduler's invariants every step", "flag"))
     record_steps: bool = False  # keep a StepRecord per step (for replay in the simulator)
 
     def scheduler_config(self, num_blocks: int, max_model_len: int) -> SchedulerConfig:

@@ -21,28 +21,17 @@ class LLM:
     arguments are ``EngineConfig`` fields.
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        kv_cache_memory: int = 1 << 30,
-        block_size: int = 16,
-        max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 64,
-        **engine_options: Any,
-    ) -> None:
-        config = EngineConfig(
-            model=model,
-            dtype=dtype,
-            kv_cache_memory=kv_cache_memory,
-            block_size=block_size,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs,
-            **engine_options,
-        )
-        self.engine = Engine(config)
+    def __init__(self, model: str | None = None, **engine_options: Any) -> None:
+        self.engine = Engine(EngineConfig(model=model, **engine_options))
         self._ids = itertools.count()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        """An ``LLM`` on an engine built from ``config`` as it is."""
+        llm = cls.__new__(cls)
+        llm.engine = Engine(config)
+        llm._ids = itertools.count()
+        return llm
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer

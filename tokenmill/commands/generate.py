@@ -17,14 +17,13 @@ import json
 import sys
 from typing import IO, Any
 
+from tokenmill.commands.engine_args import add_engine_arguments, engine_config, engine_value
 from tokenmill.commands.options import (
-    THREADS_HELP,
     UsageError,
     check_device,
     check_model,
+    check_policy,
     positive_int,
-    size_in,
-    threads,
 )
 
 PROMPT_FIELDS = ("prompt", "prompt_token_ids")
@@ -45,14 +44,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--n", type=positive_int, default=1)
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--threads", type=threads, default=None, metavar="auto|N", help=THREADS_HELP)
-    p.add_argument("--kv-cache-memory", type=size_in(1), default=256 << 20,
-                   help="KV cache size, bytes or e.g. 64MiB, 1GiB (default 256MiB)")  # fmt: skip
-    p.add_argument("--expert-cache-memory", type=size_in(1), default=None,
-                   help="MoE models: RAM for experts, e.g. 8GiB; the rest memory-mapped (default: all)")
-    p.add_argument("--max-num-seqs", type=positive_int, default=64)
+    add_engine_arguments(p, defaults={"device": "auto", "kv_cache_memory": 256 << 20})
     p.set_defaults(func=run)
 
 
@@ -85,13 +77,13 @@ def run(args: argparse.Namespace) -> int:
         from tokenmill.engine import resolve_model_path
 
         path = resolve_model_path(args.model)
-        device = check_device(args.device, check_model(path, args.dtype).dtype)
+        check_policy(engine_value(args, "policy"), engine_value(args, "policy_options"))
+        model_config = check_model(path, engine_value(args, "dtype"), args.max_model_len)
+        device = check_device(engine_value(args, "device"), model_config.dtype)
         if args.output:
             # Opened before the model runs, so that a bad path costs nothing.
             sink = open(args.output, "w", encoding="utf-8")
-        llm = LLM(path, dtype=args.dtype, device=device, kv_cache_memory=args.kv_cache_memory,
-                  max_num_seqs=args.max_num_seqs, expert_cache_memory=args.expert_cache_memory,
-                  threads=args.threads)  # fmt: skip
+        llm = LLM.from_config(engine_config(args, model=path, device=device))
         tok = llm.get_tokenizer()
         prompts = [_prompt(tok, r, args.chat) for r in records]
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 or bool(args.output))

@@ -75,10 +75,6 @@ def threads(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{e} (a thread count, or auto)") from None
 
 
-THREADS_HELP = ("CPU kernel threads: auto (default) uses torch's count and drops threads while other "
-                "processes hold the cores; N fixes N threads")  # fmt: skip
-
-
 def port(text: str) -> int:
     value = non_negative_int(text)
     if value > 65535:
