@@ -83,8 +83,10 @@ def test_both_commands_build_the_engine_from_the_same_flags(command: str, tiny_m
         seen.append(config)
         raise Stop
 
-    monkeypatch.setattr(tokenmill.engine, "Engine", fake_engine)
+    # tokenmill.llm first: importing it takes tokenmill.engine.Engine, which must still be the real one
+    # (else the fake is what monkeypatch restores there, for every later test)
     monkeypatch.setattr("tokenmill.llm.Engine", fake_engine)
+    monkeypatch.setattr(tokenmill.engine, "Engine", fake_engine)
     model = str(tiny_model_dir("llama"))
     flags = ["--max-decode-steps", "2", "--no-enable-chunked-prefill", "--policy", "lpm", "--device", "cpu"]
     argv = ["serve", model, *flags] if command == "serve" else ["generate", "--model", model, *flags, "hi"]

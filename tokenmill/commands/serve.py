@@ -5,6 +5,11 @@ answers only to loopback ``Host`` names), bounds the waiting queue, the
 request body, the prompts and what a chat template may do, runs no template
 sent with a request, and drains on SIGTERM. Pass ``--host 0.0.0.0`` to serve
 other machines, and then set ``--api-key``.
+
+LoRA adapters (``--lora-modules NAME=PATH ...``) are loaded and checked before
+the server starts listening, and served as models of their own names; the
+adapter endpoints that load or unload them later (and so read directories on
+the server's disk) are off unless ``--enable-lora-runtime-updates``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from tokenmill.commands.options import (
     check_device,
     check_model,
     check_policy,
+    lora_module,
     non_negative_int,
     port,
     size_in,
@@ -70,8 +76,20 @@ def register(subparsers: Any) -> None:
                    help="Host header values to answer to (name, name:port, *.domain; '*': any). Default: "
                         "loopback names only when listening on loopback without --api-key, else any")
     add_engine_arguments(p, defaults={"device": "auto"})
+    p.add_argument("--lora-modules", nargs="+", action="extend", type=lora_module, default=[],
+                   metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) to serve as models named NAME; also "
+                        "'{\"name\": ..., \"path\": ...}', or a bundled adapter's name alone (psalms)")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="accepted for vLLM compatibility (LoRA needs no switch here)")
+    p.add_argument("--enable-lora-runtime-updates", action="store_true",
+                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they load "
+                        "directories on this machine: for trusted clients)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "none"],
+                   help="how tool calls are read from the model's text for tool_choice auto "
+                        "(hermes: <tool_call> JSON blocks; none: refuse auto)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -103,6 +121,16 @@ def run(args: argparse.Namespace) -> int:
         log.debug("engine start failed", exc_info=True)
         print(f"error: cannot load the model: {_first_line(exc)}", file=sys.stderr)
         return 2
+    from tokenmill.lora.errors import LoraError
+
+    for name, path in args.lora_modules:
+        try:
+            if name in names:
+                raise LoraError(f"{name!r} is the base model's served name; give the adapter another")
+            engine.add_lora(name, path)
+        except LoraError as exc:
+            print(f"error: --lora-modules {name}={path}: {exc}", file=sys.stderr)
+            return 2
     settings = ServerSettings(
         served_model_names=names,
         api_key=args.api_key or None,
@@ -113,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_chars=args.max_prompt_chars,
         max_prompts_per_request=args.max_prompts_per_request,
         allowed_hosts=allowed_hosts_for(args.host, args.port, api_key=args.api_key or None, flag=args.allowed_hosts),
+        enable_lora_runtime_updates=args.enable_lora_runtime_updates,
+        tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser,
     )
     state = build_state(engine, settings)
     app = create_app(state)

@@ -112,6 +112,9 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-decode-steps", type=int, default=1024,
                    help="decode steps one plan may cover (ideal mode: a simulation shortcut; engine mode: the "
                         "engine's setting)")  # fmt: skip
+    s.add_argument("--max-loras", type=int, default=None,
+                   help="LoRA adapters running at once per replica (requests name theirs in a trace's 'lora')")
+    s.add_argument("--lora-rank", type=int, default=16, help="the adapters' rank, for the roofline cost model")
     s.add_argument("--policy", default="fcfs", help="scheduling policy")
     s.add_argument("--policy-option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="policy option (value parsed as JSON when it can be)")  # fmt: skip
@@ -174,6 +177,7 @@ def _deployment(args: argparse.Namespace, tp: int | None = None) -> Any:
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         enable_chunked_prefill=not args.no_chunked_prefill, max_decode_steps=args.max_decode_steps,
         policy=args.policy, policy_options=dict(args.policy_option),
+        max_loras=args.max_loras, lora_rank=args.lora_rank,
     )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ _SOURCES = (
     "family_ops.cpp",
     "moe.cpp",
     "threads.cpp",
+    "lora.cpp",
     "registration.cpp",
 )
 _HEADERS = ("simd.h", "ops.h", "gemm_kernels.h")

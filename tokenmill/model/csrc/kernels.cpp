@@ -8,4 +8,5 @@
 #include "family_ops.cpp"
 #include "moe.cpp"
 #include "threads.cpp"
+#include "lora.cpp"
 #include "registration.cpp"

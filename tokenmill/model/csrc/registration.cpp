@@ -29,7 +29,7 @@ TORCH_LIBRARY(tokenmill, m) {
   m.def("argmax_rows(Tensor x) -> Tensor", &tokenmill::argmax_rows);
   m.def(
       "sample_rows(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
-      "Tensor u) -> Tensor",
+      "Tensor u, Tensor? bitmask=None) -> Tensor",
       &tokenmill::sample_rows);
   m.def("has_avx512() -> bool", &tokenmill::has_avx512);
   m.def(
@@ -43,4 +43,9 @@ TORCH_LIBRARY(tokenmill, m) {
       &tokenmill::moe_experts);
   m.def("set_thread_limit(int n) -> int", &tokenmill::set_thread_limit);
   m.def("kernel_threads() -> int", &tokenmill::kernel_threads);
+  m.def(
+      "lora_apply(Tensor(a!) y, Tensor x, Tensor table, Tensor rows, Tensor offsets, int inter=0) "
+      "-> ()",
+      &tokenmill::lora_apply);
+  m.def("silu_mul_panels(Tensor x) -> Tensor", &tokenmill::silu_mul_panels);
 }
