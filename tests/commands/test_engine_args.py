@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 import tokenmill.engine
-import tokenmill.llm  # imported before any patch: it binds the real Engine, which teardown restores
 from tokenmill.cli import main
 from tokenmill.commands.engine_args import add_engine_arguments, engine_config
 from tokenmill.engine import EngineConfig
