@@ -79,3 +79,14 @@ def test_sim_speed_benchmark_smoke(capsys) -> None:  # type: ignore[no-untyped-d
     assert bench(["--replicas", "1", "4", "--single-requests", "200", "--requests", "400"]) == 0
     out = capsys.readouterr().out
     assert "req/s" in out and "steps/s" in out and "  4 replica(s)" in out
+
+
+def test_sim_speed_benchmark_reports_both_targets(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from tokenmill.bench import sim_speed
+
+    monkeypatch.setattr(sim_speed, "TARGET_RUNS", [(2, 120), (3, 150)])
+    assert sim_speed.main(["--targets"]) == 0
+    out = capsys.readouterr().out
+    assert "target 1: >= 5,000 req per wall s at 2 replicas: " in out
+    assert "target 2: 150 requests on 3 replicas in < 600 s wall: " in out
+    assert out.count("load average") >= 2

@@ -7,6 +7,8 @@ scheduler decides whom to preempt.
 
 from __future__ import annotations
 
+from itertools import groupby, islice, repeat
+
 from tokenmill.core.block_pool import BlockPool
 from tokenmill.core.prefix_cache import PrefixCache
 from tokenmill.core.request import Request
@@ -60,9 +62,17 @@ class KVManager:
             keys = self._keys[req.request_id] = []
         have = len(keys)
         if have < num_blocks:
-            assert self.cache is not None
             bs = self.block_size
-            keys.extend(self.cache._block_keys(req.token_ids_slice(have * bs, num_blocks * bs), num_blocks - have))
+            start, stop = have * bs, num_blocks * bs
+            prompt = req.prompt_token_ids
+            # zip over one iterator taken bs at a time cuts the tuples in C. The first cut
+            # reads the prompt in place; later ones (a few blocks each) copy just their
+            # tokens, as islice would step through every token before ``start``.
+            it = islice(prompt, stop) if start == 0 and stop <= len(prompt) else iter(req.token_ids_slice(start, stop))
+            # Equal neighbouring blocks (a run of padding or repeated text) share one key
+            # object: the prefix cache keeps a key per cached block, a tuple of bs tokens each.
+            for key, run in groupby(zip(*([it] * bs), strict=True)):
+                keys.extend(repeat(key, len(list(run))))
             return keys
         return keys if have == num_blocks else keys[:num_blocks]
 
@@ -104,7 +114,7 @@ class KVManager:
         pool = self.pool
         # Computed blocks that nobody owns are counted as evictable; taking them
         # removes them from what eviction could free.
-        unowned_computed = sum(1 for b in computed if pool.ref_counts[b] == 0)
+        unowned_computed = sum(1 for b in computed if pool.ref_counts[b] == 0) if computed else 0
         if need > pool.num_free + pool.num_evictable - unowned_computed:
             return False
         if table is None:

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tokenmill.core.kv_manager import KVManager
 from tokenmill.core.plan import ScheduledSeq, SeqSetup, SeqUpdate, StepPlan, StepResult
 from tokenmill.core.policies import SchedulingPolicy, make_policy
 from tokenmill.core.request import FinishReason, Request, RequestStatus
+
+_NONE: list[int] = cast(list[int], ())  # the tokens and blocks of a lean plan's sequences: none
 
 
 class QueueFullError(RuntimeError):
@@ -97,8 +99,11 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, policy: SchedulingPolicy | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, policy: SchedulingPolicy | None = None, *, lean_plans: bool = False) -> None:
         self.config = config
+        # Lean plans carry positions only (no tokens, block-table diffs or setups): for an
+        # executor that prices a plan without running it (the twin's), which reads nothing else.
+        self.lean_plans = lean_plans
         self.kv = KVManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.policy = policy or make_policy(config.policy, **config.policy_options)
         self.requests: dict[str, Request] = {}
@@ -444,6 +449,10 @@ class Scheduler:
 
     def _snapshot(self, picked: list[tuple[Request, int, int, bool]]) -> list[ScheduledSeq]:
         """The plan's sequences as data: tokens to feed, block table diffs, setups of admissions."""
+        if self.lean_plans:
+            return [ScheduledSeq(req.request_id, start, n, _NONE, 0, _NONE,
+                                 start + n == len(req.prompt_token_ids) + len(req.output_token_ids), None, req.lora_id)
+                    for req, start, n, _ in picked]  # fmt: skip
         table_diff = self.kv.table_diff
         seqs = []
         for req, start, n, admitted in picked:

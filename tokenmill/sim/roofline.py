@@ -297,9 +297,17 @@ class RooflineCostModel(CostModel):
         )
 
     def decode_time(self, num_seqs: int, context: int, num_steps: int) -> float:
+        dense = self._dense_cache.get((num_seqs, num_seqs))
+        if dense is None:
+            dense = self.dense_time(num_seqs, num_seqs)
         if num_steps == 1:
-            return self.dense_time(num_seqs, num_seqs) + self._decode_attention_time(num_seqs, context)
-        dense = self.dense_time(num_seqs, num_seqs)
+            if num_seqs and not self._sliding_layers:
+                # _decode_attention_time's one part, the same arithmetic without the lists (the
+                # twin prices a decode run several times per plan)
+                a, kvb = self._att_flops_per_pair, self._kv_bytes_per_token
+                m = (context * kvb + num_seqs * self._qo_bytes_per_query) / self.B
+                return dense + self._layers * max(context * a / self.F, m)
+            return dense + self._decode_attention_time(num_seqs, context)
         F, B, n = self.F, self.B, num_seqs
         # Decode attention at sub-step j: max(ctx_j * a / F, (ctx_j * kvb + n * qo) / B), ctx_j = context + j * n.
         a, kvb = self._att_flops_per_pair, self._kv_bytes_per_token
@@ -309,7 +317,10 @@ class RooflineCostModel(CostModel):
             return sum_max_affine(ctx * a / F, n * a / F, (ctx * kvb + qo) / B, n * kvb / B, k)
 
         full = self._layers - self._sliding_layers
-        att = full * steps(context, num_steps) if full else 0.0
+        if full:  # steps(context, num_steps), without the call
+            att = full * sum_max_affine(context * a / F, n * a / F, (context * kvb + qo) / B, n * kvb / B, num_steps)
+        else:
+            att = 0.0
         if self._sliding_layers:
             # a sliding layer's context grows until it reaches n * window, then stays there
             cap = n * self._window

@@ -51,7 +51,7 @@ from tokenmill.core.router import RoundRobinRouter, Router, make_router
 from tokenmill.core.scheduler import QueueFullError, Scheduler
 from tokenmill.executor.sim_executor import SimExecutor
 from tokenmill.sim.config import PoolConfig, SimConfig, SimResult, pool_description
-from tokenmill.sim.cost_model import steps_until
+from tokenmill.sim.cost_model import CostModel, steps_until
 from tokenmill.sim.metrics import LogHistogram, RequestRecords, merge_series, summarize
 from tokenmill.sim.workload import RequestSpec, Workload
 
@@ -78,12 +78,14 @@ class _Track:
 class Replica:
     __slots__ = ("index", "role", "sched", "executor", "cm", "plan", "result", "t0", "end", "version",
                  "active", "known", "arr_pos", "next_sample", "series", "busy_time", "num_plans",
-                 "num_steps", "num_cuts", "gpus", "_kmax", "prefill_tokens")  # fmt: skip
+                 "num_steps", "num_cuts", "gpus", "_kmax", "prefill_tokens", "stateful_cm")  # fmt: skip
 
     def __init__(self, index: int, role: str, pool: PoolConfig, token_id: int) -> None:
         self.index = index
         self.role = role
-        self.sched = Scheduler(dataclasses.replace(pool.scheduler, policy_options=dict(pool.scheduler.policy_options)))
+        # Lean plans: the twin's executor prices a plan from its positions alone.
+        self.sched = Scheduler(dataclasses.replace(pool.scheduler, policy_options=dict(pool.scheduler.policy_options)),
+                               lean_plans=True)  # fmt: skip
         self.cm = pool.cost_model
         self.executor = SimExecutor(pool.cost_model, token_id)
         self.plan: StepPlan | None = None
@@ -104,6 +106,8 @@ class Replica:
         self.gpus = pool.gpus_per_replica
         cfg = self.sched.config
         self._kmax = cfg.max_decode_steps
+        # Only stateful cost models (a replay) need to hear of each finished plan.
+        self.stateful_cm = type(self.cm).on_plan_done is not CostModel.on_plan_done
 
 
 class Simulator:
@@ -274,7 +278,8 @@ class Simulator:
             if self._record:
                 self.plan_log.append((rep.index, plan.summary()))
             updates = rep.sched.update(plan, result)
-            rep.cm.on_plan_done(plan)
+            if rep.stateful_cm:
+                rep.cm.on_plan_done(plan)
             self._account(rep, plan, result.duration or 0.0, updates)
             rep.plan = None
         self._start(rep, t)
@@ -297,7 +302,6 @@ class Simulator:
         if plan.is_empty:
             rep.active = False  # nothing can run until something arrives
             return
-        result = rep.executor.execute(plan)
         if plan.num_steps > 1 and cap is not None and len(plan.seqs) != m:
             # Someone was admitted into a multi-step plan, so the cap was priced on the
             # wrong batch: re-check it on the real one.
@@ -305,7 +309,7 @@ class Simulator:
             k = steps_until(rep.cm, len(plan.seqs), ctx, known[rep.arr_pos] - t, plan.num_steps)  # type: ignore[index]
             if k < plan.num_steps:
                 sched.shorten_plan(plan, k)
-                result = rep.executor.execute(plan)
+        result = rep.executor.execute(plan)
         rep.plan = plan
         rep.result = result
         rep.t0 = t
@@ -333,13 +337,14 @@ class Simulator:
         rep.busy_time += dur
         rep.num_plans += 1
         rep.num_steps += k
-        for s in plan.seqs:
-            if s.is_prefill:
-                rep.prefill_tokens += s.num_new_tokens
-        if self.ideal:
-            sub = dur / k
-        else:
-            sub = 0.0
+        if k == 1:  # a multi-step plan holds one-token decodes only
+            for s in plan.seqs:
+                if s.num_new_tokens > 1 or not s.samples:  # ScheduledSeq.is_prefill, inlined
+                    rep.prefill_tokens += s.num_new_tokens
+        ideal = self.ideal
+        sub = dur / k if ideal else 0.0
+        tol = 1e-12 * (1.0 + sub)
+        t_first = t0 + sub if ideal else end
         tracks = self.tracks
         itl = self.itl
         same = 0  # gaps equal to one sub-step, added to the histogram in one go
@@ -351,17 +356,13 @@ class Simulator:
             n_tokens += n_new
             req = u.request
             tr = tracks[req.request_id]
-            if self.ideal:
-                t_first = t0 + sub
-                t_last = t0 + sub * n_new
-            else:
-                t_first = t_last = end
+            t_last = (t0 + sub * n_new if n_new > 1 else t_first) if ideal else end
             if tr.first < 0:
                 tr.first = t_first
                 tr.cached = max(req.num_cached_tokens, 0)
             else:
                 gap = t_first - tr.last
-                if abs(gap - sub) <= 1e-12 * (1.0 + sub):
+                if abs(gap - sub) <= tol:
                     same += 1
                 else:
                     itl.add(gap)
@@ -377,7 +378,7 @@ class Simulator:
             bins = self.token_bins
             w = self.bin_width
             b0, b1 = int(t0 / w), int(end / w)
-            if b0 == b1 or not self.ideal:
+            if b0 == b1 or not ideal:
                 bins[b1] = bins.get(b1, 0) + n_tokens
             else:  # a long decode run: spread its tokens over the bins it spans
                 for b in range(b0, b1 + 1):
