@@ -37,6 +37,7 @@ from tokenmill.core.lora import cache_namespace as namespace_of
 from tokenmill.core.plan import SeqUpdate, StepPlan, StepResult
 from tokenmill.core.request import Request, SamplingParams
 from tokenmill.core.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerStats
+from tokenmill.core.timeline import Timeline
 from tokenmill.executor import Executor
 from tokenmill.lora.errors import LoraError, LoraLoadError
 from tokenmill.lora.registry import LoraRegistry
@@ -120,6 +121,9 @@ class EngineConfig:
         "(small models tend to fill free whitespace without end)", "flag", flag="--disable-any-whitespace"))
     debug_checks: bool = field(default=False, metadata=cli("check the scheduler's invariants every step", "flag"))
     record_steps: bool = False  # keep a StepRecord per step (for replay in the simulator)
+    # Keep a request timeline (core.timeline; written by --trace-file) for up to this many
+    # requests (0: none); later requests are not recorded, so memory stays bounded.
+    timeline_requests: int = 0
 
     def scheduler_config(self, num_blocks: int, max_model_len: int) -> SchedulerConfig:
         """The scheduler's share of this config: every ``SchedulerConfig`` field, by name."""
@@ -196,6 +200,8 @@ class Engine:
         self.eos_token_ids = tuple(sorted(eos))
         self.vocab_size = executor.vocab_size
         self.scheduler = Scheduler(config.scheduler_config(executor.num_blocks, self.max_model_len))
+        if config.timeline_requests:
+            self.scheduler.timeline = Timeline("engine", max_requests=config.timeline_requests)
         self.outputs = OutputProcessor(self.tokenizer)
         # Set by a caller that streams (the async engine): see the module docstring.
         self.on_partial: Callable[[list[RequestOutput]], None] | None = None

@@ -119,6 +119,34 @@ def test_bad_model_directories(tmp_path: Path, tiny_model_dir: Any, capsys: pyte
     one_line_error(capsys, "no tokenizer files", str(model))
 
 
+def test_trace_file_written_when_the_server_stops(tiny_model_dir: Any, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import json
+
+    from tokenmill.core.request import SamplingParams
+    from tokenmill.sim.trace_file import read_trace
+
+    def serve_two(app: Any, state: Any, *args: Any, **kwargs: Any) -> int:
+        engine = state.async_engine.engine  # what the engine thread would run while serving
+        for rid in ("a", "b"):
+            engine.add_request(rid, [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+        return 0
+
+    monkeypatch.setattr("tokenmill.server.runner.run_server", serve_two)
+    trace = tmp_path / "serve.json"
+    assert main(["serve", str(tiny_model_dir("llama")), "--kv-cache-memory", "4MiB", "--trace-file", str(trace)]) == 0
+    assert {r.request_id: r.output_tokens for r in read_trace(trace).values()} == {"a": 4, "b": 4}
+    assert json.loads(trace.read_text())["otherData"]["command"] == "tokenmill serve"
+
+
+def test_trace_file_in_a_missing_directory_is_refused(tiny_model_dir: Any, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    assert main(["serve", str(tiny_model_dir("llama")), "--trace-file", str(tmp_path / "no" / "t.json")]) == 2
+    one_line_error(capsys, "--trace-file")
+
+
 @pytest.mark.parametrize(("flags", "threads"), [([], None), (["--threads", "auto"], None), (["--threads", "3"], 3)])
 def test_threads_flag_reaches_the_engine(tiny_model_dir: Any, monkeypatch: pytest.MonkeyPatch,
                                          flags: list[str], threads: int | None) -> None:  # fmt: skip

@@ -63,6 +63,8 @@ def register(subparsers: Any) -> None:
     so.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
     so.add_argument("--grammar", metavar="GRAMMAR", help="the output follows this EBNF or Lark grammar: inline, or @FILE")
     add_engine_arguments(p, defaults={"device": "auto", "kv_cache_memory": 256 << 20})
+    p.add_argument("--trace-file", help="write each request's timeline (queued, prefill chunks, decode steps, "
+                                        "preemptions, first token, finish) as Chrome trace JSON, for Perfetto")
     p.set_defaults(func=run)
 
 
@@ -106,12 +108,18 @@ def run(args: argparse.Namespace) -> int:
         if args.output:
             # Opened before the model runs, so that a bad path costs nothing.
             sink = open(args.output, "w", encoding="utf-8")
-        llm = LLM.from_config(engine_config(args, model=path, device=device))
+        traced = sum(p.n for p in params) if args.trace_file else 0
+        llm = LLM.from_config(engine_config(args, model=path, device=device, timeline_requests=traced))
         for name, lora_path in modules.items():
             llm.add_lora(name, lora_path)
         tok = llm.get_tokenizer()
         prompts = [_prompt(tok, r, args.chat) for r in records]
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 or bool(args.output), lora=loras)
+        if args.trace_file:
+            from tokenmill.sim.trace_file import write_trace
+
+            write_trace(args.trace_file, [llm.engine.scheduler.timeline], {"command": "tokenmill generate"})
+            print(f"timeline: {args.trace_file}", file=sys.stderr)
     except (UsageError, ValueError, OSError, RuntimeError) as e:
         # RuntimeError: the device (e.g. out of memory); its message can run to many lines.
         print(f"error: {(str(e).strip() or type(e).__name__).splitlines()[0]}", file=sys.stderr)

@@ -29,6 +29,7 @@ from tokenmill.commands.options import (
     lora_module,
     non_negative_int,
     port,
+    positive_int,
     size_in,
 )
 from tokenmill.server.defaults import (
@@ -87,6 +88,10 @@ def register(subparsers: Any) -> None:
                         "directories on this machine: for trusted clients)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--trace-file", help="on shutdown, write request timelines (queued, prefill chunks, decode "
+                                        "steps, preemptions, first token, finish) as Chrome trace JSON, for Perfetto")
+    p.add_argument("--trace-max-requests", type=positive_int, default=10000,
+                   help="requests a --trace-file records (the first ones; bounds its memory)")
     p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "none"],
                    help="how tool calls are read from the model's text for tool_choice auto "
                         "(hermes: <tool_call> JSON blocks; none: refuse auto)")  # fmt: skip
@@ -100,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         config, names = _engine_config(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.trace_file and not os.path.isdir(os.path.dirname(os.path.abspath(args.trace_file))):
+        print(f"error: --trace-file: no directory for {args.trace_file}", file=sys.stderr)
         return 2
     for flag, value in (("--max-prompts-per-request", args.max_prompts_per_request),
                         ("--max-prompt-chars", args.max_prompt_chars),
@@ -152,7 +160,13 @@ def run(args: argparse.Namespace) -> int:
         "serving %s (%s) at http://%s:%d/v1 (context %d tokens, %d KV blocks, policy %s)",
         names[0], config.model, args.host, args.port, engine.max_model_len, engine.executor.num_blocks, config.policy,
     )
-    return run_server(app, state, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
+    rc = run_server(app, state, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
+    if args.trace_file:
+        from tokenmill.sim.trace_file import write_trace
+
+        n = write_trace(args.trace_file, [engine.scheduler.timeline], {"command": "tokenmill serve"})
+        log.info("wrote %d timeline events to %s", n, args.trace_file)
+    return rc
 
 
 def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
@@ -175,7 +189,9 @@ def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         names = [DEFAULT_MODEL_NAME]
     else:
         names = [model]
-    return engine_config(args, model=path, device=device, max_waiting=args.max_queue or None), names
+    timeline = args.trace_max_requests if args.trace_file else 0
+    return engine_config(args, model=path, device=device, max_waiting=args.max_queue or None,
+                         timeline_requests=timeline), names
 
 
 def _first_line(exc: BaseException) -> str:

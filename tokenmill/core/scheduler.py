@@ -40,6 +40,7 @@ from tokenmill.core.kv_manager import KVManager
 from tokenmill.core.plan import ScheduledSeq, SeqSetup, SeqUpdate, StepPlan, StepResult
 from tokenmill.core.policies import SchedulingPolicy, make_policy
 from tokenmill.core.request import FinishReason, Request, RequestStatus
+from tokenmill.core.timeline import Timeline
 
 _NONE: list[int] = cast(list[int], ())  # the tokens and blocks of a lean plan's sequences: none
 
@@ -119,6 +120,8 @@ class Scheduler:
         self._plan_requests: list[Request] = []
         self._finished_ids: list[str] = []  # finished or aborted since the last plan
         self._over: set[str] = set()  # parents holding more than max_seqs_per_request slots
+        # Set by whoever wants request timelines (engine or twin): told of arrivals, plans, finishes.
+        self.timeline: Timeline | None = None
         self._loras: dict[int, int] = {}  # adapter id -> its running requests
 
     # ---------------------------------------------------------------- inputs
@@ -152,6 +155,8 @@ class Scheduler:
         if len(self.waiting) > 1 and self._order(self.waiting[-2]) > self._order(req):
             self.waiting.sort(key=self._order)
         self.policy.on_arrival(req, req.arrival_time if now is None else now)
+        if self.timeline is not None:
+            self.timeline.arrival(req.request_id, req.arrival_time if now is None else now)
 
     @staticmethod
     def _order(r: Request) -> tuple[float, int]:
@@ -278,6 +283,8 @@ class Scheduler:
         req.finish_reason = reason
         req.stop_reason = stop_reason
         req.finish_time = now
+        if self.timeline is not None:
+            self.timeline.finished(req.request_id, now, req.first_token_time, reason.value, len(req.output_token_ids))
         del self.requests[req.request_id]
         self.policy.on_finished(req, now)
 
@@ -626,6 +633,8 @@ class Scheduler:
         the one that completed the stop string and finishes with ``stop``.
         """
         now = plan.now + (result.duration or 0.0)
+        if self.timeline is not None:
+            self.timeline.plan(plan, result.duration or 0.0)
         updates: list[SeqUpdate] = []
         sampled = result.sampled_token_ids
         logprobs = result.logprobs

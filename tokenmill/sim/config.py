@@ -42,6 +42,8 @@ class SimConfig:
     num_samples: int = 400  # points of the KV-usage and queue-depth time series per replica
     token_id: int = 0  # the token the simulated executor samples
     record_plans: bool = False  # keep (replica, plan summary) per completed plan, for replay checks
+    # Keep a request timeline (core.timeline) per replica for up to this many requests each (0: none).
+    timeline_requests: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("ideal", "engine"):
@@ -60,6 +62,7 @@ class SimResult:
     num_plans: int
     num_steps: int
     config: dict[str, Any]
+    timelines: list[Any] = field(default_factory=list)  # core.timeline.Timeline per replica, when asked
 
     def to_dict(self) -> dict[str, Any]:
         return {

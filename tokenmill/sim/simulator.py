@@ -49,6 +49,7 @@ from tokenmill.core.plan import SeqUpdate, StepPlan, StepResult
 from tokenmill.core.request import Request, SamplingParams
 from tokenmill.core.router import RoundRobinRouter, Router, make_router
 from tokenmill.core.scheduler import QueueFullError, Scheduler
+from tokenmill.core.timeline import Timeline
 from tokenmill.executor.sim_executor import SimExecutor
 from tokenmill.sim.config import PoolConfig, SimConfig, SimResult, pool_description
 from tokenmill.sim.cost_model import CostModel, steps_until
@@ -130,6 +131,8 @@ class Simulator:
             for r in self.replicas:
                 if r.sched.kv.cache is None:
                     raise ValueError("disaggregated decode replicas need prefix caching: transferred KV lands in it")
+        if config.timeline_requests:
+            self._attach_timelines(config.timeline_requests)
         self.entry = self.prefill if self.disagg else self.replicas
         self.entry_router = self.prefill_router if self.prefill_router is not None else self.router
         self.heap: list[tuple[float, int, int, Any, int]] = []
@@ -152,6 +155,13 @@ class Simulator:
         self.bin_width = horizon / 200
         self.token_bins: dict[int, float] = {}
         self._plan_known_arrivals()
+
+    def _attach_timelines(self, max_requests: int) -> None:
+        everyone = self.replicas + self.prefill
+        for r in everyone:
+            role = "" if r.role == "both" else f"{r.role} "
+            label = "twin" if len(everyone) == 1 else f"twin {role}replica {r.index}"
+            r.sched.timeline = Timeline(label, pid=r.index, max_requests=max_requests)
 
     def _plan_known_arrivals(self) -> None:
         # Routing that depends only on arrival order can be done ahead, which lets
@@ -489,7 +499,9 @@ class Simulator:
             "kv_transfer_bandwidth": cfg.kv_transfer_bandwidth if self.disagg else None,
             "workload": self.workload.summary(),
         }
-        return SimResult(summary, self.records, self.itl, reps, series, throughput, wall, num_plans, num_steps, config)
+        timelines = [r.sched.timeline for r in everyone if r.sched.timeline is not None]
+        return SimResult(summary, self.records, self.itl, reps, series, throughput, wall, num_plans, num_steps, config,
+                         timelines)  # fmt: skip
 
 
 def simulate(workload: Workload, config: SimConfig, progress: Callable[[int, int], None] | None = None) -> SimResult:
