@@ -68,7 +68,7 @@ def cli(help: str, kind: str = "str", **extra: Any) -> dict[str, Any]:
     ``kind`` is one of ``str``, ``choice`` (with ``choices``), ``size`` (bytes,
     with units), ``positive`` (an int >= 1), ``bool`` (``--x/--no-x``),
     ``flag`` (``--x`` turns it on), ``key_value`` (repeatable ``KEY=VALUE``,
-    collected into a dict); ``extra`` may give ``flag`` (another option
+    collected into a dict), ``threads`` (``auto``, None, or an int >= 1); ``extra`` may give ``flag`` (another option
     name) and ``aliases`` (more option strings; ``--no-...`` aliases of a
     ``bool`` turn it off).
     """
@@ -106,6 +106,10 @@ class EngineConfig:
     block_size: int = field(default=16, metadata=cli("tokens per KV block", "positive"))
     max_num_batched_tokens: int = field(default=2048, metadata=cli("tokens per step", "positive"))
     max_num_seqs: int = field(default=64, metadata=cli("sequences per step", "positive"))
+    # None: adapt to the cores the process gets (model/threads.py), up to torch's thread count
+    threads: int | None = field(default=None, metadata=cli(
+        "CPU kernel threads: auto uses torch's count and drops threads while other processes hold the "
+        "cores; N fixes N threads (default: auto)", "threads"))
     max_model_len: int | None = field(default=None, metadata=cli("context length (default: the model's)", "positive"))
     enable_prefix_caching: bool = field(default=True, metadata=cli(
         "the radix prefix cache", "bool", aliases=["--no-prefix-caching"]))

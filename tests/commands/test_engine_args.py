@@ -14,7 +14,7 @@ from tokenmill.commands.engine_args import add_engine_arguments, engine_config
 from tokenmill.engine import EngineConfig
 
 # A value for each kind of flag that differs from every field's default.
-GIVEN = {"size": ("3MiB", 3 << 20), "positive": ("3", 3), "str": ("x", "x")}
+GIVEN = {"size": ("3MiB", 3 << 20), "positive": ("3", 3), "str": ("x", "x"), "threads": ("3", 3)}
 
 
 def flagged() -> list[Any]:

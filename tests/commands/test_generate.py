@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tokenmill.cli import main
 
@@ -174,3 +175,29 @@ def test_structured_output_flags_and_jsonl_field(tiny_model_dir: Any, tmp_path: 
     assert "regex" in capsys.readouterr().err
     assert main(["generate", "--model", str(model), "--json-schema", "{not json", "hi"]) == 2
     assert "--json-schema is not valid JSON" in capsys.readouterr().err
+
+
+def test_threads_flag_fixes_the_count_or_adapts(tiny_model_dir: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenmill.model import kernels, threads
+
+    n = torch.get_num_threads()
+    try:
+        assert main(["generate", "--model", str(tiny_model_dir("llama")), "--threads", "1", "--max-tokens", "2",
+                     "hello"]) == 0  # fmt: skip
+        assert torch.get_num_threads() == 1
+        ctl = threads.controller()
+        assert not ctl.enabled  # a fixed count: nothing adapts it
+        if kernels.cpu_kernels_loaded():
+            assert kernels.kernel_threads() == 1
+        torch.set_num_threads(2)
+        assert main(["generate", "--model", str(tiny_model_dir("llama")), "--threads", "auto", "--max-tokens", "2",
+                     "hello"]) == 0  # fmt: skip
+        assert torch.get_num_threads() == 2
+        assert threads.controller().enabled == isinstance(ctl, threads.ThreadController)
+        with pytest.raises(SystemExit) as exc:
+            main(["generate", "--threads", "-2", "hello"])
+        assert exc.value.code == 2
+        assert "--threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(n)
+        threads.configure(None)

@@ -97,7 +97,8 @@ def test_bad_flags_end_in_one_line(tiny_model_dir: Any, capsys: pytest.CaptureFi
     "flags",
     [["--max-model-len", "0"], ["--max-model-len", "-5"], ["--block-size", "0"], ["--port", "99999"],
      ["--max-num-seqs", "0"], ["--max-decode-steps", "0"], ["--kv-cache-memory", "lots"], ["--max-queue", "-1"],
-     ["--kv-cache-dtype", "int3"], ["--kv-eviction", "lru"], ["--kv-budget", "0"]],
+     ["--kv-cache-dtype", "int3"], ["--kv-eviction", "lru"], ["--kv-budget", "0"],
+     ["--threads", "0"], ["--threads", "some"]],
 )  # fmt: skip
 def test_out_of_range_numbers_are_usage_errors(capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -148,3 +149,17 @@ def test_trace_file_in_a_missing_directory_is_refused(tiny_model_dir: Any, tmp_p
                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     assert main(["serve", str(tiny_model_dir("llama")), "--trace-file", str(tmp_path / "no" / "t.json")]) == 2
     one_line_error(capsys, "--trace-file")
+
+
+@pytest.mark.parametrize(("flags", "threads"), [([], None), (["--threads", "auto"], None), (["--threads", "3"], 3)])
+def test_threads_flag_reaches_the_engine(tiny_model_dir: Any, monkeypatch: pytest.MonkeyPatch,
+                                         flags: list[str], threads: int | None) -> None:  # fmt: skip
+    seen = []
+
+    def engine(config: Any) -> None:
+        seen.append(config)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("tokenmill.engine.Engine", engine)
+    assert main(["serve", str(tiny_model_dir("llama")), *flags]) == 2
+    assert [c.threads for c in seen] == [threads]

@@ -10,7 +10,9 @@ import torch
 from tokenmill.core import Request, SamplingParams, StepPlan
 from tokenmill.core.plan import standalone_seq
 from tokenmill.executor import ModelExecutor
+from tokenmill.model import kernels, threads
 from tokenmill.model.testing import load_hf_model, make_tiny_checkpoint
+from tokenmill.model.threads import CpuSample, ThreadController
 
 BLOCK = 4
 PROMPTS = {
@@ -162,3 +164,41 @@ def test_bad_block_tables_are_refused(model_dir: Path) -> None:
         ex.execute(StepPlan(0, 0.0, [standalone_seq(req, 0, 11, [1, 2], True)]))  # needs 3
     with pytest.raises(ValueError, match="blocks"):
         ex.execute(StepPlan(0, 0.0, [standalone_seq(req, 0, 11, [1, 2, ex.num_blocks], True)]))
+
+
+class _Starved:
+    """CPU counters of a process whose threads wait for a CPU all the time."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def sample(self) -> CpuSample:
+        self.n += 1
+        return CpuSample(run_delay=10.0 * self.n, idle=0.0, total=100.0 * self.n, cpus=2)
+
+
+def test_forward_passes_feed_the_thread_controller(
+    model_dir: Path, hf_greedy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the executor wraps each forward pass in the process's thread controller; a controller
+    # that sees starved threads drops the kernels to one thread mid-generation, and the
+    # output stays the reference's
+    if not kernels.cpu_kernels_available():
+        pytest.skip("CPU kernels could not be built here")
+    stats = _Starved()
+    ctl = ThreadController(stats, kernels.set_thread_limit, lambda: 2, window=0.0)
+    monkeypatch.setattr(threads, "_controller", ctl)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ex = make_executor(model_dir)
+        assert ex.threads is ctl
+        reqs = [new_request(rid) for rid in PROMPTS]
+        first = [standalone_seq(r, 0, r.num_prompt_tokens, TABLES[r.request_id], True) for r in reqs]
+        apply(ex.execute(StepPlan(0, 0.0, first)), reqs)
+        assert kernels.kernel_threads() == 1 and ctl.changes == 1 and stats.n >= 2
+        apply(ex.execute(StepPlan(1, 0.0, [decode_seq(r) for r in reqs], num_steps=9)), reqs)
+        assert {r.request_id: r.output_token_ids for r in reqs} == hf_greedy
+    finally:
+        kernels.set_thread_limit(0)
+        torch.set_num_threads(torch_threads)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -22,6 +24,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+@contextmanager
+def kernel_threads(n: int) -> Iterator[None]:
+    """Run the kernels' parallel regions on exactly ``n`` threads (no limit left from a model run)."""
+    threads, limit = torch.get_num_threads(), kernels.set_thread_limit(0)
+    torch.set_num_threads(n)
+    try:
+        assert kernels.kernel_threads() == n
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        kernels.set_thread_limit(limit)
 
 
 def random_batch(
@@ -113,12 +128,8 @@ def test_paged_attention_long_decodes_split_across_threads(
         tables, torch.zeros(num_seqs, dtype=torch.long), 1, max(lens),
     )  # fmt: skip
     q = (torch.randn(num_seqs, 6, head_dim) * 3).to(dtype)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with kernel_threads(2):
         got = CpuKernelOps.attention(q, kv, meta, 0.125)
-    finally:
-        torch.set_num_threads(threads)
     want = paged_attention_reference(q, kv, meta, 0.125)
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
 
@@ -279,3 +290,53 @@ def test_kernel_and_torch_paths_draw_the_same_tokens() -> None:
         [r.params.top_p for r in rows], [r.params.min_p for r in rows], u,
     ).tolist()  # fmt: skip
     assert got == want
+
+
+def test_thread_limit_caps_the_kernels_under_torchs_count() -> None:
+    with kernel_threads(2):
+        assert kernels.set_thread_limit(1) == 0
+        assert kernels.kernel_threads() == 1
+        kernels.set_thread_limit(8)  # above torch's count: torch's count
+        assert kernels.kernel_threads() == 2
+        torch.set_num_threads(1)  # torch's count stays the ceiling
+        assert kernels.kernel_threads() == 1
+    with pytest.raises(RuntimeError, match="n must be >= 0"):
+        kernels.set_thread_limit(-1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_match_reference_on_one_and_two_threads(threads: int, dtype: torch.dtype) -> None:
+    # the thread controller switches between counts mid-generation: every count must agree
+    # with the reference, at sizes where each kernel does split its work across threads
+    torch.manual_seed(threads)
+    rows, k, n = 40, 96, 200
+    x, w = torch.randn(rows, k).to(dtype), torch.randn(n, k).to(dtype)
+    normed_x, nw = torch.randn(rows, 576).to(dtype), (1 + 0.1 * torch.randn(576)).to(dtype)
+    gu = (torch.randn(rows, 2 * 2048) * 4).to(dtype)
+    lens = [1100, 900, 1200]  # few long decodes: attention splits each context across threads
+    meta = AttentionMetadata(
+        torch.arange(4, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
+        torch.randperm(300)[:225].view(3, 75).to(torch.int32), torch.zeros(3, dtype=torch.long),
+        1, max(lens),
+    )  # fmt: skip
+    kv = torch.randn(kv_cache_shape(300, 16, 2, 64)).to(dtype)
+    q = torch.randn(3, 8, 64).to(dtype)
+    with kernel_threads(threads):
+        ops = CpuKernelOps(use_packed_gemm=kernels.has_avx512())
+        got_lin = ops.linear(x, ops.prepare_linear(w))
+        got_norm = CpuKernelOps.rms_norm(normed_x, nw, 1e-6)
+        got_silu = CpuKernelOps.silu_mul(gu)
+        got_attn = CpuKernelOps.attention(q, kv, meta, 0.125)
+        got_argmax = torch.ops.tokenmill.argmax_rows(gu.float())
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.25, rtol=2e-2)
+    torch.testing.assert_close(
+        got_lin.float(), torch.nn.functional.linear(x.float(), w.float()), **tol
+    )
+    torch.testing.assert_close(
+        got_norm.float(), TorchOps.rms_norm(normed_x, nw, 1e-6).float(), **TOL[dtype]
+    )
+    torch.testing.assert_close(got_silu.float(), TorchOps.silu_mul(gu).float(), **TOL[dtype])
+    want_attn = paged_attention_reference(q, kv, meta, 0.125)
+    torch.testing.assert_close(got_attn.float(), want_attn.float(), **TOL[dtype])
+    assert torch.equal(got_argmax, gu.float().argmax(-1))

@@ -45,6 +45,7 @@ def test_rejects_bad_tables() -> None:
 def test_profile_tiny_model_end_to_end(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
     import torch
 
+    from tokenmill.model import threads as thread_control
     from tokenmill.sim.profiler import profile_model
 
     grid = {"prefill_tokens": [0, 16, 64], "decode_seqs": [0, 1, 4], "context_tokens": [16, 128]}
@@ -53,8 +54,11 @@ def test_profile_tiny_model_end_to_end(tiny_model_dir) -> None:  # type: ignore[
     try:
         table = profile_model(str(tiny_model_dir("llama")), grid=grid, dtype="float32", max_num_batched_tokens=64,
                               max_num_seqs=8, kv_cache_memory=8 << 20, repeats=2)  # fmt: skip
+        # the table is for one fixed thread count: no thread controller adapted it mid-grid
+        assert not thread_control.controller().enabled and table["torch_threads"] == 1
     finally:
         torch.set_num_threads(threads)
+        thread_control.configure(None)
     assert table["axes"]["prefill_tokens"] == [0, 16, 64]
     t = table["times"]
     # Every measured point is positive; the empty step (0, 0, c) is extrapolated, possibly to 0.

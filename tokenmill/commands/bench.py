@@ -18,6 +18,7 @@ BENCHMARKS = {
     "moe": ("tokenmill.bench.moe", "MoE decode vs transformers; expert offloading hit rate"),
     "lora": ("tokenmill.bench.lora", "a batch mixing LoRA adapters vs the base model alone"),
     "structured": ("tokenmill.bench.structured", "structured output: compile times, decode cost, validity"),
+    "contention": ("tokenmill.bench.contention", "batch-1 decode quiet vs beside busy processes"),
 }
 
 

@@ -14,7 +14,7 @@ import argparse
 from dataclasses import MISSING, Field, fields
 from typing import Any
 
-from tokenmill.commands.options import key_value, positive_int, size_in
+from tokenmill.commands.options import key_value, positive_int, size_in, threads
 
 
 def _engine_fields() -> list[Field]:
@@ -69,8 +69,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults: dict[str, An
             common["help"] += ": " + ", ".join(sorted(available_policies()))
             group.add_argument(flag, **common)
         else:
-            types = {"size": size_in(1), "positive": positive_int, "str": str}
-            metavars = {"size": "SIZE", "positive": "N", "str": None}
+            types = {"size": size_in(1), "positive": positive_int, "str": str, "threads": threads}
+            metavars = {"size": "SIZE", "positive": "N", "str": None, "threads": "auto|N"}
             group.add_argument(flag, type=types[kind], metavar=metavars[kind], **common)
     parser.set_defaults(_engine_defaults=defaults)
 

@@ -65,6 +65,16 @@ positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
 
 
+def threads(text: str) -> int | None:
+    """``--threads``: ``auto`` (None: fitted to the cores the process gets) or a fixed count."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (a thread count, or auto)") from None
+
+
 def port(text: str) -> int:
     value = non_negative_int(text)
     if value > 65535:

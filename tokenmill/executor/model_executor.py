@@ -53,6 +53,7 @@ from tokenmill.model.config import ModelConfig, resolve_dtype
 from tokenmill.model.kv_format import KVFormat, kv_format
 from tokenmill.model.loader import load_model
 from tokenmill.model.sampler import LogprobEntry, Sampler, SamplingRow
+from tokenmill.model.threads import configure as configure_threads
 from tokenmill.structured.decoding import StepMasks
 
 # A plan whose token count is below this builds slot mappings in Python; above it in torch.
@@ -101,6 +102,7 @@ class ModelExecutor:
         block_size: int = 16,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
+        threads: int | None = None,
         max_loras: int = 4,
         max_lora_rank: int = 16,
     ) -> None:
@@ -134,6 +136,8 @@ class ModelExecutor:
         )
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.sampler = Sampler(self.device)
+        # the CPU kernels' thread count: fitted to the cores this process gets (None), or fixed
+        self.threads = configure_threads(threads, self.device)
         self.state = ExecutorState()
         self.evictor = KVEvictor(self.device)  # requests with a KV budget (kv_evictor.py)
         self.loras = LoraManager(self.model, self.model_config, max_loras, max_lora_rank)
@@ -155,6 +159,7 @@ class ModelExecutor:
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
+            threads=config.threads,
             max_loras=config.max_loras,
             max_lora_rank=config.max_lora_rank,
         )
@@ -474,7 +479,8 @@ class ModelExecutor:
         )
         input_ids = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
         lora = self.loras.batch(b.lora, dev) if b.lora else None
-        return self.model(input_ids, positions.to(dev), self.kv_caches, meta, lora)
+        with self.threads.step():
+            return self.model(input_ids, positions.to(dev), self.kv_caches, meta, lora)
 
     @staticmethod
     def _row_entries(b: _Batch):

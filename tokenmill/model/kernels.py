@@ -32,6 +32,7 @@ _SOURCES = (
     "sampling.cpp",
     "family_ops.cpp",
     "moe.cpp",
+    "threads.cpp",
     "lora.cpp",
     "registration.cpp",
 )
@@ -124,3 +125,17 @@ def cpu_kernels_loaded() -> bool:
 def has_avx512() -> bool:
     """Whether the loaded extension was compiled with AVX-512 and this CPU supports it."""
     return cpu_kernels_available() and bool(torch.ops.tokenmill.has_avx512())
+
+
+def set_thread_limit(n: int) -> int:
+    """Let the kernels' parallel regions use at most ``n`` of torch's threads (0: all).
+
+    Returns the previous limit. torch's own thread count (``torch.set_num_threads``)
+    stays the ceiling; see ``tokenmill.model.threads`` for who sets the limit.
+    """
+    return int(torch.ops.tokenmill.set_thread_limit(n))
+
+
+def kernel_threads() -> int:
+    """How many threads a kernel's parallel region uses now."""
+    return int(torch.ops.tokenmill.kernel_threads())

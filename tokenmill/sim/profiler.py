@@ -298,8 +298,11 @@ def profile_model(
 
     path = resolve_model_path(model_path)
     asked = {k: list(v) for k, v in (GRIDS[grid] if isinstance(grid, str) else grid).items()}
+    # a table is for one thread count: the thread controller must not change it mid-grid
+    threads = torch.get_num_threads()
     executor = ModelExecutor(path, dtype=dtype, kv_cache_memory=kv_cache_memory, block_size=block_size,
-                             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)  # fmt: skip
+                             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                             threads=threads)  # fmt: skip
     mc = executor.model_config
     axes, clamped = fit_axes(asked, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                              max_model_len=mc.max_model_len, kv_tokens=executor.num_blocks * block_size,
@@ -318,7 +321,7 @@ def profile_model(
     if measure_overhead:
         engine = Engine(EngineConfig(model=path, dtype=dtype, kv_cache_memory=64 << 20, block_size=block_size,
                                      max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                     max_decode_steps=1, record_steps=True))  # fmt: skip
+                                     max_decode_steps=1, record_steps=True, threads=threads))  # fmt: skip
         overhead = measure_engine_overhead(engine, vocab=mc.vocab_size)
         del engine
     config = json.loads((Path(path) / "config.json").read_text())

@@ -7,5 +7,6 @@
 #include "sampling.cpp"
 #include "family_ops.cpp"
 #include "moe.cpp"
+#include "threads.cpp"
 #include "lora.cpp"
 #include "registration.cpp"

@@ -37,6 +37,8 @@ at::Tensor gelu_tanh_mul(const at::Tensor& x);
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_ids,
                        const at::Tensor& topk_weights, at::TensorList w13, at::TensorList w2,
                        at::TensorList s13, at::TensorList s2, int64_t inter);
+int64_t set_thread_limit(int64_t n);
+int64_t kernel_threads();
 void lora_apply(at::Tensor y, const at::Tensor& x, const at::Tensor& table, const at::Tensor& rows,
                 const at::Tensor& offsets, int64_t inter);
 at::Tensor silu_mul_panels(const at::Tensor& x);

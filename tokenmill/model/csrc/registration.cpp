@@ -42,6 +42,8 @@ TORCH_LIBRARY(tokenmill, m) {
       "moe_experts(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] w13, Tensor[] w2, "
       "Tensor[] s13, Tensor[] s2, int inter) -> Tensor",
       &tokenmill::moe_experts);
+  m.def("set_thread_limit(int n) -> int", &tokenmill::set_thread_limit);
+  m.def("kernel_threads() -> int", &tokenmill::kernel_threads);
   m.def(
       "lora_apply(Tensor(a!) y, Tensor x, Tensor table, Tensor rows, Tensor offsets, int inter=0) "
       "-> ()",

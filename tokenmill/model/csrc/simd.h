@@ -14,6 +14,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -42,7 +43,19 @@ inline float to_f(int8_t x) { return static_cast<float>(x); }
 template <typename T>
 inline T from_f(float x) { return static_cast<T>(x); }
 
-inline int num_threads() { return at::get_num_threads(); }
+// A limit below torch's thread count that the kernels' parallel regions obey (0: none). The
+// thread controller (tokenmill/model/threads.py) lowers it when the process's threads wait for
+// CPUs that other processes hold: a thread descheduled mid-region stalls every thread that
+// waits for it at the region's end, so on shared cores fewer threads run faster.
+inline std::atomic<int>& thread_limit() {
+  static std::atomic<int> limit{0};
+  return limit;
+}
+inline int num_threads() {
+  const int n = at::get_num_threads();
+  const int limit = thread_limit().load(std::memory_order_relaxed);
+  return limit > 0 && limit < n ? limit : n;
+}
 
 #if TM_AVX512
 inline __mmask16 tail_mask(int64_t n) {
