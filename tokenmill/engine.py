@@ -25,6 +25,7 @@ from typing import Any
 from tokenmill.core.plan import SeqUpdate, StepPlan
 from tokenmill.core.request import Request, SamplingParams
 from tokenmill.core.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerStats
+from tokenmill.core.spec import SpecStats
 from tokenmill.executor import Executor
 from tokenmill.output_processor import OutputProcessor
 from tokenmill.outputs import RequestOutput
@@ -57,11 +58,37 @@ class EngineConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)
     debug_checks: bool = False
     record_steps: bool = False  # keep a StepRecord per step (for replay in the simulator)
+    # Speculative decoding (tokenmill/spec, core/spec.py): ngram | draft:PATH | draft:default
+    # | self-int8; None: off. ``num_speculative_tokens``: K drafts per step, or None for
+    # "auto" (chosen per request and step, up to spec.AUTO_MAX_TOKENS).
+    speculative: str | None = None
+    num_speculative_tokens: int | None = None
+    # Tokens per step past which a step is compute bound (speculation backs off there).
+    speculative_knee_tokens: int = 16
 
-    def scheduler_config(self, num_blocks: int, max_model_len: int) -> SchedulerConfig:
-        """The scheduler's share of this config: every ``SchedulerConfig`` field, by name."""
+    def __post_init__(self) -> None:
+        from tokenmill.spec import parse_num_speculative_tokens, parse_speculative
+
+        if self.speculative is not None:
+            parse_speculative(self.speculative)
+        if self.num_speculative_tokens is not None:
+            parse_num_speculative_tokens(self.num_speculative_tokens)
+            if self.speculative is None:
+                raise ValueError("num_speculative_tokens needs a speculative method (speculative=...)")
+
+    def scheduler_config(self, num_blocks: int, max_model_len: int, draft_cost: float = 0.0) -> SchedulerConfig:
+        """The scheduler's share of this config: every ``SchedulerConfig`` field, by name
+        (speculative decoding's resolved from ``speculative`` and ``num_speculative_tokens``)."""
+        from tokenmill.spec import AUTO_MAX_TOKENS
+
         shared = {f.name: getattr(self, f.name) for f in fields(SchedulerConfig) if hasattr(self, f.name)}
         shared.update(num_blocks=num_blocks, max_model_len=max_model_len, policy_options=dict(self.policy_options))
+        k = self.num_speculative_tokens
+        shared.update(
+            num_speculative_tokens=0 if self.speculative is None else (k or AUTO_MAX_TOKENS),
+            speculative_adaptive=k is None,
+            speculative_draft_cost=draft_cost,
+        )
         return SchedulerConfig(**shared)
 
 
@@ -80,6 +107,14 @@ class EngineStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     finished_by_reason: dict[str, int]
+    # Speculative decoding: verified drafts, and the seconds of execution spent proposing.
+    spec: SpecStats | None = None
+    draft_seconds: float = 0.0
+    execute_seconds: float = 0.0
+
+    @property
+    def draft_time_share(self) -> float:
+        return self.draft_seconds / self.execute_seconds if self.execute_seconds > 0 else 0.0
 
 
 def resolve_model_path(model: str | None) -> str:
@@ -130,7 +165,10 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.vocab_size = executor.vocab_size
-        self.scheduler = Scheduler(config.scheduler_config(executor.num_blocks, self.max_model_len))
+        draft_cost = getattr(executor, "draft_cost", None)
+        if config.speculative is not None and draft_cost is None:
+            raise ValueError(f"speculative={config.speculative!r} but the executor proposes no drafts")
+        self.scheduler = Scheduler(config.scheduler_config(executor.num_blocks, self.max_model_len, draft_cost or 0.0))
         self.outputs = OutputProcessor(self.tokenizer)
         # Set by a caller that streams (the async engine): see the module docstring.
         self.on_partial: Callable[[list[RequestOutput]], None] | None = None
@@ -141,6 +179,8 @@ class Engine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.finished_by_reason: dict[str, int] = {}
+        self.draft_seconds = 0.0
+        self.execute_seconds = 0.0
 
     # ---------------------------------------------------------------- inputs
 
@@ -276,6 +316,8 @@ class Engine:
         t0 = self.clock()
         result = self.executor.execute(plan, publisher.substep(sink)) if streaming else self.executor.execute(plan)
         result.duration = self.clock() - t0
+        self.execute_seconds += result.duration
+        self.draft_seconds += result.draft_time
         self._record(plan, result.duration)
         outputs = publisher.publish(result.sampled_token_ids, result.logprobs, result.prompt_logprobs)
         result.stop_strings = publisher.stop_strings or None
@@ -302,6 +344,9 @@ class Engine:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
             finished_by_reason=dict(self.finished_by_reason),
+            spec=self.scheduler.spec.stats if self.scheduler.spec.config.enabled else None,
+            draft_seconds=self.draft_seconds,
+            execute_seconds=self.execute_seconds,
         )
 
 

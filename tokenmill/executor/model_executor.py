@@ -35,6 +35,8 @@ from tokenmill.model.attention import AttentionMetadata, kv_cache_shape
 from tokenmill.model.config import ModelConfig, resolve_dtype
 from tokenmill.model.loader import load_model
 from tokenmill.model.sampler import LogprobEntry, Sampler, SamplingRow
+from tokenmill.spec import ProposeItem, make_proposer
+from tokenmill.spec.verify import VerifySpan, verify
 
 # A plan whose token count is below this builds slot mappings in Python; above it in torch.
 _TORCH_SLOTS_MIN_TOKENS = 64
@@ -73,6 +75,7 @@ class ModelExecutor:
         block_size: int = 16,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
+        speculative: str | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model, self.model_config = load_model(model_path, dtype=dtype, device=self.device)
@@ -83,16 +86,24 @@ class ModelExecutor:
         self.kv_bytes_per_block = self.kv_cache_bytes_per_block(
             self.model_config, block_size, self.dtype
         )
-        self.num_blocks = kv_cache_memory // self.kv_bytes_per_block
+        # Speculative decoding (tokenmill/spec): a draft model's KV lives on the same
+        # block ids, so each block costs the draft's bytes too.
+        self.proposer = None if speculative is None else make_proposer(speculative, self, model_path)
+        per_block = self.kv_bytes_per_block
+        if self.proposer is not None and self.proposer.writes_kv:
+            per_block += self.proposer.kv_bytes_per_block(block_size)
+        self.num_blocks = kv_cache_memory // per_block
         if self.num_blocks < 1:
             raise ValueError(
                 f"kv_cache_memory={kv_cache_memory} bytes holds no KV block "
-                f"(one block of {block_size} tokens needs {self.kv_bytes_per_block} bytes)"
+                f"(one block of {block_size} tokens needs {per_block} bytes)"
             )
         cfg = self.model_config
         shape = kv_cache_shape(self.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_cache = torch.zeros((cfg.num_layers, *shape), dtype=self.dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
+        if self.proposer is not None and self.proposer.writes_kv:
+            self.proposer.allocate_cache(self.num_blocks)
         self.sampler = Sampler(self.device)
         self.state = ExecutorState()
 
@@ -109,6 +120,7 @@ class ModelExecutor:
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
+            speculative=getattr(config, "speculative", None),
         )
 
     # The model facts an engine takes from its executor (see executor/__init__.py).
@@ -123,6 +135,11 @@ class ModelExecutor:
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return tuple(self.model_config.eos_token_ids)
+
+    @property
+    def draft_cost(self) -> float | None:
+        """One draft step's cost over one target decode step (None: no speculation)."""
+        return None if self.proposer is None else self.proposer.draft_cost
 
     @staticmethod
     def kv_cache_bytes_per_block(
@@ -148,6 +165,11 @@ class ModelExecutor:
         start = time.perf_counter()
         result = StepResult(sampled_token_ids={})
         states = self.state.apply(plan)
+        if self.proposer is not None:
+            self.proposer.drop(plan.finished_ids + plan.preempted_ids)
+            for s in plan.seqs:
+                if s.setup is not None:
+                    self.proposer.reset(s.request_id, s.start_pos)
         if plan.is_empty:
             result.duration = 0.0
             return result
@@ -166,6 +188,9 @@ class ModelExecutor:
                 continue
             rows_idx = torch.tensor(batch.sample_rows, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows_idx))
+            if len(batch.sample_rows) > len(samplers):  # drafts to verify (a single-step plan)
+                sampled, logprobs = self._verify(samplers, logits)
+                break
             rows = [self._sampling_row(st, sampled[s.request_id]) for s, st in samplers]
             out = self.sampler(logits, rows)
             for i, (s, _) in enumerate(samplers):
@@ -178,8 +203,28 @@ class ModelExecutor:
         self.state.record(sampled)
         result.sampled_token_ids = sampled
         result.logprobs = logprobs or None
+        if self.proposer is not None and any(s.num_propose for s in plan.seqs):
+            t0 = time.perf_counter()
+            items = [ProposeItem(s.request_id, st.token_ids(), s.num_propose, st.blocks, st.setup)
+                     for s, st in zip(plan.seqs, states, strict=True) if s.num_propose]  # fmt: skip
+            result.draft_token_ids = self.proposer.propose(items)
+            result.draft_time = time.perf_counter() - t0
         result.duration = time.perf_counter() - start
         return result
+
+    def _verify(
+        self, samplers: list[tuple[ScheduledSeq, SeqView]], logits: torch.Tensor
+    ) -> tuple[dict[str, list[int]], dict[str, list[LogprobEntry]]]:
+        """Verify the drafts of a speculative step (spec/verify.py): ``logits`` hold
+        ``k + 1`` rows per sampling sequence (1 for those without drafts)."""
+        rows: list[SamplingRow] = []
+        spans: list[VerifySpan] = []
+        for s, st in samplers:
+            d = s.draft_token_ids
+            q = self.proposer.draft_probs(s.request_id, d) if d and self.proposer is not None else None
+            spans.append(VerifySpan(s.request_id, len(rows), d, q))
+            rows.extend(self._sampling_row(st, d[:i]) for i in range(len(d) + 1))
+        return verify(self.sampler, logits, rows, spans)
 
     def _prompt_logprobs(
         self, seqs: list[ScheduledSeq], states: list[SeqView], batch: _Batch, hidden: torch.Tensor
@@ -242,15 +287,18 @@ class ModelExecutor:
     def _first_batch(self, seqs: list[ScheduledSeq], states: list[SeqView]) -> _Batch:
         b = _Batch()
         for s, st in zip(seqs, states, strict=True):
-            n = s.num_new_tokens
+            n = s.num_new_tokens + len(s.draft_token_ids)
             end = s.start_pos + n
             b.input_ids.extend(s.token_ids)
+            b.input_ids.extend(s.draft_token_ids)
             b.positions.extend(range(s.start_pos, end))
             b.query_start.append(b.query_start[-1] + n)
             b.seq_lens.append(end)
             b.block_rows.append(self._blocks(s.request_id, st, end))
             if s.samples:
-                b.sample_rows.append(b.query_start[-1] - 1)
+                # the last token and each draft: k + 1 rows to verify k drafts
+                last = b.query_start[-1]
+                b.sample_rows.extend(range(last - 1 - len(s.draft_token_ids), last))
         return b
 
     def _blocks(self, request_id: str, st: SeqView, length: int) -> list[int]:
@@ -280,40 +328,37 @@ class ModelExecutor:
         return b
 
     def _forward(self, b: _Batch) -> torch.Tensor:
-        dev, bs = self.device, self.block_size
-        width = max(len(r) for r in b.block_rows)
-        block_tables = torch.tensor(
-            [r + [0] * (width - len(r)) for r in b.block_rows], dtype=torch.int32
-        )
-        positions = torch.tensor(b.positions, dtype=torch.long)
-        if len(b.positions) >= _TORCH_SLOTS_MIN_TOKENS:
-            seq_of_token = torch.repeat_interleave(
-                torch.arange(len(b.seq_lens)),
-                torch.tensor(
-                    [e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)]
-                ),
-            )
-            blocks = block_tables[seq_of_token, positions // bs].long()
-            slot_mapping = blocks * bs + positions % bs
-        else:
-            slot_mapping = torch.tensor(
-                [r[p // bs] * bs + p % bs for r, p in self._row_positions(b)], dtype=torch.long
-            )
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor(b.query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(b.seq_lens, dtype=torch.int32, device=dev),
-            block_tables=block_tables.to(dev),
-            slot_mapping=slot_mapping.to(dev),
-            max_query_len=max(
-                e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)
-            ),
-            max_seq_len=max(b.seq_lens),
-        )
-        input_ids = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
-        return self.model(input_ids, positions.to(dev), self.kv_caches, meta)
+        return forward_batch(self.model, self.kv_caches, b, self.block_size, self.device)
 
-    @staticmethod
-    def _row_positions(b: _Batch):
-        for i, row in enumerate(b.block_rows):
-            for p in b.positions[b.query_start[i] : b.query_start[i + 1]]:
-                yield row, p
+
+def forward_batch(model: Any, kv_caches: list[torch.Tensor], b: _Batch, block_size: int, device: torch.device) -> torch.Tensor:
+    """One forward pass of a flattened batch over a paged KV cache (also a draft model's)."""
+    dev, bs = device, block_size
+    width = max(len(r) for r in b.block_rows)
+    block_tables = torch.tensor([r + [0] * (width - len(r)) for r in b.block_rows], dtype=torch.int32)
+    positions = torch.tensor(b.positions, dtype=torch.long)
+    if len(b.positions) >= _TORCH_SLOTS_MIN_TOKENS:
+        seq_of_token = torch.repeat_interleave(
+            torch.arange(len(b.seq_lens)),
+            torch.tensor([e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)]),
+        )
+        blocks = block_tables[seq_of_token, positions // bs].long()
+        slot_mapping = blocks * bs + positions % bs
+    else:
+        slot_mapping = torch.tensor([r[p // bs] * bs + p % bs for r, p in _row_positions(b)], dtype=torch.long)
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(b.query_start, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor(b.seq_lens, dtype=torch.int32, device=dev),
+        block_tables=block_tables.to(dev),
+        slot_mapping=slot_mapping.to(dev),
+        max_query_len=max(e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)),
+        max_seq_len=max(b.seq_lens),
+    )
+    input_ids = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
+    return model(input_ids, positions.to(dev), kv_caches, meta)
+
+
+def _row_positions(b: _Batch):
+    for i, row in enumerate(b.block_rows):
+        for p in b.positions[b.query_start[i] : b.query_start[i + 1]]:
+            yield row, p

@@ -27,4 +27,9 @@ DEFAULT_MODEL_PATH: Path = MODELS_DIR / "default"
 HELDOUT_SAMPLE_PATH: Path = DEFAULT_MODEL_PATH / "heldout_sample.txt"
 """Held-out text (three KJV chapters never seen in training), for tests."""
 
-__all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_MODEL_PATH", "HELDOUT_SAMPLE_PATH", "MODELS_DIR"]
+DEFAULT_DRAFT_PATH: Path = MODELS_DIR / "default_draft"
+"""The draft model for speculative decoding of the default model (``--speculative draft:default``):
+a 1M-parameter Llama with the default model's vocabulary, distilled from it by
+``scripts/train_default_model.py --draft``; no tokenizer of its own."""
+
+__all__ = ["DEFAULT_DRAFT_PATH", "DEFAULT_MODEL_NAME", "DEFAULT_MODEL_PATH", "HELDOUT_SAMPLE_PATH", "MODELS_DIR"]
