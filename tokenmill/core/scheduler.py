@@ -431,7 +431,7 @@ class Scheduler:
                 self.waiting = [r for r in self.waiting if id(r) not in admitted_set]
 
         preempted = reclaimed + preempted
-        propose = self._reserve_proposals(seqs, spec, drafts) if spec else {}
+        propose = self._reserve_proposals(seqs, spec, drafts) if spec is not None else {}
         if drafts or propose:
             num_steps = 1
         else:
@@ -489,11 +489,10 @@ class Scheduler:
 
     def _draft_room(self, req: Request, appended: int) -> int:
         """Draft tokens that can still pay for a request once ``appended`` more tokens are in:
-        the target's own token must fit under ``max_tokens``, and every drafted position
-        within the context (the draft's KV included)."""
+        the drafts and the target's own token must fit under ``max_tokens`` and the context."""
         max_tokens = req.sampling_params.max_tokens
         n_out = len(req.output_token_ids) + appended
-        room = self.config.max_model_len - req.num_tokens - appended
+        room = self.config.max_model_len - req.num_tokens - appended - 1
         if max_tokens is not None and max_tokens - n_out - 1 < room:
             room = max_tokens - n_out - 1
         return room if room > 0 else 0
@@ -509,9 +508,11 @@ class Scheduler:
         """
         kv = self.kv
         propose: dict[str, int] = {}
-        for req, start, n, admitted in picked:
-            if admitted or start + n != req.num_tokens:
-                continue  # just admitted (not in the controller's batch), or does not sample
+        if any(admitted and start + n == req.num_tokens for req, start, n, admitted in picked):
+            spec = self._spec_lengths_by_id()  # the batch grew: newcomers sample too
+        for req, start, n, _ in picked:
+            if start + n != req.num_tokens:
+                continue  # a prefill chunk that does not sample
             rid = req.request_id
             k = drafts.get(rid, 0)
             p = min(spec.get(rid, 0), self._draft_room(req, 1), self.config.max_model_len - req.num_tokens - k)

@@ -88,48 +88,68 @@ def verify(
     out = sampler(logits, rows)
     tokens: dict[str, list[int]] = {}
     logprobs: dict[str, list[LogprobEntry]] = {}
+    sampled_drafts: list[VerifySpan] = []
     for span in spans:
         a, k, d = span.first_row, len(span.drafts), span.drafts
-        greedy = rows[a].params.greedy
-        if span.draft_probs is None or greedy:
-            j = 0
-            while j < k and out.token_ids[a + j] == d[j]:
-                j += 1
-            toks = out.token_ids[a : a + j + 1]
-            tokens[span.request_id] = toks
-            if out.logprobs is not None and out.logprobs[a] is not None:
-                logprobs[span.request_id] = out.logprobs[a : a + j + 1]  # type: ignore[assignment]
+        if span.draft_probs is not None and k and not rows[a].params.greedy:
+            sampled_drafts.append(span)
             continue
-        toks = _rejection_sample(sampler, logits[a : a + k], rows[a : a + k], d, span.draft_probs[:k])
-        if len(toks) == k:  # every draft accepted: the bonus token is row k's plain sample
-            toks.append(out.token_ids[a + k])
-        tokens[span.request_id] = toks
-        if rows[a].params.logprobs is not None:
-            n = len(toks)
-            entries = Sampler._logprobs(logits[a : a + n], rows[a : a + n], toks)
-            logprobs[span.request_id] = entries  # type: ignore[assignment]
+        j = 0
+        while j < k and out.token_ids[a + j] == d[j]:
+            j += 1
+        tokens[span.request_id] = out.token_ids[a : a + j + 1]
+        if out.logprobs is not None and out.logprobs[a] is not None:
+            logprobs[span.request_id] = out.logprobs[a : a + j + 1]  # type: ignore[assignment]
+    if sampled_drafts:
+        done = _rejection_sample(sampler, logits, rows, sampled_drafts)
+        for span, (toks, rejected) in zip(sampled_drafts, done, strict=True):
+            a, k = span.first_row, len(span.drafts)
+            if not rejected:  # every draft accepted: the bonus token is row k's plain sample
+                toks.append(out.token_ids[a + k])
+            tokens[span.request_id] = toks
+            if rows[a].params.logprobs is not None:
+                n = len(toks)
+                logprobs[span.request_id] = Sampler._logprobs(logits[a : a + n], rows[a : a + n], toks)  # type: ignore[assignment]
     return tokens, logprobs
 
 
 def _rejection_sample(
-    sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow], drafts: list[int], q: torch.Tensor
-) -> list[int]:
-    """The accepted drafts, then (at the first rejection) a draw from the residual ``max(0, p - q)``."""
-    p = sampling_probs(logits, rows)
-    q = q.to(p.device, p.dtype)
-    idx = torch.tensor(drafts, device=p.device)
-    pd = p.gather(1, idx[:, None])[:, 0].tolist()
-    qd = q.gather(1, idx[:, None])[:, 0].tolist()
-    u_accept = sampler.uniforms(rows, p.device, ACCEPT_STREAM).tolist()
-    out: list[int] = []
-    for i, tok in enumerate(drafts):
-        if qd[i] > 0.0 and u_accept[i] * qd[i] < pd[i]:
-            out.append(tok)
-            continue
-        residual = (p[i] - q[i]).clamp_(min=0.0)
-        if float(residual.sum()) <= 0.0:  # p <= q everywhere: only rounding; draw from p
-            residual = p[i]
-        u = sampler.uniforms(rows[i : i + 1], p.device, RESIDUAL_STREAM)
-        out.append(int(_inverse_cdf(residual[None], u)[0]))
-        break
+    sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow], spans: list[VerifySpan]
+) -> list[tuple[list[int], bool]]:
+    """Per span: the accepted drafts, then (at the first rejection) a draw from ``max(0, p - q)``;
+    and whether a draft was rejected.
+
+    All spans' draft rows are processed in one batch; only the walk along each
+    span's drafts is a Python loop.
+    """
+    idx = [s.first_row + i for s in spans for i in range(len(s.drafts))]
+    sub = [rows[i] for i in idx]
+    p = sampling_probs(logits[idx], sub)
+    q = torch.cat([s.draft_probs[: len(s.drafts)] for s in spans]).to(p.device, p.dtype)  # type: ignore[index]
+    d = torch.tensor([t for s in spans for t in s.drafts], device=p.device)
+    pd = p.gather(1, d[:, None])[:, 0].tolist()
+    qd = q.gather(1, d[:, None])[:, 0].tolist()
+    u_accept = sampler.uniforms(sub, p.device, ACCEPT_STREAM).tolist()
+    out: list[tuple[list[int], bool]] = []
+    rejected: list[tuple[int, int]] = []  # (span, row of the batch) where a draft was rejected
+    r = 0
+    for si, s in enumerate(spans):
+        toks: list[int] = []
+        for i, tok in enumerate(s.drafts):
+            if qd[r + i] > 0.0 and u_accept[r + i] * qd[r + i] < pd[r + i]:
+                toks.append(tok)
+                continue
+            rejected.append((si, r + i))
+            break
+        out.append((toks, len(toks) < len(s.drafts)))
+        r += len(s.drafts)
+    if rejected:
+        at = [row for _, row in rejected]
+        residual = (p[at] - q[at]).clamp_(min=0.0)
+        empty = residual.sum(dim=-1) <= 0.0  # p <= q everywhere: only rounding; draw from p
+        if bool(empty.any()):
+            residual[empty] = p[at][empty]
+        u = sampler.uniforms([sub[row] for row in at], p.device, RESIDUAL_STREAM)
+        for (si, _), tok in zip(rejected, _inverse_cdf(residual, u).tolist(), strict=True):
+            out[si][0].append(tok)
     return out
