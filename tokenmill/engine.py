@@ -344,7 +344,7 @@ class Engine:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
             finished_by_reason=dict(self.finished_by_reason),
-            spec=self.scheduler.spec.stats if self.scheduler.spec.config.enabled else None,
+            spec=replace(self.scheduler.spec.stats) if self.scheduler.spec.config.enabled else None,
             draft_seconds=self.draft_seconds,
             execute_seconds=self.execute_seconds,
         )

@@ -17,7 +17,15 @@ import json
 import sys
 from typing import IO, Any
 
-from tokenmill.commands.options import UsageError, check_device, check_model, positive_int, size_in
+from tokenmill.commands.options import (
+    UsageError,
+    add_speculative_arguments,
+    check_device,
+    check_model,
+    check_speculative,
+    positive_int,
+    size_in,
+)
 
 PROMPT_FIELDS = ("prompt", "prompt_token_ids")
 
@@ -42,6 +50,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--kv-cache-memory", type=size_in(1), default=256 << 20,
                    help="KV cache size, bytes or e.g. 64MiB, 1GiB (default 256MiB)")  # fmt: skip
     p.add_argument("--max-num-seqs", type=positive_int, default=64)
+    add_speculative_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -74,12 +83,14 @@ def run(args: argparse.Namespace) -> int:
         from tokenmill.engine import resolve_model_path
 
         path = resolve_model_path(args.model)
-        device = check_device(args.device, check_model(path, args.dtype).dtype)
+        model_config = check_model(path, args.dtype)
+        device = check_device(args.device, model_config.dtype)
+        speculative = check_speculative(args, model_config)
         if args.output:
             # Opened before the model runs, so that a bad path costs nothing.
             sink = open(args.output, "w", encoding="utf-8")
         llm = LLM(path, dtype=args.dtype, device=device, kv_cache_memory=args.kv_cache_memory,
-                  max_num_seqs=args.max_num_seqs)  # fmt: skip
+                  max_num_seqs=args.max_num_seqs, **speculative)  # fmt: skip
         tok = llm.get_tokenizer()
         prompts = [_prompt(tok, r, args.chat) for r in records]
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 or bool(args.output))

@@ -17,9 +17,11 @@ from typing import Any
 
 from tokenmill.commands.options import (
     UsageError,
+    add_speculative_arguments,
     check_device,
     check_model,
     check_policy,
+    check_speculative,
     key_value,
     non_negative_int,
     port,
@@ -94,6 +96,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the radix prefix cache off")
     p.add_argument("--max-decode-steps", type=positive_int, default=None,
                    help="decode steps one plan may cover when nothing can change (default 8)")
+    add_speculative_arguments(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.set_defaults(func=run)
@@ -187,6 +190,7 @@ def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         max_waiting=args.max_queue or None,
         policy=args.policy,
         policy_options=options,
+        **check_speculative(args, model_config),
         **{k: v for k, v in overrides.items() if v is not None},
     )
     return config, names
