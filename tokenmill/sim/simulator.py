@@ -84,7 +84,7 @@ class Replica:
         self.role = role
         self.sched = Scheduler(dataclasses.replace(pool.scheduler, policy_options=dict(pool.scheduler.policy_options)))
         self.cm = pool.cost_model
-        self.executor = SimExecutor(pool.cost_model, token_id)
+        self.executor = SimExecutor(pool.cost_model, token_id, acceptance=pool.spec_acceptance, seed=index)
         self.plan: StepPlan | None = None
         self.result: StepResult | None = None
         self.t0 = 0.0
@@ -339,7 +339,8 @@ class Simulator:
             n_tokens += n_new
             req = u.request
             tr = tracks[req.request_id]
-            if self.ideal:
+            spec_extra = n_new - k if n_new > k else 0  # accepted drafts: they come with their step's token
+            if self.ideal and not spec_extra:
                 t_first = t0 + sub
                 t_last = t0 + sub * n_new
             else:
@@ -353,7 +354,10 @@ class Simulator:
                     same += 1
                 else:
                     itl.add(gap)
-            same += n_new - 1
+            if spec_extra:
+                itl.add(0.0, n_new - 1)
+            else:
+                same += n_new - 1
             tr.last = t_last
             tr.n_out += n_new
             if u.finished:
