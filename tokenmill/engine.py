@@ -317,7 +317,9 @@ class Engine:
         result = self.executor.execute(plan, publisher.substep(sink)) if streaming else self.executor.execute(plan)
         result.duration = self.clock() - t0
         self.execute_seconds += result.duration
-        self.draft_seconds += result.draft_time
+        if result.draft_time > 0.0:
+            self.draft_seconds += result.draft_time
+            self._measure_draft_cost(plan, result.duration, result.draft_time)
         self._record(plan, result.duration)
         outputs = publisher.publish(result.sampled_token_ids, result.logprobs, result.prompt_logprobs)
         result.stop_strings = publisher.stop_strings or None
@@ -330,6 +332,16 @@ class Engine:
                 reason = o.finish_reason or "stop"
                 self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
         return outputs
+
+    def _measure_draft_cost(self, plan: StepPlan, duration: float, draft_time: float) -> None:
+        """Keep the controller's draft cost (one draft step over one target step) measured:
+        a small model's steps cost their per-call overhead more than their bytes."""
+        steps = max(s.num_propose for s in plan.seqs)
+        target = duration - draft_time
+        if steps <= 0 or target <= 0.0:
+            return
+        cfg = self.scheduler.spec.config
+        cfg.draft_cost += 0.1 * (draft_time / steps / target - cfg.draft_cost)
 
     def _record(self, plan: StepPlan, duration: float) -> None:
         self.num_steps += 1

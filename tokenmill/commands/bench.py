@@ -13,6 +13,7 @@ BENCHMARKS = {
     "fairness": ("tokenmill.bench.fairness", "two clients, one 10x heavier: fcfs vs vtc vs dlpm"),
     "slo": ("tokenmill.bench.slo", "overload with SLO classes: goodput of slo vs fcfs"),
     "bins": ("tokenmill.bench.bins", "bimodal output lengths: bins vs fcfs throughput"),
+    "spec": ("tokenmill.bench.spec", "speculative decoding (self-int8, KJV draft, n-gram) against plain decoding"),
 }
 
 

@@ -27,14 +27,16 @@ processing of the draft's logits), kept for rejection sampling
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tokenmill.model.attention import kv_cache_shape
-from tokenmill.model.loader import load_model
+from tokenmill.model.config import ModelConfig
+from tokenmill.model.llama import LlamaModel
+from tokenmill.model.loader import load_model, load_state_dict, read_model_config
 from tokenmill.model.sampler import Sampler, SamplingRow, _inverse_cdf
 from tokenmill.spec.verify import DRAFT_STREAM, sampling_probs
 
@@ -44,6 +46,18 @@ class _Proposal:
     length: int  # the request's tokens when the drafts were proposed
     drafts: list[int]
     probs: torch.Tensor | None  # [len(drafts), vocab] for sampled drafts
+
+
+def load_draft(
+    path: str | Path, dtype: str | torch.dtype, device: torch.device, quantization: str | None = None
+) -> tuple[LlamaModel, ModelConfig]:
+    """The draft model and its config; with ``quantization``, weights quantized and
+    activations in ``dtype``."""
+    if quantization is None:
+        return load_model(path, dtype=dtype, device=device)
+    config = replace(read_model_config(path, dtype), quantization=quantization)
+    model = LlamaModel.from_state_dict(config, load_state_dict(path, torch.float32), device=device)
+    return model, config
 
 
 def weight_bytes(model: Any) -> int:
@@ -69,10 +83,13 @@ class DraftModelProposer:
         target: Any,
         dtype: str | torch.dtype = "auto",
         name: str = "draft",
+        quantization: str | None = None,
     ) -> None:
-        """``target``: the ``ModelExecutor`` whose blocks, device and vocabulary the draft shares."""
+        """``target``: the ``ModelExecutor`` whose blocks, device and vocabulary the draft shares.
+        ``quantization`` ("int8") quantizes the draft's linear layers and keeps ``dtype`` for
+        its activations and KV (rather than the quantized dtype's default, bfloat16)."""
         self.name = name
-        self.model, self.config = load_model(path, dtype=dtype, device=target.device)
+        self.model, self.config = load_draft(path, dtype, target.device, quantization)
         tcfg = target.model_config
         if self.config.vocab_size != tcfg.vocab_size:
             raise ValueError(
