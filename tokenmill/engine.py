@@ -40,6 +40,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | int8 (weight-only)
     device: str = "cpu"
     kv_cache_memory: int = 1 << 30  # bytes of KV cache
+    # MoE models: bytes of RAM for experts, the rest memory-mapped (None: all experts in RAM)
+    expert_cache_memory: int | None = None
+    expert_prefetch: bool = True  # read the next layer's likely experts ahead (with a cache)
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
@@ -115,6 +118,8 @@ class EngineStats:
     @property
     def draft_time_share(self) -> float:
         return self.draft_seconds / self.execute_seconds if self.execute_seconds > 0 else 0.0
+    # counters of an offloaded MoE model's expert cache (model.expert_cache.ExpertCacheStats)
+    expert_cache: Any = None
 
 
 def resolve_model_path(model: str | None) -> str:
@@ -359,7 +364,12 @@ class Engine:
             spec=replace(self.scheduler.spec.stats) if self.scheduler.spec.config.enabled else None,
             draft_seconds=self.draft_seconds,
             execute_seconds=self.execute_seconds,
+            expert_cache=self._expert_cache_stats(),
         )
+
+    def _expert_cache_stats(self) -> Any:
+        stats = getattr(getattr(getattr(self.executor, "model", None), "experts", None), "stats", None)
+        return None if stats is None else replace(stats)  # a snapshot: the cache's are live
 
 
 class _Publisher:

@@ -1,4 +1,4 @@
-"""Logits of tokenmill's Llama-family model against transformers on tiny random checkpoints."""
+"""Logits of tokenmill's Llama-family models against transformers on tiny random checkpoints."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenmill.model import AttentionMetadata, load_model
-from tokenmill.model.attention import kv_cache_shape
+from tokenmill.model import load_model
 from tokenmill.model.testing import load_hf_model, make_tiny_checkpoint
+from tokenmill.model.testing import prefill_logits as run_chunks
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -36,32 +36,6 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         name: make_tiny_checkpoint(root / name, arch, seed=i, **kw)
         for i, (name, (arch, kw)) in enumerate(CASES.items())
     }
-
-
-def run_chunks(model, ids: torch.Tensor, chunks: list[int], block_size: int = 8) -> torch.Tensor:
-    """Prefill ``ids`` in the given chunk sizes over a shuffled block table; logits of every row."""
-    cfg = model.config
-    num_blocks = 32
-    kv = [
-        torch.zeros(
-            kv_cache_shape(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim),
-            dtype=model.dtype,
-        )
-        for _ in range(cfg.num_layers)
-    ]
-    table = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(7)).to(torch.int32)
-    table = table[: (len(ids) + block_size - 1) // block_size]
-    out, start = [], 0
-    for n in chunks:
-        pos = torch.arange(start, start + n)
-        slots = table.long()[pos // block_size] * block_size + pos % block_size
-        meta = AttentionMetadata(
-            torch.tensor([0, n], dtype=torch.int32), torch.tensor([start + n], dtype=torch.int32),
-            table[None], slots, n, start + n,
-        )  # fmt: skip
-        out.append(model.compute_logits(model(ids[start : start + n], pos, kv, meta)))
-        start += n
-    return torch.cat(out)
 
 
 @pytest.mark.parametrize("backend", ["torch", "torch_batched", "auto"])

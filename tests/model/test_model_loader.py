@@ -49,14 +49,14 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
         assert supported in str(info.value)
 
 
-def test_mistral_sliding_window_is_refused(tmp_path: Path) -> None:
+def test_mistral_sliding_window_applies_to_every_layer(tmp_path: Path) -> None:
     path = make_tiny_checkpoint(tmp_path / "m", "mistral", sliding_window=64)
-    with pytest.raises(ValueError, match="sliding_window"):
-        load_model(path)
+    cfg = read_model_config(path)
+    assert cfg.layer_windows == (64, 64) and cfg.window(1) == 64
     # a window that covers the whole context is plain causal attention
     edit_config(path, sliding_window=512)
-    _, cfg = load_model(path)
-    assert cfg.architecture == "MistralForCausalLM"
+    cfg = read_model_config(path)
+    assert cfg.architecture == "MistralForCausalLM" and cfg.layer_windows == ()
 
 
 def test_unsupported_rope_type_is_refused(tmp_path: Path) -> None:

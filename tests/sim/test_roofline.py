@@ -97,7 +97,7 @@ def test_kv_capacity_and_shapes() -> None:
         RooflineCostModel(ModelShape.load("llama-2-70b"), get_hardware("l40s"), tp=1).num_kv_blocks(16)
     for name in KNOWN_MODELS:
         assert ModelShape.load(name).num_params > 1e8
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        ModelShape.from_hf_config({**LLAMA3_8B_CONFIG, "num_local_experts": 8})
+    with pytest.raises(ValueError, match="shared experts"):
+        ModelShape.from_hf_config({**LLAMA3_8B_CONFIG, "num_experts": 60, "shared_expert_intermediate_size": 5632})
     with pytest.raises(ValueError, match="lacks"):
         ModelShape.from_hf_config({"hidden_size": 8})

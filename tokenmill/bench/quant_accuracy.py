@@ -22,14 +22,14 @@ import torch.nn.functional as F
 
 from tokenmill.model import AttentionMetadata, load_model
 from tokenmill.model.attention import kv_cache_shape
-from tokenmill.model.llama import LlamaModel
+from tokenmill.model.decoder import DecoderModel
 from tokenmill.models import DEFAULT_MODEL_PATH, HELDOUT_SAMPLE_PATH
 from tokenmill.tokenizer import load_tokenizer
 
 BLOCK_SIZE = 16
 
 
-def window_nll(model: LlamaModel, ids: list[int]) -> tuple[float, int]:
+def window_nll(model: DecoderModel, ids: list[int]) -> tuple[float, int]:
     """Summed negative log-likelihood of ``ids[1:]`` given their prefixes, and its token count."""
     cfg = model.config
     n = len(ids)

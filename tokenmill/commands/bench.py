@@ -14,6 +14,7 @@ BENCHMARKS = {
     "slo": ("tokenmill.bench.slo", "overload with SLO classes: goodput of slo vs fcfs"),
     "bins": ("tokenmill.bench.bins", "bimodal output lengths: bins vs fcfs throughput"),
     "spec": ("tokenmill.bench.spec", "speculative decoding (self-int8, KJV draft, n-gram) against plain decoding"),
+    "moe": ("tokenmill.bench.moe", "MoE decode vs transformers; expert offloading hit rate"),
 }
 
 

@@ -49,6 +49,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--kv-cache-memory", type=size_in(1), default=256 << 20,
                    help="KV cache size, bytes or e.g. 64MiB, 1GiB (default 256MiB)")  # fmt: skip
+    p.add_argument("--expert-cache-memory", type=size_in(1), default=None,
+                   help="MoE models: RAM for experts, e.g. 8GiB; the rest memory-mapped (default: all)")
     p.add_argument("--max-num-seqs", type=positive_int, default=64)
     add_speculative_arguments(p)
     p.set_defaults(func=run)
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
             # Opened before the model runs, so that a bad path costs nothing.
             sink = open(args.output, "w", encoding="utf-8")
         llm = LLM(path, dtype=args.dtype, device=device, kv_cache_memory=args.kv_cache_memory,
-                  max_num_seqs=args.max_num_seqs, **speculative)  # fmt: skip
+                  max_num_seqs=args.max_num_seqs, expert_cache_memory=args.expert_cache_memory,
+                  **speculative)  # fmt: skip
         tok = llm.get_tokenizer()
         prompts = [_prompt(tok, r, args.chat) for r in records]
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 or bool(args.output))

@@ -90,6 +90,9 @@ def register(subparsers: Any) -> None:
                    help="running slots the n samples of one request keep while other requests wait (default 8)")
     p.add_argument("--max-tokens-per-request", type=positive_int, default=None,
                    help="refuse requests whose n x max_tokens exceeds this (default: no bound)")
+    p.add_argument("--expert-cache-memory", type=size_in(1), default=None,
+                   help="MoE models: RAM for experts, e.g. 8GiB; the rest stay memory-mapped "
+                        "(default: every expert in RAM)")
     p.add_argument("--policy", default="fcfs", help="scheduling policy: " + ", ".join(_policies()))
     p.add_argument("--policy-option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="an option of the policy (repeatable; VALUE parsed as JSON when it is)")
@@ -174,6 +177,7 @@ def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         names = [model]
     overrides = {
         "kv_cache_memory": args.kv_cache_memory,
+        "expert_cache_memory": args.expert_cache_memory,
         "block_size": args.block_size,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,

@@ -559,54 +559,43 @@ class Scheduler:
         return admitted
 
     def _try_admit(self, req: Request, now: float, budget: int, seqs: list[tuple[Request, int, int, bool]]) -> int | None:
-        """Admit ``req`` with up to ``budget`` tokens; return the tokens planned, None if it cannot."""
+        """Admit ``req`` with up to ``budget`` tokens; return the tokens planned, None if it cannot.
+
+        A request whose first tokens' KV was imported (``reserve_import``) takes
+        its reservation as its table and computes only the rest.
+        """
         cfg = self.config
-        if req.request_id in self.kv.imports:
-            return self._admit_imported(req, now, budget, seqs)
-        # A request that wants its prompt's logprobs computes every prompt position,
-        # cached or not (as vLLM does): the cache holds KV, not logits.
-        computed = [] if req.wants_prompt_logprobs else self.kv.get_computed_blocks(req)
-        num_cached = len(computed) * cfg.block_size
-        n = req.num_tokens - num_cached
+        kv = self.kv
+        imported = kv.imports.get(req.request_id)
+        if imported is not None:
+            start = imported[1]
+        else:
+            # A request that wants its prompt's logprobs computes every prompt position,
+            # cached or not (as vLLM does): the cache holds KV, not logits.
+            computed = [] if req.wants_prompt_logprobs else kv.get_computed_blocks(req)
+            start = len(computed) * cfg.block_size
+        n = req.num_tokens - start
         if n > budget:
             if not cfg.enable_chunked_prefill:
                 return None
             n = budget
-        if not self.kv.allocate_slots(req, n, computed):
-            return None
-        if req.num_cached_tokens < 0:
-            req.num_cached_tokens = num_cached
-            req.first_scheduled_time = now
-            self.kv.record_prefix_query(req.num_prompt_tokens, num_cached)
-        req.num_computed_tokens = num_cached
-        req.status = RequestStatus.RUNNING
-        self._start_running(req)
-        seqs.append((req, num_cached, n, True))
-        self.policy.on_admitted(req, now)
-        return n
-
-    def _admit_imported(
-        self, req: Request, now: float, budget: int, seqs: list[tuple[Request, int, int, bool]]
-    ) -> int | None:
-        """Admit a request whose first tokens' KV was imported: it computes only the rest."""
-        kv = self.kv
-        table, num_imported = kv.imports[req.request_id]
-        n = req.num_tokens - num_imported
-        if n > budget:
-            if not self.config.enable_chunked_prefill:
+        if imported is not None:
+            if kv.blocks_for(start + n) - len(imported[0]) > kv.num_available:
                 return None
-            n = budget
-        if kv.blocks_for(num_imported + n) - len(table) > kv.num_available:
+            kv.take_import(req)
+            req.num_computed_tokens = start
+            kv.allocate_slots(req, n)
+        elif not kv.allocate_slots(req, n, computed):
             return None
-        kv.take_import(req)
-        req.num_computed_tokens = num_imported
-        kv.allocate_slots(req, n)
         if req.num_cached_tokens < 0:
-            req.num_cached_tokens = num_imported
+            req.num_cached_tokens = start
             req.first_scheduled_time = now
+            if imported is None:  # an import's lookup was counted when it was reserved
+                kv.record_prefix_query(req.num_prompt_tokens, start)
+        req.num_computed_tokens = start
         req.status = RequestStatus.RUNNING
         self._start_running(req)
-        seqs.append((req, num_imported, n, True))
+        seqs.append((req, start, n, True))
         self.policy.on_admitted(req, now)
         return n
 

@@ -72,13 +72,18 @@ class ModelExecutor:
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
         kv_cache_memory: int = 256 * 2**20,
+        expert_cache_memory: int | None = None,
+        expert_prefetch: bool = True,
         block_size: int = 16,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         speculative: str | None = None,
     ) -> None:
         self.device = torch.device(device)
-        self.model, self.model_config = load_model(model_path, dtype=dtype, device=self.device)
+        self.model, self.model_config = load_model(
+            model_path, dtype=dtype, device=self.device, expert_cache_memory=expert_cache_memory,
+            expert_prefetch=expert_prefetch,
+        )
         self.dtype = self.model_config.dtype
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -117,6 +122,8 @@ class ModelExecutor:
             dtype=config.dtype,
             device=config.device,
             kv_cache_memory=config.kv_cache_memory,
+            expert_cache_memory=config.expert_cache_memory,
+            expert_prefetch=config.expert_prefetch,
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,

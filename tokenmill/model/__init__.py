@@ -1,4 +1,4 @@
-"""Model code: checkpoint loading, the Llama-family network, paged attention, sampling."""
+"""Model code: checkpoint loading, the decoder families, paged attention, experts, sampling."""
 
 from tokenmill.model.attention import AttentionMetadata
 from tokenmill.model.config import ModelConfig

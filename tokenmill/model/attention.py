@@ -12,6 +12,11 @@ start, how long its context is (cached + new) and which blocks hold it.
 
 The reference here gathers each sequence's context and runs a masked softmax:
 simple and device-agnostic, it is what the compiled kernels are tested against.
+
+Two options change the scores: a sliding ``window`` (query at position ``p``
+sees keys ``p - window + 1 ..= p`` only, as transformers' sliding masks: Mistral,
+Gemma 2/3, Phi-3) and a tanh ``softcap`` (Gemma 2: ``cap * tanh(s / cap)`` of
+the scaled scores, before masking).
 """
 
 from __future__ import annotations
@@ -80,12 +85,18 @@ def gather_kv(
 
 
 def paged_attention_reference(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of ``q [T, heads, head_dim]`` over the paged context; returns ``[T, heads, head_dim]``.
 
     Query ``i`` of a sequence with ``n`` queries and context length ``L`` sits
-    at position ``L - n + i`` and sees keys ``0 ..= L - n + i``. Math in fp32.
+    at position ``p = L - n + i`` and sees keys ``0 ..= p`` (with ``window``:
+    ``p - window + 1 ..= p``). Math in fp32.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     group = num_heads // kv_cache.shape[2]
@@ -102,15 +113,25 @@ def paged_attention_reference(
         v = v.float().repeat_interleave(group, dim=1)
         qs = q[q_start:q_end].float()  # [n, H, D]
         scores = torch.einsum("nhd,lhd->hnl", qs, k) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         pos = torch.arange(ctx_len, device=q.device)
         q_pos = torch.arange(ctx_len - n, ctx_len, device=q.device)
-        scores.masked_fill_((pos[None, :] > q_pos[:, None])[None], float("-inf"))
+        masked = pos[None, :] > q_pos[:, None]
+        if window:
+            masked |= pos[None, :] <= q_pos[:, None] - window
+        scores.masked_fill_(masked[None], float("-inf"))
         out[q_start:q_end] = torch.einsum("hnl,lhd->nhd", scores.softmax(dim=-1), v).to(q.dtype)
     return out
 
 
 def paged_attention_padded(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """The same attention as the reference, batched: gather to padded tensors, one SDPA call.
 
@@ -140,14 +161,21 @@ def paged_attention_padded(
     v = vb[blocks, :, offsets, :]
     q_pos = lens[:, None] - n_q[:, None] + i[None, :]  # [B, Qmax]
     allowed = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < lens[:, None, None])
+    if window:
+        allowed &= pos[None, None, :] > q_pos[:, :, None] - window
     allowed &= q_valid[:, :, None]
     allowed[:, :, 0] |= ~q_valid  # padded query rows see key 0 (discarded), never nothing
     group = num_heads // kv_heads
-    out = torch.nn.functional.scaled_dot_product_attention(
-        qp.transpose(1, 2).float(),
-        k.repeat_interleave(group, dim=2).transpose(1, 2).float(),
-        v.repeat_interleave(group, dim=2).transpose(1, 2).float(),
-        attn_mask=allowed[:, None],
-        scale=scale,
-    ).transpose(1, 2)  # [B, Qmax, H, D]
+    qf = qp.transpose(1, 2).float()
+    kf = k.repeat_interleave(group, dim=2).transpose(1, 2).float()
+    vf = v.repeat_interleave(group, dim=2).transpose(1, 2).float()
+    if softcap:
+        # SDPA has no score hook: soft-capped scores go through an explicit softmax
+        scores = torch.tanh(qf @ kf.transpose(-1, -2) * (scale / softcap)) * softcap
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        out = (scores.softmax(dim=-1) @ vf).transpose(1, 2)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qf, kf, vf, attn_mask=allowed[:, None], scale=scale
+        ).transpose(1, 2)  # [B, Qmax, H, D]
     return out[q_valid].to(q.dtype)

@@ -6,6 +6,11 @@ straight from the blocks, fused RMSNorm / RoPE+KV-write / SiLU-gate, and a
 packed-weight GEMM for every linear); ``AcceleratorOps`` runs attention as one
 batched SDPA call on GPUs (a Triton or FlashInfer backend would be added
 here). ``select_ops`` chooses.
+
+Mixture-of-experts layers prepare each expert with ``prepare_expert`` and run
+all of a layer's routed tokens with one ``moe_experts`` call: the reference
+loops over the experts hit, the CPU kernel groups tokens by expert and runs
+grouped GEMMs over packed expert weights.
 """
 
 from __future__ import annotations
@@ -73,6 +78,46 @@ class Linear:
         return interleave_gate_up(self.bias, inverse=True)
 
 
+@dataclass(slots=True)
+class Expert:
+    """One SwiGLU expert: ``gate_up`` ([gate; up] of 2I outputs) and ``down`` (H outputs)."""
+
+    gate_up: Linear
+    down: Linear
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors holding this expert, in a fixed order."""
+        return [
+            t
+            for lin in (self.gate_up, self.down)
+            for t in (lin.weight, lin.packed, lin.scale)
+            if t is not None
+        ]
+
+    def empty_like(self) -> Expert:
+        """An expert of the same layout with uninitialised tensors (a cache slot)."""
+
+        def lin(x: Linear) -> Linear:
+            def e(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else torch.empty_like(t)
+
+            return Linear(x.out_features, e(x.weight), None, e(x.packed), e(x.scale), x.silu_gate)
+
+        return Expert(lin(self.gate_up), lin(self.down))
+
+
+def pack_panels(w: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` -> the ``[ceil(N / 16), K, 16]`` panel layout (zero padded), in torch."""
+    n, k = w.shape
+    panels = (n + PANEL - 1) // PANEL
+    w = F.pad(w, (0, 0, 0, panels * PANEL - n))
+    return w.view(panels, PANEL, k).transpose(1, 2).contiguous()
+
+
 def interleave_gate_up(t: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Reorder the rows of a ``[gate; up]`` weight (or bias) into alternating 16-row panels.
 
@@ -127,14 +172,41 @@ class TorchOps:
 
     @staticmethod
     def attention(
-        q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
-        return paged_attention_reference(q, kv_cache, meta, scale)
+        return paged_attention_reference(q, kv_cache, meta, scale, window, softcap)
+
+    @classmethod
+    def qk_norm(
+        cls,
+        qkv: torch.Tensor,
+        q_weight: torch.Tensor,
+        k_weight: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        eps: float,
+    ) -> None:
+        """RMSNorm each q and k head of ``qkv [T, (H + 2 KVH) * D]`` in place (before RoPE)."""
+        heads = qkv.view(qkv.shape[0], -1, q_weight.shape[0])
+        q, k = heads[:, :num_heads], heads[:, num_heads : num_heads + num_kv_heads]
+        q.copy_(cls.rms_norm(q, q_weight, eps))
+        k.copy_(cls.rms_norm(k, k_weight, eps))
 
     @staticmethod
     def silu_mul(x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    @staticmethod
+    def gelu_mul(x: torch.Tensor) -> torch.Tensor:
+        """GeGLU: ``gelu_tanh(gate) * up`` of ``x = [gate | up]``."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
 
     @staticmethod
     def prepare_linear(
@@ -164,6 +236,51 @@ class TorchOps:
         """``SiLU(x @ gate^T) * (x @ up^T)``."""
         return self.silu_mul(self.linear(x, lin))
 
+    def gate_up_gelu(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        """``gelu_tanh(x @ gate^T) * (x @ up^T)`` (``lin`` from ``prepare_linear``)."""
+        return self.gelu_mul(self.linear(x, lin))
+
+    def prepare_expert(
+        self, gate_up: torch.Tensor, down: torch.Tensor, quant: str | None = None
+    ) -> Expert:
+        """Lay out one expert's ``[gate; up]`` and ``down`` weights for ``moe_experts``."""
+        return Expert(self.prepare_linear(gate_up, None, quant), self.prepare_linear(down, None, quant))
+
+    def fill_expert(
+        self,
+        slot: Expert,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        dtype: torch.dtype,
+        quant: str | None = None,
+    ) -> None:
+        """Write the expert of checkpoint tensors ``gate``, ``up``, ``down`` (cast to ``dtype``
+        first) into ``slot``, an expert this ops prepared before (same shapes)."""
+        fresh = self.prepare_expert(torch.cat([gate, up]).to(dtype), down.to(dtype).contiguous(), quant)
+        for dst, src in zip(slot.tensors(), fresh.tensors(), strict=True):
+            dst.copy_(src)
+
+    def moe_experts(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        experts: list[Expert],
+    ) -> torch.Tensor:
+        """``sum_j topk_weights[t, j] * expert[topk_ids[t, j]](x[t])`` for each row ``t``.
+
+        The reference runs each expert hit on its tokens and adds the weighted outputs
+        in ascending expert order into an ``x``-dtype sum, as transformers does.
+        """
+        out = torch.zeros_like(x)
+        for e in torch.unique(topk_ids).tolist():
+            tok, slot = torch.where(topk_ids == e)
+            exp = experts[e]
+            h = self.linear(self.silu_mul(self.linear(x[tok], exp.gate_up)), exp.down)
+            out.index_add_(0, tok, (h * topk_weights[tok, slot, None]).to(x.dtype))
+        return out
+
 
 def int8_linear_torch(x: torch.Tensor, lin: Linear) -> torch.Tensor:
     """``x @ dequant(W)^T + b`` with the stock int8-weight kernel (scales in x's dtype).
@@ -172,6 +289,10 @@ def int8_linear_torch(x: torch.Tensor, lin: Linear) -> torch.Tensor:
     cast is exact for bf16 and fp32 activations.
     """
     assert lin.weight is not None and lin.scale is not None
+    if x.shape[-1] % 16:
+        # the stock kernel crashes on an input width that is not a multiple of 16 (torch 2.13)
+        y = ((x.float() @ lin.weight.float().T) * lin.scale).to(x.dtype)
+        return y if lin.bias is None else y.add_(lin.bias)
     y = torch._weight_int8pack_mm(x, lin.weight, lin.scale.to(x.dtype))
     return y if lin.bias is None else y.add_(lin.bias)
 
@@ -187,9 +308,14 @@ class AcceleratorOps(TorchOps):
 
     @staticmethod
     def attention(
-        q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
-        return paged_attention_padded(q, kv_cache, meta, scale)
+        return paged_attention_padded(q, kv_cache, meta, scale, window, softcap)
 
 
 class CpuKernelOps(TorchOps):
@@ -226,15 +352,36 @@ class CpuKernelOps(TorchOps):
 
     @staticmethod
     def attention(
-        q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         return torch.ops.tokenmill.paged_attention(
-            q, kv_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale
-        )
+            q, kv_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
+            window, softcap,
+        )  # fmt: skip
+
+    @staticmethod
+    def qk_norm(
+        qkv: torch.Tensor,
+        q_weight: torch.Tensor,
+        k_weight: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        eps: float,
+    ) -> None:
+        torch.ops.tokenmill.qk_rms_norm(qkv, q_weight, k_weight, num_heads, num_kv_heads, eps)
 
     @staticmethod
     def silu_mul(x: torch.Tensor) -> torch.Tensor:
         return torch.ops.tokenmill.silu_mul(x)
+
+    @staticmethod
+    def gelu_mul(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.tokenmill.gelu_tanh_mul(x)
 
     def prepare_linear(
         self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: str | None = None
@@ -284,6 +431,70 @@ class CpuKernelOps(TorchOps):
                 x, lin.packed, lin.scale, lin.out_features, lin.bias, True
             )
         return torch.ops.tokenmill.packed_linear(x, lin.packed, lin.out_features, lin.bias, True)
+
+    def prepare_expert(
+        self, gate_up: torch.Tensor, down: torch.Tensor, quant: str | None = None
+    ) -> Expert:
+        # the grouped kernel reads plain [P, K, 16] panels (SiLU-gate interleaved for gate_up),
+        # whatever layout the dense GEMM prefers on this CPU
+        if not self.use_packed_gemm or gate_up.shape[0] % (2 * PANEL):
+            return TorchOps.prepare_expert(self, gate_up, down, quant)
+        lins = []
+        for w, gated in ((interleave_gate_up(gate_up), True), (down, False)):
+            lin = TorchOps.prepare_linear(w, None, quant)
+            assert lin.weight is not None
+            lin.packed = pack_panels(lin.weight)
+            lin.weight = None
+            if lin.scale is not None:
+                lin.scale = F.pad(lin.scale, (0, lin.packed.shape[0] * PANEL - lin.out_features))
+            lin.silu_gate = gated
+            lins.append(lin)
+        return Expert(*lins)
+
+    def fill_expert(
+        self,
+        slot: Expert,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        dtype: torch.dtype,
+        quant: str | None = None,
+    ) -> None:
+        gu, dn = slot.gate_up.packed, slot.down.packed
+        if quant is not None or gu is None or dn is None or gu.dtype != dtype:
+            return super().fill_expert(slot, gate, up, down, dtype, quant)
+        # straight from the (mapped) checkpoint into the slot's panels, one strided copy each:
+        # gate|up interleaved by 16-row panel (interleave_gate_up), then [P, K, 16] (pack_panels)
+        inter, hidden = gate.shape
+        panels = gu.view(inter // PANEL, 2, hidden, PANEL)
+        panels[:, 0].copy_(gate.view(inter // PANEL, PANEL, hidden).transpose(1, 2))
+        panels[:, 1].copy_(up.view(inter // PANEL, PANEL, hidden).transpose(1, 2))
+        full = down.shape[0] // PANEL
+        dn[:full].copy_(down[: full * PANEL].view(full, PANEL, inter).transpose(1, 2))
+        if full < dn.shape[0]:  # a partial last panel: zero padded
+            dn[full].zero_()
+            dn[full, :, : down.shape[0] - full * PANEL].copy_(down[full * PANEL :].T)
+
+    def moe_experts(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        experts: list[Expert],
+    ) -> torch.Tensor:
+        if any(e.gate_up.packed is None for e in experts):
+            return super().moe_experts(x, topk_ids, topk_weights, experts)
+        quant = experts[0].gate_up.scale is not None
+        return torch.ops.tokenmill.moe_experts(
+            x.contiguous(),
+            topk_ids.contiguous(),
+            topk_weights.float().contiguous(),
+            [e.gate_up.packed for e in experts],
+            [e.down.packed for e in experts],
+            [e.gate_up.scale for e in experts] if quant else [],
+            [e.down.scale for e in experts] if quant else [],
+            experts[0].gate_up.out_features // 2,
+        )
 
 
 BACKENDS = ("auto", "torch", "torch_batched", "cpu_kernels")

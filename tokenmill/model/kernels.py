@@ -30,6 +30,8 @@ _SOURCES = (
     "layer_ops.cpp",
     "gemm.cpp",
     "sampling.cpp",
+    "family_ops.cpp",
+    "moe.cpp",
     "registration.cpp",
 )
 _HEADERS = ("simd.h", "ops.h", "gemm_kernels.h")

@@ -26,15 +26,30 @@ TINY_DEFAULTS: dict[str, Any] = {
 }
 
 
-def tiny_hf_config(arch: str = "llama", **overrides: Any):
-    """A transformers config for a tiny ``arch`` model ("llama", "qwen2" or "mistral")."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+# per family: the transformers config class and what a tiny model of it needs besides
+# TINY_DEFAULTS (MoE: 4 experts of 32, top-2; Phi-3: longrope with a 64-token original context)
+TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32}),
+    "qwen3_moe": ("Qwen3MoeConfig", {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
+    }),
+}  # fmt: skip
 
-    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
-    kwargs = {**TINY_DEFAULTS, **overrides}
-    if arch == "mistral":
-        kwargs.setdefault("sliding_window", None)
-    return classes[arch](**kwargs)
+
+def tiny_hf_config(arch: str = "llama", **overrides: Any):
+    """A transformers config for a tiny ``arch`` model (a key of ``TINY_FAMILIES``)."""
+    import transformers
+
+    cls, family_defaults = TINY_FAMILIES[arch]
+    kwargs = {**TINY_DEFAULTS, **family_defaults, **overrides}
+    return getattr(transformers, cls)(**kwargs)
 
 
 def make_tiny_checkpoint(
@@ -80,3 +95,36 @@ def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
     return model.eval()
+
+
+def prefill_logits(model, ids: torch.Tensor, chunks: list[int], block_size: int = 8) -> torch.Tensor:
+    """Prefill ``ids`` in the given chunk sizes over a shuffled block table; logits of every row.
+
+    Later chunks read the earlier chunks' KV back from the paged cache, so this
+    exercises the cache as a serving engine does.
+    """
+    from tokenmill.model.attention import AttentionMetadata, kv_cache_shape
+
+    cfg = model.config
+    num_blocks = (len(ids) + block_size - 1) // block_size + 8
+    kv = [
+        torch.zeros(
+            kv_cache_shape(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim),
+            dtype=model.dtype,
+        )
+        for _ in range(cfg.num_layers)
+    ]
+    table = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(7)).to(torch.int32)
+    table = table[: (len(ids) + block_size - 1) // block_size]
+    out, start = [], 0
+    for n in chunks:
+        pos = torch.arange(start, start + n)
+        slots = table.long()[pos // block_size] * block_size + pos % block_size
+        meta = AttentionMetadata(
+            torch.tensor([0, n], dtype=torch.int32), torch.tensor([start + n], dtype=torch.int32),
+            table[None], slots, n, start + n,
+        )  # fmt: skip
+        out.append(model.compute_logits(model(ids[start : start + n], pos, kv, meta)))
+        start += n
+    return torch.cat(out)
+

@@ -107,6 +107,14 @@ class ServerMetrics:
         self.spec_draft_share = gauge(
             "tokenmill_spec_decode_draft_time_share", "Share of execution time spent proposing drafts."
         )
+        self.expert_cache = counter(
+            "tokenmill_expert_cache_lookups",
+            "Offloaded MoE experts looked up, by result: hit (in RAM) or miss (read from the checkpoint).",
+            ("result",),
+        )
+        self.expert_bytes_read = counter(
+            "tokenmill_expert_cache_read_bytes", "Bytes of experts read from the memory-mapped checkpoint."
+        )
         self._last: EngineStats | None = None
         self._tracks: dict[str, _Track] = {}
 
@@ -192,6 +200,11 @@ class ServerMetrics:
             self.spec_acceptance.labels(**lab).set(sp.acceptance_rate)
             self.spec_mean_len.labels(**lab).set(sp.mean_accepted_length)
             self.spec_draft_share.labels(**lab).set(stats.draft_time_share)
+        ec, prev = stats.expert_cache, (last.expert_cache if last else None)
+        if ec is not None:
+            self.expert_cache.labels(**lab, result="hit").inc(ec.hits - (prev.hits if prev else 0))
+            self.expert_cache.labels(**lab, result="miss").inc(ec.misses - (prev.misses if prev else 0))
+            self.expert_bytes_read.labels(**lab).inc(ec.bytes_read - (prev.bytes_read if prev else 0))
         self._last = stats
 
     # ------------------------------------------------------------- event loop

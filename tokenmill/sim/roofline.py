@@ -11,6 +11,17 @@ parallel all-reduces and a fixed per-step overhead:
   sides of the ridge: prefill attention (causal query-key pairs, compute
   bound when long) and decode attention (one query over its whole context,
   bound by reading the KV cache);
+- a mixture-of-experts layer (Mixtral, Qwen3-MoE) replaces the MLP's two GEMMs
+  with a router GEMM and the experts: FLOPs of ``experts_per_token`` experts
+  per token, weight bytes of the distinct experts the step's tokens reach
+  (``ModelShape.experts_touched``, routing taken as uniform), so a batch-1
+  decode reads the active parameters and a large batch all of them;
+- sliding-window layers (Mistral, Gemma 2/3, Phi-3) attend to at most
+  ``sliding_window`` keys per query: their decode attention reads
+  ``min(context, num_decode * window)`` KV tokens (exact when every sequence
+  is past the window or all are within it), and their prefill query-key pairs
+  and KV reads are those of the step's prefill sequences taken as equal ones
+  (exact for one sequence);
 - the LM head only for rows that sample;
 - with tensor parallelism ``tp``, weights, heads and KV heads are split over
   ``tp`` devices (KV heads are replicated when there are fewer than ``tp``),
@@ -55,6 +66,17 @@ def sum_max_affine(p: float, q: float, r: float, s: float, k: int) -> float:
     return seg(r, s, 0, j) + seg(p, q, j, k)
 
 
+def _windowed_pairs(c0: float, q: float, window: int) -> float:
+    """Query-key pairs of ``q`` queries after ``c0`` cached tokens when each sees at most
+    ``window`` keys: ``sum(min(x, window) for x in c0 + 1 ..= c0 + q)``."""
+    a, b = c0 + 1, c0 + q
+    if b <= window:
+        return (a + b) * q / 2
+    if a > window:
+        return window * q
+    return (a + window) * (window - a + 1) / 2 + (b - window) * window
+
+
 class RooflineCostModel(CostModel):
     name = "roofline"
 
@@ -97,6 +119,20 @@ class RooflineCostModel(CostModel):
         ]
         self._elementwise_per_token = (10 * h + 3 * inter + 2 * (q + kv)) * ab
         self._layers = L
+        self._dense_layers = m.num_dense_layers
+        self._moe_layers = m.num_moe_layers if m.is_moe else 0
+        # A sparse layer's experts: one expert's weight bytes (split over tp like the MLP),
+        # FLOPs and activation bytes per token (k experts each), and the router GEMM.
+        e_inter = m.moe_intermediate_size // tp
+        k = m.experts_per_token
+        self._expert_bytes = 3 * h * e_inter * wb
+        self._expert_flops_per_token = k * 2 * 3 * h * e_inter
+        self._expert_act_per_token = k * (2 * h + 3 * e_inter) * ab
+        self._router = (h * m.num_experts * wb, 2 * h * m.num_experts, (h + m.num_experts) * ab)
+        self._moe_elementwise_per_token = (10 * h + k * 3 * e_inter + 2 * (q + kv)) * ab
+        # sliding-window layers (attention only differs)
+        self._window = m.sliding_window
+        self._sliding_layers = m.num_sliding_layers if m.sliding_window else 0
         # Attention: FLOPs per query-key pair (QK^T and PV), KV bytes per token, Q/O bytes per query.
         self._att_flops_per_pair = 4 * m.head_dim * heads
         self._kv_bytes_per_token = 2 * kv * kb
@@ -110,10 +146,13 @@ class RooflineCostModel(CostModel):
 
     def _gemm_time(self, tokens: int) -> tuple[float, float]:
         """Per-layer (time, of which compute-bound share) of the four GEMMs over ``tokens`` rows."""
+        return self._gemms_time(self._gemms, tokens)
+
+    def _gemms_time(self, gemms: list[tuple[float, float, float]], tokens: int) -> tuple[float, float]:
         F, B = self.F, self.B
         total = 0.0
         compute = 0.0
-        for w, fl, act in self._gemms:
+        for w, fl, act in gemms:
             c = tokens * fl / F
             mem = (w + tokens * act) / B
             if c >= mem:
@@ -122,6 +161,15 @@ class RooflineCostModel(CostModel):
             else:
                 total += mem
         return total, compute
+
+    def _moe_gemms(self, tokens: int) -> list[tuple[float, float, float]]:
+        """A sparse layer's GEMMs over ``tokens`` rows: QKV, O, router, and the experts reached."""
+        experts = (
+            self.model.experts_touched(tokens) * self._expert_bytes,
+            self._expert_flops_per_token,
+            self._expert_act_per_token,
+        )
+        return [*self._gemms[:2], self._router, experts]
 
     def _allreduce_time(self, tokens: int, samples: int) -> float:
         tp = self.tp
@@ -147,8 +195,12 @@ class RooflineCostModel(CostModel):
         if t is None:
             gemm, _ = self._gemm_time(tokens)
             elem = tokens * self._elementwise_per_token / self.B
+            layers = self._dense_layers * (gemm + elem)
+            if self._moe_layers:
+                moe, _ = self._gemms_time(self._moe_gemms(tokens), tokens)
+                layers += self._moe_layers * (moe + tokens * self._moe_elementwise_per_token / self.B)
             t = (
-                self._layers * (gemm + elem)
+                layers
                 + self._lm_head_time(samples)
                 + self._allreduce_time(tokens, samples)
                 + self.overhead
@@ -156,19 +208,44 @@ class RooflineCostModel(CostModel):
             self._dense_cache[key] = t
         return t
 
+    def _prefill_parts(self, f: StepFeatures) -> list[tuple[int, float, float]]:
+        """(layers, compute, memory) of prefill attention: full layers, then sliding ones."""
+        parts = []
+        for layers, windowed in ((self._layers - self._sliding_layers, False), (self._sliding_layers, True)):
+            if not layers:
+                continue
+            pairs, kv = f.prefill_pairs, f.prefill_kv
+            if windowed:
+                seqs = max(1, f.num_seqs - f.num_decode)
+                q, c0, w = f.prefill_tokens / seqs, f.prefill_context / seqs, self._window
+                pairs = min(pairs, seqs * _windowed_pairs(c0, q, w))
+                kv = min(kv, seqs * (min(c0, w - 1) + q))
+            c = pairs * self._att_flops_per_pair / self.F
+            m = (kv * self._kv_bytes_per_token + f.prefill_tokens * self._qo_bytes_per_query) / self.B
+            parts.append((layers, c, m))
+        return parts
+
+    def _decode_parts(self, num_decode: int, context: int) -> list[tuple[int, float, float]]:
+        """(layers, compute, memory) of decode attention: full layers, then sliding ones."""
+        parts = []
+        for layers, windowed in ((self._layers - self._sliding_layers, False), (self._sliding_layers, True)):
+            if not layers:
+                continue
+            ctx = min(context, num_decode * self._window) if windowed else context
+            c = ctx * self._att_flops_per_pair / self.F
+            m = (ctx * self._kv_bytes_per_token + num_decode * self._qo_bytes_per_query) / self.B
+            parts.append((layers, c, m))
+        return parts
+
     def _prefill_attention_time(self, f: StepFeatures) -> float:
         if f.prefill_tokens == 0:
             return 0.0
-        c = f.prefill_pairs * self._att_flops_per_pair / self.F
-        mem = (f.prefill_kv * self._kv_bytes_per_token + f.prefill_tokens * self._qo_bytes_per_query) / self.B
-        return self._layers * max(c, mem)
+        return sum(layers * max(c, m) for layers, c, m in self._prefill_parts(f))
 
     def _decode_attention_time(self, num_decode: int, context: int) -> float:
         if num_decode == 0:
             return 0.0
-        c = context * self._att_flops_per_pair / self.F
-        mem = (context * self._kv_bytes_per_token + num_decode * self._qo_bytes_per_query) / self.B
-        return self._layers * max(c, mem)
+        return sum(layers * max(c, m) for layers, c, m in self._decode_parts(num_decode, context))
 
     # ------------------------------------------------------------ interface
 
@@ -183,31 +260,55 @@ class RooflineCostModel(CostModel):
         if num_steps == 1:
             return self.dense_time(num_seqs, num_seqs) + self._decode_attention_time(num_seqs, context)
         dense = self.dense_time(num_seqs, num_seqs)
-        L, F, B = self._layers, self.F, self.B
+        F, B, n = self.F, self.B, num_seqs
         # Decode attention at sub-step j: max(ctx_j * a / F, (ctx_j * kvb + n * qo) / B), ctx_j = context + j * n.
         a, kvb = self._att_flops_per_pair, self._kv_bytes_per_token
-        qo = num_seqs * self._qo_bytes_per_query
-        att = sum_max_affine(
-            context * a / F, num_seqs * a / F, (context * kvb + qo) / B, num_seqs * kvb / B, num_steps
-        )
-        return num_steps * dense + L * att
+        qo = n * self._qo_bytes_per_query
+
+        def steps(ctx: int, k: int) -> float:
+            return sum_max_affine(ctx * a / F, n * a / F, (ctx * kvb + qo) / B, n * kvb / B, k)
+
+        full = self._layers - self._sliding_layers
+        att = full * steps(context, num_steps) if full else 0.0
+        if self._sliding_layers:
+            # a sliding layer's context grows until it reaches n * window, then stays there
+            cap = n * self._window
+            grow = min(num_steps, max(0, -(-(cap - context) // n)))
+            flat = num_steps - grow
+            att += self._sliding_layers * (
+                steps(context, grow) + flat * max(cap * a / F, (cap * kvb + qo) / B)
+            )
+        return num_steps * dense + att
 
     def breakdown(self, f: StepFeatures) -> dict[str, dict[str, float]]:
         """Per operator: compute time, memory time, and the time charged (their max); for tests and reports."""
         F, B, L = self.F, self.B, self._layers
         out: dict[str, dict[str, float]] = {}
+        t = f.num_tokens
+
+        def add(name: str, layers: int, w: float, fl: float, act: float) -> None:
+            c, m = layers * t * fl / F, layers * (w + t * act) / B
+            prev = out.get(name, {"compute": 0.0, "memory": 0.0, "time": 0.0})
+            out[name] = {"compute": prev["compute"] + c, "memory": prev["memory"] + m,
+                         "time": prev["time"] + max(c, m)}  # fmt: skip
+
         names = ("qkv", "o_proj", "gate_up", "down")
-        for name, (w, fl, act) in zip(names, self._gemms, strict=True):
-            c, m = L * f.num_tokens * fl / F, L * (w + f.num_tokens * act) / B
-            out[name] = {"compute": c, "memory": m, "time": max(c, m)}
-        m = L * f.num_tokens * self._elementwise_per_token / B
+        for i, (name, (w, fl, act)) in enumerate(zip(names, self._gemms, strict=True)):
+            add(name, L if i < 2 else self._dense_layers, w, fl, act)
+        if self._moe_layers:
+            _, _, router, experts = self._moe_gemms(t)
+            add("router", self._moe_layers, *router)
+            add("experts", self._moe_layers, *experts)
+        m = (self._dense_layers * self._elementwise_per_token + self._moe_layers * self._moe_elementwise_per_token) * t / B
         out["elementwise"] = {"compute": 0.0, "memory": m, "time": m}
-        c = L * f.prefill_pairs * self._att_flops_per_pair / F
-        m = L * (f.prefill_kv * self._kv_bytes_per_token + f.prefill_tokens * self._qo_bytes_per_query) / B
-        out["attention_prefill"] = {"compute": c, "memory": m, "time": max(c, m) if f.prefill_tokens else 0.0}
-        c = L * f.decode_context * self._att_flops_per_pair / F
-        m = L * (f.decode_context * self._kv_bytes_per_token + f.num_decode * self._qo_bytes_per_query) / B
-        out["attention_decode"] = {"compute": c, "memory": m, "time": max(c, m) if f.num_decode else 0.0}
+        for name, parts, active in (
+            ("attention_prefill", self._prefill_parts(f), f.prefill_tokens),
+            ("attention_decode", self._decode_parts(f.num_decode, f.decode_context), f.num_decode),
+        ):
+            c = sum(layers * c for layers, c, _ in parts)
+            m = sum(layers * m for layers, _, m in parts)
+            time = sum(layers * max(c, m) for layers, c, m in parts) if active else 0.0
+            out[name] = {"compute": c, "memory": m, "time": time}
         lm = self._lm_head_time(f.num_samples)
         c = 2 * f.num_samples * self._h * self._vocab / F
         out["lm_head"] = {"compute": c, "memory": lm if lm > c else 0.0, "time": lm}
@@ -219,10 +320,14 @@ class RooflineCostModel(CostModel):
     def weight_bytes_per_device(self) -> float:
         wb = DTYPE_BYTES[self.dtype]
         m = self.model
-        per_layer = sum(w for w, _, _ in self._gemms) + 2 * m.hidden_size * wb
+        norms = 2 * m.hidden_size * wb
+        dense = self._dense_layers * (sum(w for w, _, _ in self._gemms) + norms)
+        moe = self._moe_layers * (
+            sum(w for w, _, _ in self._gemms[:2]) + self._router[0] + m.num_experts * self._expert_bytes + norms
+        )
         emb = m.vocab_size * m.hidden_size * wb / self.tp
         head = 0 if m.tie_word_embeddings else emb
-        return m.num_layers * per_layer + emb + head
+        return dense + moe + emb + head
 
     def kv_bytes_per_token_per_device(self) -> int:
         return self._layers * self._kv_bytes_per_token

@@ -35,7 +35,7 @@ import torch
 
 from tokenmill.model.attention import kv_cache_shape
 from tokenmill.model.config import ModelConfig
-from tokenmill.model.llama import LlamaModel
+from tokenmill.model.decoder import DecoderModel
 from tokenmill.model.loader import load_model, load_state_dict, read_model_config
 from tokenmill.model.sampler import Sampler, SamplingRow, _inverse_cdf
 from tokenmill.spec.verify import DRAFT_STREAM, sampling_probs
@@ -50,13 +50,14 @@ class _Proposal:
 
 def load_draft(
     path: str | Path, dtype: str | torch.dtype, device: torch.device, quantization: str | None = None
-) -> tuple[LlamaModel, ModelConfig]:
+) -> tuple[DecoderModel, ModelConfig]:
     """The draft model and its config; with ``quantization``, weights quantized and
     activations in ``dtype``."""
     if quantization is None:
         return load_model(path, dtype=dtype, device=device)
     config = replace(read_model_config(path, dtype), quantization=quantization)
-    model = LlamaModel.from_state_dict(config, load_state_dict(path, torch.float32), device=device)
+    # weights are rounded from fp32 (as load_model does for a quantized dtype)
+    model = DecoderModel.from_state_dict(config, load_state_dict(path, torch.float32), device=device)
     return model, config
 
 
@@ -65,6 +66,8 @@ def weight_bytes(model: Any) -> int:
     total = 0
     for layer in model.layers:
         for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            if lin is None:
+                continue  # a mixture-of-experts layer: experts are priced by the measured cost
             w = lin.packed if lin.packed is not None else lin.weight
             total += w.numel() * w.element_size()
     head = model.lm_head.packed if model.lm_head.packed is not None else model.lm_head.weight

@@ -9,6 +9,10 @@
 // of the group sharing this kv head); they are processed RB rows at a time with their
 // output accumulators in registers, streaming the context in chunks of up to 16 keys with
 // an online (flash-attention style) softmax, so no context is ever copied or materialised.
+//
+// Options: a sliding window (a query at position p sees keys p - window + 1 ..= p; the
+// loop starts at the first block any row of the group can see) and tanh soft-capping of
+// the scaled scores, cap * tanh(s / cap) (Gemma 2), applied before masking and softmax.
 
 #include "ops.h"
 #include "simd.h"
@@ -24,9 +28,20 @@ struct Geometry {
   int block_size;
   int head_dim;
   int group;  // query heads per kv head
+  int64_t window;  // sliding window in keys (0: the whole context)
+  float softcap;   // 0: off
 };
 
 #if TM_AVX512
+
+// cap * tanh(s / cap), with tanh(x) = 1 - 2 / (exp(2x) + 1) (exp16 saturates, so |x| large
+// gives +-1 exactly; the absolute error near 0 is ~1e-7 * cap)
+inline __m512 softcap16(__m512 s, float cap) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 e = exp16(_mm512_mul_ps(s, _mm512_set1_ps(2.f / cap)));
+  const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
+  return _mm512_mul_ps(t, _mm512_set1_ps(cap));
+}
 
 // q holds a tile's rows scaled by the softmax scale, fp32 [rows][D].
 // Where a work unit's rows go: the final output (normalised, in T), or with ``part`` set,
@@ -62,6 +77,9 @@ void attend_group(const float* q, int row0, int64_t first_pos, const Geometry& g
     const float* qr = q + static_cast<int64_t>(row0) * D;
     // the last row sees the most keys; a context split covers [key_begin, key_end) only
     const int64_t kv_end = std::min(qpos[NR - 1] + 1, key_end);
+    // with a window the first row sees the earliest key: start at its block
+    if (g.window > 0)
+      key_begin = std::max(key_begin, std::max<int64_t>(0, qpos[0] - g.window + 1) / bs * bs);
     alignas(64) float p_buf[NR][16];
     const int64_t block_bytes = static_cast<int64_t>(bs) * D * sizeof(T);
     for (int64_t j = key_begin; j < std::min(kv_end, key_begin + 2 * bs); j += bs) {
@@ -103,14 +121,19 @@ void attend_group(const float* q, int row0, int64_t first_pos, const Geometry& g
           for (int r = 0; r < NR; ++r)
             s[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r * D + d]), kv, s[r]);
         }
+        if (g.softcap > 0.f)
+          for (int r = 0; r < NR; ++r) s[r] = softcap16(s[r], g.softcap);
         const int64_t jbase = j0 + t0;
         for (int r = 0; r < NR; ++r) {
           const int64_t valid = std::min<int64_t>(n, qpos[r] - jbase + 1);
-          if (valid <= 0) {
+          // keys before the row's window: the first ``skip`` lanes
+          const int64_t skip = g.window > 0 ? qpos[r] - g.window + 1 - jbase : 0;
+          if (valid <= 0 || skip >= valid) {
             _mm512_store_ps(p_buf[r], _mm512_setzero_ps());
             continue;
           }
-          const __mmask16 vmask = tail_mask(valid);
+          __mmask16 vmask = tail_mask(valid);
+          if (skip > 0) vmask &= static_cast<__mmask16>(~tail_mask(skip));
           // the running max rarely moves once a few chunks are in: test before reducing
           if (_mm512_mask_cmp_ps_mask(vmask, s[r], _mm512_set1_ps(m[r]), _CMP_GT_OQ)) {
             const float m_new = _mm512_mask_reduce_max_ps(vmask, s[r]);
@@ -211,18 +234,20 @@ void attend_dispatch(const float* q, int nr, int64_t first_pos, const Geometry& 
   std::vector<float> acc(D), s;
   for (int r = 0; r < nr; ++r) {
     const int64_t qpos = first_pos + r / g.group;
+    const int64_t lo = g.window > 0 ? std::max<int64_t>(0, qpos - g.window + 1) : 0;
     s.assign(qpos + 1, 0.f);
     float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j <= qpos; ++j) {
+    for (int64_t j = lo; j <= qpos; ++j) {
       const T* kt = k_head + bt[j / bs] * g.block_stride + j % bs;
       float dot = 0.f;
       for (int d = 0; d < D; ++d) dot += q[r * D + d] * to_f(kt[static_cast<int64_t>(d) * bs]);
+      if (g.softcap > 0.f) dot = g.softcap * std::tanh(dot / g.softcap);
       s[j] = dot;
       mx = std::max(mx, dot);
     }
     float sum = 0.f;
     std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t j = 0; j <= qpos; ++j) {
+    for (int64_t j = lo; j <= qpos; ++j) {
       const float p = std::exp(s[j] - mx);
       sum += p;
       const T* vrow = v_head + bt[j / bs] * g.block_stride + (j % bs) * D;
@@ -238,14 +263,16 @@ void attend_dispatch(const float* q, int nr, int64_t first_pos, const Geometry& 
 template <typename T>
 void paged_attention_impl(const Tensor& q, const Tensor& kv_cache, const Tensor& block_tables,
                           const Tensor& query_start_loc, const Tensor& seq_lens, double scale,
-                          Tensor& out) {
+                          int64_t window, double softcap, Tensor& out) {
   const int64_t num_heads = q.size(1);
   const int D = static_cast<int>(q.size(2));
   const int64_t num_blocks = kv_cache.size(1);
   const int64_t kv_heads = kv_cache.size(2);
   const int64_t block_elems = kv_cache.size(3);
   const Geometry g{kv_heads * block_elems, static_cast<int>(block_elems / D), D,
-                   static_cast<int>(num_heads / kv_heads)};
+                   static_cast<int>(num_heads / kv_heads), window, static_cast<float>(softcap)};
+  // keys a query of sequence b attends to at most
+  auto span = [&](int64_t len) { return window > 0 ? std::min<int64_t>(len, window) : len; };
   const int64_t num_seqs = seq_lens.size(0);
   const int64_t bt_stride = block_tables.stride(0);
 
@@ -278,7 +305,7 @@ void paged_attention_impl(const Tensor& q, const Tensor& kv_cache, const Tensor&
     for (int32_t q0 = 0; q0 < nq_total; q0 += QTILE)
       for (int32_t h = 0; h < kv_heads; ++h)
         items.push_back({static_cast<int32_t>(b), h, q0, std::min<int32_t>(QTILE, nq_total - q0)});
-    work += static_cast<int64_t>(nq_total) * sl[b];
+    work += static_cast<int64_t>(nq_total) * span(sl[b]);
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int nt_max = num_threads();
@@ -290,7 +317,7 @@ void paged_attention_impl(const Tensor& q, const Tensor& kv_cache, const Tensor&
   if (nt > 1 && n_items < 2 * nt) {
     bool all_decode = true;
     int64_t min_len = std::numeric_limits<int64_t>::max();
-    for (const Item& it : items) all_decode &= it.nq == 1, min_len = std::min<int64_t>(min_len, sl[it.seq]);
+    for (const Item& it : items) all_decode &= it.nq == 1, min_len = std::min<int64_t>(min_len, span(sl[it.seq]));
     if (all_decode) {
       splits = std::min<int64_t>((2 * nt + n_items - 1) / n_items, min_len / 256);
       splits = std::max<int64_t>(splits, 1);
@@ -319,11 +346,12 @@ void paged_attention_impl(const Tensor& q, const Tensor& kv_cache, const Tensor&
           for (int d = 0; d < D; ++d) dst[d] = to_f(src[d]) * fscale;
         }
       int64_t key_begin = 0, key_end = std::numeric_limits<int64_t>::max();
-      if (splits > 1) {
-        const int64_t blocks = (sl[it.seq] + g.block_size - 1) / g.block_size;
+      if (splits > 1) {  // decodes only: the one query sees the last span(len) keys
+        const int64_t first = (sl[it.seq] - span(sl[it.seq])) / g.block_size;
+        const int64_t blocks = (sl[it.seq] + g.block_size - 1) / g.block_size - first;
         const int64_t per = (blocks + splits - 1) / splits;
-        key_begin = split * per * g.block_size;
-        key_end = (split + 1) * per * g.block_size;
+        key_begin = (first + split * per) * g.block_size;
+        key_end = (first + (split + 1) * per) * g.block_size;
       }
       const Sink<T> sink{op + tok * o_stride, o_stride, head0,
                          splits > 1 ? parts.data() + w * g.group * part_row : nullptr};
@@ -362,7 +390,10 @@ void paged_attention_impl(const Tensor& q, const Tensor& kv_cache, const Tensor&
 }  // namespace
 
 Tensor paged_attention(const Tensor& q, const Tensor& kv_cache, const Tensor& block_tables,
-                       const Tensor& query_start_loc, const Tensor& seq_lens, double scale) {
+                       const Tensor& query_start_loc, const Tensor& seq_lens, double scale,
+                       int64_t sliding_window, double softcap) {
+  TORCH_CHECK(sliding_window >= 0 && softcap >= 0.0,
+              "paged_attention: sliding_window and softcap must be >= 0");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2),
               "q must be [T, heads, head_dim] with contiguous heads");
   TORCH_CHECK(q.size(2) <= MAX_HEAD_DIM, "paged_attention: head_dim > ", MAX_HEAD_DIM);
@@ -378,9 +409,11 @@ Tensor paged_attention(const Tensor& q, const Tensor& kv_cache, const Tensor& bl
               "query_start_loc and seq_lens must be contiguous int32");
   Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (q.scalar_type() == at::kFloat) {
-    paged_attention_impl<float>(q, kv_cache, block_tables, query_start_loc, seq_lens, scale, out);
+    paged_attention_impl<float>(q, kv_cache, block_tables, query_start_loc, seq_lens, scale,
+                                sliding_window, softcap, out);
   } else if (q.scalar_type() == at::kBFloat16) {
-    paged_attention_impl<BFloat16>(q, kv_cache, block_tables, query_start_loc, seq_lens, scale, out);
+    paged_attention_impl<BFloat16>(q, kv_cache, block_tables, query_start_loc, seq_lens, scale,
+                                   sliding_window, softcap, out);
   } else {
     TORCH_CHECK(false, "paged_attention: only float32 and bfloat16");
   }

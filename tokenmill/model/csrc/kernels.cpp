@@ -5,4 +5,6 @@
 #include "gemm.cpp"
 #include "layer_ops.cpp"
 #include "sampling.cpp"
+#include "family_ops.cpp"
+#include "moe.cpp"
 #include "registration.cpp"

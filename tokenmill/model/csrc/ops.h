@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 
 #include <optional>
 
@@ -10,7 +11,8 @@ namespace tokenmill {
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache,
                            const at::Tensor& block_tables, const at::Tensor& query_start_loc,
-                           const at::Tensor& seq_lens, double scale);
+                           const at::Tensor& seq_lens, double scale, int64_t sliding_window,
+                           double softcap);
 void rope_write_kv(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& cos_sin,
                    at::Tensor kv_cache, const at::Tensor& slot_mapping, int64_t num_heads,
                    int64_t kv_heads);
@@ -28,5 +30,11 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& temperature,
                        const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
                        const at::Tensor& u);
 bool has_avx512();
+void qk_rms_norm(at::Tensor qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
+                 int64_t num_heads, int64_t num_kv_heads, double eps);
+at::Tensor gelu_tanh_mul(const at::Tensor& x);
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_ids,
+                       const at::Tensor& topk_weights, at::TensorList w13, at::TensorList w2,
+                       at::TensorList s13, at::TensorList s2, int64_t inter);
 
 }  // namespace tokenmill

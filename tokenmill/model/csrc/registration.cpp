@@ -7,7 +7,7 @@
 TORCH_LIBRARY(tokenmill, m) {
   m.def(
       "paged_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor query_start_loc, "
-      "Tensor seq_lens, float scale) -> Tensor",
+      "Tensor seq_lens, float scale, int sliding_window=0, float softcap=0.0) -> Tensor",
       &tokenmill::paged_attention);
   m.def(
       "rope_write_kv(Tensor(a!) qkv, Tensor positions, Tensor cos_sin, Tensor(b!) kv_cache, "
@@ -32,4 +32,13 @@ TORCH_LIBRARY(tokenmill, m) {
       "Tensor u) -> Tensor",
       &tokenmill::sample_rows);
   m.def("has_avx512() -> bool", &tokenmill::has_avx512);
+  m.def(
+      "qk_rms_norm(Tensor(a!) qkv, Tensor q_weight, Tensor k_weight, int num_heads, "
+      "int num_kv_heads, float eps) -> ()",
+      &tokenmill::qk_rms_norm);
+  m.def("gelu_tanh_mul(Tensor x) -> Tensor", &tokenmill::gelu_tanh_mul);
+  m.def(
+      "moe_experts(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] w13, Tensor[] w2, "
+      "Tensor[] s13, Tensor[] s2, int inter) -> Tensor",
+      &tokenmill::moe_experts);
 }
