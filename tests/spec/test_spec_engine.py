@@ -89,14 +89,15 @@ def test_bundled_model_greedy_identity_with_every_proposer() -> None:
     from tokenmill.models import DEFAULT_DRAFT_PATH
 
     text = ["And the LORD said unto Moses,", "In the beginning God created", "Blessed are the"]
-    params = SamplingParams(temperature=0.0, max_tokens=40)
+    params = SamplingParams(temperature=0.0, max_tokens=32)
     base = [o.outputs[0].token_ids for o in LLM(kv_cache_memory=32 << 20).generate(text * 3, params)]
     for spec in ("ngram", "draft:default", "self-int8"):
-        for seqs in (1, 8):
-            # a fixed draft length: on a model this small a draft step costs about as much as a
-            # target step, so the adaptive length would (rightly) stop drafting
+        # batch 8 over the repeated prompts (prefix cache hits); batch 1 over two of them.
+        # A fixed draft length: on a model this small a draft step costs about as much as a
+        # target step, so the adaptive length would (rightly) stop drafting.
+        for seqs, batch in ((8, text * 3), (1, text[:2])):
             llm = LLM(kv_cache_memory=32 << 20, speculative=spec, num_speculative_tokens=3, max_num_seqs=seqs)
-            assert [o.outputs[0].token_ids for o in llm.generate(text * 3, params)] == base
+            assert [o.outputs[0].token_ids for o in llm.generate(batch, params)] == base[: len(batch)]
             assert llm.engine.stats().spec.num_accepted_tokens > 0
     assert (DEFAULT_DRAFT_PATH / "model.safetensors").stat().st_size <= 5 * 10**6
 
@@ -220,3 +221,11 @@ def test_bad_speculative_settings_are_refused(tiny_model_dir, tmp_path) -> None:
     other = make_tiny_model(tmp_path / "v400", "llama", vocab_size=400)
     with pytest.raises(ValueError, match="vocabulary of 400 tokens but the target's has 320"):
         LLM(path, dtype="float32", kv_cache_memory=8 << 20, speculative=f"draft:{other}")
+
+
+def test_int8_self_draft_of_a_mixture_of_experts_model_is_refused(tmp_path) -> None:
+    from tokenmill.model.testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "moe", "mixtral")
+    with pytest.raises(ValueError, match="self-draft of a mixture-of-experts model"):
+        ModelExecutor(str(path), dtype="float32", kv_cache_memory=4 << 20, speculative="self-int8")

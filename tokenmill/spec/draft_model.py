@@ -56,6 +56,10 @@ def load_draft(
     if quantization is None:
         return load_model(path, dtype=dtype, device=device)
     config = replace(read_model_config(path, dtype), quantization=quantization)
+    if config.moe is not None:
+        # experts load through load_model's expert sources, which quantize with the activations' dtype
+        raise ValueError(f"a {quantization} self-draft of a mixture-of-experts model ({config.architecture}) "
+                         "is not supported; use --speculative ngram or draft:PATH")  # fmt: skip
     # weights are rounded from fp32 (as load_model does for a quantized dtype)
     model = DecoderModel.from_state_dict(config, load_state_dict(path, torch.float32), device=device)
     return model, config
