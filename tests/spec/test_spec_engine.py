@@ -85,20 +85,28 @@ def test_greedy_tokens_are_identical_with_and_without_speculation(
         assert stats.spec.acceptance_rate == 1.0
 
 
-def test_bundled_model_greedy_identity_with_every_proposer() -> None:
+BUNDLED_TEXT = ["And the LORD said unto Moses,", "In the beginning God created", "Blessed are the"]
+BUNDLED_GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def bundled_baseline() -> list[list[int]]:
+    """Plain greedy tokens of the bundled model on ``BUNDLED_TEXT * 3``, computed once."""
+    return [o.outputs[0].token_ids for o in LLM(kv_cache_memory=32 << 20).generate(BUNDLED_TEXT * 3, BUNDLED_GREEDY)]
+
+
+@pytest.mark.parametrize("spec", ["ngram", "draft:default", "self-int8"])
+def test_bundled_model_greedy_identity_with_every_proposer(bundled_baseline, spec) -> None:
     from tokenmill.models import DEFAULT_DRAFT_PATH
 
-    text = ["And the LORD said unto Moses,", "In the beginning God created", "Blessed are the"]
-    params = SamplingParams(temperature=0.0, max_tokens=32)
-    base = [o.outputs[0].token_ids for o in LLM(kv_cache_memory=32 << 20).generate(text * 3, params)]
-    for spec in ("ngram", "draft:default", "self-int8"):
-        # batch 8 over the repeated prompts (prefix cache hits); batch 1 over two of them.
-        # A fixed draft length: on a model this small a draft step costs about as much as a
-        # target step, so the adaptive length would (rightly) stop drafting.
-        for seqs, batch in ((8, text * 3), (1, text[:2])):
-            llm = LLM(kv_cache_memory=32 << 20, speculative=spec, num_speculative_tokens=3, max_num_seqs=seqs)
-            assert [o.outputs[0].token_ids for o in llm.generate(batch, params)] == base[: len(batch)]
-            assert llm.engine.stats().spec.num_accepted_tokens > 0
+    text = BUNDLED_TEXT
+    # batch 8 over the repeated prompts (prefix cache hits); batch 1 over two of them.
+    # A fixed draft length: on a model this small a draft step costs about as much as a
+    # target step, so the adaptive length would (rightly) stop drafting.
+    for seqs, batch in ((8, text * 3), (1, text[:2])):
+        llm = LLM(kv_cache_memory=32 << 20, speculative=spec, num_speculative_tokens=3, max_num_seqs=seqs)
+        assert [o.outputs[0].token_ids for o in llm.generate(batch, BUNDLED_GREEDY)] == bundled_baseline[: len(batch)]
+        assert llm.engine.stats().spec.num_accepted_tokens > 0
     assert (DEFAULT_DRAFT_PATH / "model.safetensors").stat().st_size <= 5 * 10**6
 
 
