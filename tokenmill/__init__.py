@@ -1,6 +1,7 @@
 """tokenmill: an LLM inference serving engine with a digital twin.
 
-``from tokenmill import LLM, SamplingParams`` is the offline API. The heavy
+``from tokenmill import LLM, SamplingParams`` is the offline API
+(``StructuredOutputsParams`` constrains an output's form). The heavy
 parts (torch, the model) load only when ``LLM`` is first touched, so the
 core and the simulator import quickly.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tokenmill.core.request import SamplingParams
+from tokenmill.structured.params import StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "LLM",
     "SamplingParams",
+    "StructuredOutputsParams",
     "RequestOutput",
     "CompletionOutput",
     "DEFAULT_MODEL",

@@ -13,53 +13,109 @@ rules with the same pure ``Request.check_output`` that ``update()`` applies
 at the end of the plan, so nothing past a stop is published; the scheduling
 state changes only in ``update()``, and a stop string found mid-plan finishes
 its request right after it.
+
+LoRA adapters are registered by name (``add_lora``; ``remove_lora``) after the
+executor has loaded and checked them; a request names its adapter
+(``add_request(lora=...)``) and runs in that adapter's prefix-cache namespace.
+If an executor can no longer load an adapter a plan needs (``LoraLoadError``),
+the requests that need it are aborted, the adapter is unregistered, and the
+rest of the plan runs.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
-from tokenmill.core.plan import SeqUpdate, StepPlan
+from tokenmill.core.lora import LoRARequest
+from tokenmill.core.lora import cache_namespace as namespace_of
+from tokenmill.core.plan import SeqUpdate, StepPlan, StepResult
 from tokenmill.core.request import Request, SamplingParams
 from tokenmill.core.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerStats
 from tokenmill.core.spec import SpecStats
 from tokenmill.executor import Executor
+from tokenmill.lora.errors import LoraError, LoraLoadError
+from tokenmill.lora.registry import LoraRegistry
 from tokenmill.output_processor import OutputProcessor
 from tokenmill.outputs import RequestOutput
+
+logger = logging.getLogger("tokenmill.engine")
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFullError", "StepRecord"]
 
 
+def cli(help: str, kind: str = "str", **extra: Any) -> dict[str, Any]:
+    """A field's command-line face: ``commands/engine_args.py`` makes ``--field-name`` from it.
+
+    ``kind`` is one of ``str``, ``choice`` (with ``choices``), ``size`` (bytes,
+    with units), ``positive`` (an int >= 1), ``bool`` (``--x/--no-x``),
+    ``flag`` (``--x`` turns it on), ``key_value`` (repeatable ``KEY=VALUE``,
+    collected into a dict); ``extra`` may give ``flag`` (another option
+    name) and ``aliases`` (more option strings; ``--no-...`` aliases of a
+    ``bool`` turn it off).
+    """
+    return {"cli": {"help": help, "kind": kind, **extra}}
+
+
 @dataclass
 class EngineConfig:
+    """Everything an engine is built from; the one place its defaults are written.
+
+    ``serve``, ``generate`` and ``LLM(**options)`` take these fields by name:
+    a field with ``cli`` metadata is a command-line flag of both commands.
+    """
+
     model: str | None = None  # a local HF directory; None: the bundled default model
-    tokenizer: str | None = None  # defaults to the model directory
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | int8 (weight-only)
-    device: str = "cpu"
-    kv_cache_memory: int = 1 << 30  # bytes of KV cache
+    tokenizer: str | None = field(default=None, metadata=cli("tokenizer directory (default: the model's)"))
+    dtype: str = field(default="auto", metadata=cli(
+        "weights' dtype; int8 is weight-only quantization", "choice",
+        choices=["auto", "float32", "bfloat16", "float16", "int8"]))
+    device: str = field(default="cpu", metadata=cli("cpu, cuda, cuda:1 ... (auto: cuda if available)"))
+    kv_cache_memory: int = field(default=1 << 30, metadata=cli("KV cache size, bytes or e.g. 512MiB, 4GiB", "size"))
     # MoE models: bytes of RAM for experts, the rest memory-mapped (None: all experts in RAM)
-    expert_cache_memory: int | None = None
-    expert_prefetch: bool = True  # read the next layer's likely experts ahead (with a cache)
-    block_size: int = 16
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    max_model_len: int | None = None  # defaults to the model's context length
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    max_decode_steps: int = 8  # decode steps one plan may cover when nothing can change
-    max_waiting: int | None = None
+    expert_cache_memory: int | None = field(default=None, metadata=cli(
+        "MoE models: RAM for experts, e.g. 8GiB; the rest stay memory-mapped (default: every expert in RAM)",
+        "size"))
+    expert_prefetch: bool = field(default=True, metadata=cli(
+        "MoE models with --expert-cache-memory: read the next layer's likely experts ahead", "bool"))
+    block_size: int = field(default=16, metadata=cli("tokens per KV block", "positive"))
+    max_num_batched_tokens: int = field(default=2048, metadata=cli("tokens per step", "positive"))
+    max_num_seqs: int = field(default=64, metadata=cli("sequences per step", "positive"))
+    max_model_len: int | None = field(default=None, metadata=cli("context length (default: the model's)", "positive"))
+    enable_prefix_caching: bool = field(default=True, metadata=cli(
+        "the radix prefix cache", "bool", aliases=["--no-prefix-caching"]))
+    enable_chunked_prefill: bool = field(default=True, metadata=cli(
+        "split long prompts over steps (off: a prompt is prefilled in one step)", "bool"))
+    max_decode_steps: int = field(default=8, metadata=cli(
+        "decode steps one plan may cover when nothing can change", "positive"))
+    max_waiting: int | None = None  # serve's --max-queue (0 there means unbounded)
     # Running slots the n samples of one request keep while other requests wait for
     # one (None: no share); see core/scheduler.py.
-    max_seqs_per_request: int | None = 8
+    max_seqs_per_request: int | None = field(default=8, metadata=cli(
+        "running slots the n samples of one request keep while other requests wait", "positive"))
     # Bound on n x max_tokens of one request (max_tokens=None counts as the rest of
     # the context); None: no bound.
-    max_tokens_per_request: int | None = None
-    policy: str = "fcfs"
-    policy_options: dict[str, Any] = field(default_factory=dict)
-    debug_checks: bool = False
+    max_tokens_per_request: int | None = field(default=None, metadata=cli(
+        "refuse requests whose n x max_tokens exceeds this (default: no bound)", "positive"))
+    # LoRA: adapters resident (and running) at once, LRU unloaded beyond; the largest rank
+    max_loras: int = field(default=4, metadata=cli(
+        "LoRA adapters resident (and running) at once; least recently used idle ones are unloaded", "positive"))
+    max_lora_rank: int = field(default=16, metadata=cli("largest LoRA rank accepted", "positive"))
+    policy: str = field(default="fcfs", metadata=cli("scheduling policy", "policy"))
+    policy_options: dict[str, Any] = field(default_factory=dict, metadata=cli(
+        "an option of the policy (repeatable; VALUE parsed as JSON when it is)", "key_value",
+        flag="--policy-option"))
+    # Structured-output JSON without free whitespace unless a request asks for it (vLLM's
+    # disable_any_whitespace): small models fill free whitespace without end.
+    structured_disable_any_whitespace: bool = field(default=False, metadata=cli(
+        "structured-output JSON without free whitespace unless a request asks for it "
+        "(small models tend to fill free whitespace without end)", "flag", flag="--disable-any-whitespace"))
+    debug_checks: bool = field(default=False, metadata=cli("check the scheduler's invariants every step", "flag"))
     record_steps: bool = False  # keep a StepRecord per step (for replay in the simulator)
     # Speculative decoding (tokenmill/spec, core/spec.py): ngram | draft:PATH | draft:default
     # | self-int8; None: off. ``num_speculative_tokens``: K drafts per step, or None for
@@ -178,8 +234,11 @@ class Engine:
         # Set by a caller that streams (the async engine): see the module docstring.
         self.on_partial: Callable[[list[RequestOutput]], None] | None = None
         self._children: dict[str, list[Request]] = {}
+        self._grammar_compiler: Any = None  # tokenmill.structured.compiler.GrammarCompiler, made on first use
+        self._grammar_lock = threading.Lock()
         self._added_since_step: list[str] = []
         self.step_log: list[StepRecord] = []
+        self.loras = LoraRegistry()
         self.num_steps = 0
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -187,7 +246,64 @@ class Engine:
         self.draft_seconds = 0.0
         self.execute_seconds = 0.0
 
+    # ---------------------------------------------------------------- adapters
+
+    def add_lora(self, name: str, path: str) -> LoRARequest:
+        """Register the PEFT adapter at ``path`` as ``name``, loading and checking it first.
+
+        Raises ``LoraError`` (a name in use, a malformed directory, an adapter for another
+        base model, a rank over ``max_lora_rank``); nothing is registered then.
+        """
+        lora = self.loras.new(name, path)
+        add = getattr(self.executor, "add_lora", None)
+        if add is not None:
+            add(lora)
+        self.loras.add(lora)
+        return lora
+
+    def remove_lora(self, name: str) -> LoRARequest:
+        """Unregister adapter ``name`` (``LoraNotFoundError`` if unknown). Requests already
+        running with it finish with it; new ones cannot name it."""
+        lora = self.loras.remove(name)
+        remove = getattr(self.executor, "remove_lora", None)
+        if remove is not None:
+            remove(lora.lora_int_id)
+        return lora
+
+    def resolve_lora(self, lora: LoRARequest | str | None) -> LoRARequest | None:
+        """The registered adapter a request asks for: a name, or a ``LoRARequest`` (registered
+        under its name on first use, as vLLM's offline API takes one); None for the base."""
+        if lora is None:
+            return None
+        if isinstance(lora, str):
+            return self.loras.get(lora)
+        if lora.lora_name in self.loras:
+            known = self.loras.get(lora.lora_name)
+            if str(Path(lora.lora_path).expanduser().resolve()) != known.lora_path:
+                raise LoraError(
+                    f"LoRA adapter {lora.lora_name!r} is loaded from {known.lora_path}, not {lora.lora_path}"
+                )
+            return known
+        return self.add_lora(lora.lora_name, lora.lora_path)
+
     # ---------------------------------------------------------------- inputs
+
+    @property
+    def grammar_compiler(self) -> Any:
+        """The structured-output compiler for this engine's tokenizer (built on first use;
+        the server calls it from its threads, so requests arrive compiled)."""
+        if self._grammar_compiler is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer, and this engine has none")
+            with self._grammar_lock:
+                if self._grammar_compiler is None:
+                    from tokenmill.structured.compiler import GrammarCompiler
+
+                    self._grammar_compiler = GrammarCompiler(
+                        self.tokenizer, self.vocab_size, self.eos_token_ids,
+                        disable_any_whitespace=self.config.structured_disable_any_whitespace,
+                    )  # fmt: skip
+        return self._grammar_compiler
 
     def tokenize(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
@@ -207,18 +323,28 @@ class Engine:
         tpot_slo: float | None = None,
         cache_namespace: str = "",
         predicted_output_len: int | None = None,
+        lora: LoRARequest | str | None = None,
     ) -> list[int]:
         """Validate and queue a request; returns its prompt token ids.
+
+        ``lora``: the adapter it runs with (a registered name or a ``LoRARequest``; an
+        unknown name raises ``LoraNotFoundError``). ``cache_namespace`` is its cache salt.
 
         Raises ``ValueError`` (bad input, named) or ``QueueFullError``; on
         either, nothing of the request is left behind.
         """
         params = params or SamplingParams()
         params.validate()
+        if params.structured_outputs is not None:
+            # A cache hit when the server compiled it already; a GrammarError (ValueError) if bad.
+            bound = self.grammar_compiler.compile(params.structured_outputs)
+            if bound is not params.structured_outputs:
+                params = replace(params, structured_outputs=bound)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this engine has none")
         if request_id in self._children:
             raise ValueError(f"request id {request_id!r} is already in use")
+        adapter = self.resolve_lora(lora)
         if isinstance(prompt, str):
             text: str | None = prompt
             if not prompt:
@@ -246,6 +372,7 @@ class Engine:
                     f"{params.n * per_sample} tokens; max_tokens_per_request is {limit}: lower n or max_tokens"
                 )
         arrival = self.clock() if arrival_time is None else arrival_time
+        namespace = namespace_of(cache_namespace, adapter)
         children = []
         for i in range(params.n):
             child_params = params
@@ -264,13 +391,14 @@ class Engine:
                     arrival_time=arrival,
                     eos_token_ids=self.eos_token_ids,
                     client_id=client_id,
-                    cache_namespace=cache_namespace,
+                    cache_namespace=namespace,
                     priority=priority,
                     ttft_slo=ttft_slo,
                     tpot_slo=tpot_slo,
                     predicted_output_len=predicted_output_len,
                     parent_id=request_id,
                     sample_index=i,
+                    lora=adapter,
                 )
             )
         added: list[Request] = []
@@ -319,7 +447,7 @@ class Engine:
         publisher = _Publisher(self, plan)
         streaming = sink is not None and plan.num_steps > 1
         t0 = self.clock()
-        result = self.executor.execute(plan, publisher.substep(sink)) if streaming else self.executor.execute(plan)
+        result, lost = self._execute(plan, publisher.substep(sink) if streaming else None)
         result.duration = self.clock() - t0
         self.execute_seconds += result.duration
         if result.draft_time > 0.0:
@@ -336,7 +464,29 @@ class Engine:
             for o in out.outputs:
                 reason = o.finish_reason or "stop"
                 self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
-        return outputs
+        return lost + outputs
+
+    def _execute(self, plan: StepPlan, on_substep: Callable[..., None] | None) -> tuple[StepResult, list[RequestOutput]]:
+        """Run ``plan``; if adapters it needs cannot be loaded, abort their requests, unregister
+        those adapters and run the rest (``update`` skips the aborted). Returns the result and
+        the aborted requests' outputs."""
+        lost: list[RequestOutput] = []
+        run = plan
+        while True:
+            try:
+                return self.executor.execute(run, on_substep) if on_substep else self.executor.execute(run), lost
+            except LoraLoadError as exc:
+                self.loras.drop_ids(set(exc.lora_ids))
+                gone = set(exc.request_ids)
+                if not gone:
+                    raise
+                parents = {self.scheduler.requests[r].parent_id or r for r in gone if r in self.scheduler.requests}
+                for parent in parents:
+                    out = self.abort_request(parent)
+                    if out is not None:
+                        lost.append(out)
+                logger.error("aborted %d request(s): %s", len(parents), exc)
+                run = replace(run, seqs=[s for s in run.seqs if s.request_id not in gone])
 
     def _measure_draft_cost(self, plan: StepPlan, duration: float, draft_time: float) -> None:
         """Keep the controller's draft cost (one draft step over one target step) measured:

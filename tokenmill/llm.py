@@ -1,16 +1,25 @@
-"""The offline API: ``LLM(model).generate(prompts, params)``, shaped like vLLM's."""
+"""The offline API: ``LLM(model).generate(prompts, params)``, shaped like vLLM's.
+
+LoRA: ``generate(..., lora=...)`` runs prompts with adapters, one for all or one
+per prompt (None: the base model): a name registered with ``add_lora`` (or
+``LLM(lora_modules={name: path})``), a ``LoRARequest`` (vLLM's
+``lora_request=`` is taken too), or an adapter directory.
+"""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from tokenmill.core.lora import LoRARequest
 from tokenmill.core.request import SamplingParams
 from tokenmill.engine import Engine, EngineConfig
 from tokenmill.outputs import RequestOutput
 
 PromptLike = str | list[int] | dict[str, Any]
+LoraLike = LoRARequest | str | None
 
 
 class LLM:
@@ -22,27 +31,32 @@ class LLM:
     """
 
     def __init__(
-        self,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        kv_cache_memory: int = 1 << 30,
-        block_size: int = 16,
-        max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 64,
-        **engine_options: Any,
+        self, model: str | None = None, *, lora_modules: dict[str, str] | None = None, **engine_options: Any
     ) -> None:
-        config = EngineConfig(
-            model=model,
-            dtype=dtype,
-            kv_cache_memory=kv_cache_memory,
-            block_size=block_size,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs,
-            **engine_options,
-        )
-        self.engine = Engine(config)
+        self.engine = Engine(EngineConfig(model=model, **engine_options))
         self._ids = itertools.count()
+        for name, path in (lora_modules or {}).items():
+            self.engine.add_lora(name, path)
+
+    def add_lora(self, name: str, path: str) -> LoRARequest:
+        """Register the PEFT adapter at ``path`` as ``name`` (``LoraError`` if it cannot run)."""
+        return self.engine.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
+
+    def _lora(self, lora: LoraLike) -> LoRARequest | None:
+        if isinstance(lora, str) and lora not in self.engine.loras and Path(lora).is_dir():
+            return self.engine.add_lora(lora, lora)  # a directory, registered under its path
+        return self.engine.resolve_lora(lora)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        """An ``LLM`` on an engine built from ``config`` as it is."""
+        llm = cls.__new__(cls)
+        llm.engine = Engine(config)
+        llm._ids = itertools.count()
+        return llm
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
@@ -53,12 +67,16 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
+        lora: LoraLike | Sequence[LoraLike] = None,
+        lora_request: LoraLike | Sequence[LoraLike] = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order.
 
         A prompt is a string, a list of token ids, or ``{"prompt": ...}`` /
         ``{"prompt_token_ids": [...]}``. Every prompt is validated before any
         runs, so bad input raises ``ValueError`` without side effects.
+        ``lora`` (or vLLM's ``lora_request``): one adapter for every prompt or a list
+        with one per prompt (see the module docstring).
         """
         prompt_list = _as_prompt_list(prompts)
         if isinstance(sampling_params, Sequence):
@@ -69,11 +87,21 @@ class LLM:
             params_list = [sampling_params or SamplingParams()] * len(prompt_list)
         for p in params_list:
             p.validate()
+        if lora is not None and lora_request is not None:
+            raise ValueError("give lora or lora_request, not both")
+        wanted = lora if lora is not None else lora_request
+        if isinstance(wanted, Sequence) and not isinstance(wanted, str | LoRARequest):
+            loras = list(wanted)
+            if len(loras) != len(prompt_list):
+                raise ValueError(f"got {len(loras)} LoRA adapters for {len(prompt_list)} prompts")
+        else:
+            loras = [wanted] * len(prompt_list)
+        adapters = [self._lora(x) for x in loras]
         ids = [str(next(self._ids)) for _ in prompt_list]
         added: list[str] = []
         try:
-            for rid, prompt, params in zip(ids, prompt_list, params_list, strict=True):
-                self.engine.add_request(rid, prompt, params)
+            for rid, prompt, params, adapter in zip(ids, prompt_list, params_list, adapters, strict=True):
+                self.engine.add_request(rid, prompt, params, lora=adapter)
                 added.append(rid)
         except Exception:
             for rid in added:
@@ -99,9 +127,11 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         engine = self.engine
         if use_tqdm:
+            from rich.console import Console
             from rich.progress import Progress
 
-            with Progress(transient=True) as progress:
+            # on stderr: stdout may carry results (tokenmill generate --input prints JSONL there)
+            with Progress(transient=True, console=Console(stderr=True)) as progress:
                 task = progress.add_task("generating", total=len(ids))
                 while engine.has_unfinished():
                     for out in engine.step():

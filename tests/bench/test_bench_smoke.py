@@ -66,3 +66,18 @@ def test_prefix_cache_through_the_engine(tmp_path: Path, tiny_model_dir) -> None
     on, off = res["runs"]["cache on"], res["runs"]["cache off"]
     assert on["requests"] == off["requests"] == 6
     assert off["token_hit_rate"] == 0.0 and on["token_hit_rate"] > 0.3
+
+
+def test_structured(tmp_path: Path, tiny_model_dir) -> None:
+    from tokenmill.bench import structured
+
+    res = run_main(structured, tmp_path, "--model", str(tiny_model_dir("llama")), "--batch-sizes", "1,3",
+                   "--output-len", "6", "--repeats", "1", "--compile-schemas", "1", "--validity-requests", "3",
+                   "--validity-max-tokens", "48")  # fmt: skip
+    assert [r["schema"] for r in res["compile"]] == ["bench", "random 0"]
+    assert all(r["cached_ms"] < r["first_ms"] for r in res["compile"])
+    assert [r["batch"] for r in res["speed"]] == [1, 3]
+    for row in res["speed"]:
+        assert row["median"]["unconstrained"] > 0 and row["median"]["json schema"] > 0
+    assert set(res["validity"]) == {"json schema", "regex", "choice"}
+    assert all(v["requests"] == 3 and v["invalid"] == 0 for v in res["validity"].values())

@@ -109,3 +109,32 @@ def test_missing_input_and_unwritable_output(tiny_model_dir: Any, tmp_path: Path
     (tmp_path / "empty.jsonl").write_text("\n")
     assert main(["generate", "--input", str(tmp_path / "empty.jsonl")]) == 2
     assert "no prompts" in capsys.readouterr().err
+
+
+def test_structured_output_flags_and_jsonl_field(tiny_model_dir: Any, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    import re
+
+    import jsonschema
+
+    model = tiny_model_dir("llama")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9},
+                                               "w": {"enum": ["a", "b"]}}, "required": ["n", "w"]}  # fmt: skip
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    base = {"prompt": "x", "max_tokens": 40, "temperature": 1.0, "seed": 1}
+    from_file, regex_line = generate(
+        model, tmp_path, base, {**base, "structured_outputs": {"regex": "[a-c]{4}"}},
+        flags=("--json-schema", f"@{tmp_path / 'schema.json'}", "--disable-any-whitespace"),
+    )  # fmt: skip
+    out = from_file["outputs"][0]
+    assert out["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(out["text"]), schema)
+    assert re.fullmatch("[a-c]{4}", regex_line["outputs"][0]["text"])  # the line's own field wins
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model), "--kv-cache-memory", "4MiB", "--choice", "yes",
+                 "--choice", "no", "--temperature", "1", "hi"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip() in ("hiyes", "hino")
+    assert main(["generate", "--model", str(model), "--regex", "a(", "hi"]) == 2
+    assert "regex" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model), "--json-schema", "{not json", "hi"]) == 2
+    assert "--json-schema is not valid JSON" in capsys.readouterr().err

@@ -15,6 +15,8 @@ BENCHMARKS = {
     "bins": ("tokenmill.bench.bins", "bimodal output lengths: bins vs fcfs throughput"),
     "spec": ("tokenmill.bench.spec", "speculative decoding (self-int8, KJV draft, n-gram) against plain decoding"),
     "moe": ("tokenmill.bench.moe", "MoE decode vs transformers; expert offloading hit rate"),
+    "lora": ("tokenmill.bench.lora", "a batch mixing LoRA adapters vs the base model alone"),
+    "structured": ("tokenmill.bench.structured", "structured output: compile times, decode cost, validity"),
 }
 
 

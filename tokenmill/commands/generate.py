@@ -7,6 +7,11 @@ overrides the flags for that line. Lines are checked with the same types as
 ``SamplingParams`` before anything runs; an unknown field or a bad value is
 refused with the file, line and field. Results are the input object plus
 ``outputs`` (text, token ids, finish reason and, when asked, logprobs).
+
+LoRA: ``--lora-modules NAME=PATH ...`` registers adapters (a bundled one by its
+name alone, as ``serve`` takes them), ``--lora NAME`` runs every prompt with
+one, and a JSONL line's ``lora`` (a name, or null for the base model)
+overrides it for that line.
 """
 
 from __future__ import annotations
@@ -17,17 +22,20 @@ import json
 import sys
 from typing import IO, Any
 
+from tokenmill.commands.engine_args import add_engine_arguments, engine_config, engine_value
 from tokenmill.commands.options import (
     UsageError,
     add_speculative_arguments,
     check_device,
     check_model,
+    check_policy,
     check_speculative,
+    lora_module,
     positive_int,
-    size_in,
 )
 
 PROMPT_FIELDS = ("prompt", "prompt_token_ids")
+LINE_FIELDS = ("lora",)  # fields of a line that are neither its prompt nor SamplingParams
 
 
 def register(subparsers: Any) -> None:
@@ -45,13 +53,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--n", type=positive_int, default=1)
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--kv-cache-memory", type=size_in(1), default=256 << 20,
-                   help="KV cache size, bytes or e.g. 64MiB, 1GiB (default 256MiB)")  # fmt: skip
-    p.add_argument("--expert-cache-memory", type=size_in(1), default=None,
-                   help="MoE models: RAM for experts, e.g. 8GiB; the rest memory-mapped (default: all)")
-    p.add_argument("--max-num-seqs", type=positive_int, default=64)
+    p.add_argument("--lora-modules", nargs="+", action="extend", type=lora_module, default=[], metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) to load as NAME; a bundled adapter's name alone (psalms)")
+    p.add_argument("--lora", default=None, metavar="NAME",
+                   help="run the prompts with this adapter (of --lora-modules; a JSONL line's 'lora' overrides it)")
+    so = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    so.add_argument("--json-schema", metavar="SCHEMA",
+                    help="the output is JSON following this schema: inline JSON, or @FILE")  # fmt: skip
+    so.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    so.add_argument("--regex", help="the output matches this regular expression")
+    so.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
+    so.add_argument("--grammar", metavar="GRAMMAR", help="the output follows this EBNF or Lark grammar: inline, or @FILE")
+    add_engine_arguments(p, defaults={"device": "auto", "kv_cache_memory": 256 << 20})
     add_speculative_arguments(p)
     p.set_defaults(func=run)
 
@@ -71,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     sink: IO[str] | None = None
     try:
+        spec = structured_spec(args)
+        if spec is not None:
+            defaults["structured_outputs"] = spec
         if args.input:
             lines = read_jsonl(args.input)
             records = [rec for _, rec in lines]
@@ -80,23 +96,26 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise UsageError("give a prompt or --input FILE")
         params = [sampling_params(defaults, r, w) for r, w in zip(records, where, strict=True)]
+        modules = dict(args.lora_modules)
+        loras = [lora_of(r, args.lora, modules, w) for r, w in zip(records, where, strict=True)]
         if args.chat and any("prompt" not in r for r in records):
             raise UsageError("--chat needs a 'prompt' string on every line")
         from tokenmill.engine import resolve_model_path
 
         path = resolve_model_path(args.model)
-        model_config = check_model(path, args.dtype)
-        device = check_device(args.device, model_config.dtype)
+        check_policy(engine_value(args, "policy"), engine_value(args, "policy_options"))
+        model_config = check_model(path, engine_value(args, "dtype"), args.max_model_len)
+        device = check_device(engine_value(args, "device"), model_config.dtype)
         speculative = check_speculative(args, model_config)
         if args.output:
             # Opened before the model runs, so that a bad path costs nothing.
             sink = open(args.output, "w", encoding="utf-8")
-        llm = LLM(path, dtype=args.dtype, device=device, kv_cache_memory=args.kv_cache_memory,
-                  max_num_seqs=args.max_num_seqs, expert_cache_memory=args.expert_cache_memory,
-                  **speculative)  # fmt: skip
+        llm = LLM.from_config(engine_config(args, model=path, device=device, **speculative))
+        for name, lora_path in modules.items():
+            llm.add_lora(name, lora_path)
         tok = llm.get_tokenizer()
         prompts = [_prompt(tok, r, args.chat) for r in records]
-        outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 or bool(args.output))
+        outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 or bool(args.output), lora=loras)
     except (UsageError, ValueError, OSError, RuntimeError) as e:
         # RuntimeError: the device (e.g. out of memory); its message can run to many lines.
         print(f"error: {(str(e).strip() or type(e).__name__).splitlines()[0]}", file=sys.stderr)
@@ -117,6 +136,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def structured_spec(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``structured_outputs`` the flags ask for (a line's own field overrides it), or None."""
+    if args.json_schema is not None:
+        text = _inline_or_file(args.json_schema, "--json-schema")
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--json-schema is not valid JSON: {exc}") from None
+        return {"json": schema}
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice:
+        return {"choice": list(args.choice)}
+    if args.grammar is not None:
+        return {"grammar": _inline_or_file(args.grammar, "--grammar")}
+    return None
+
+
+def _inline_or_file(value: str, flag: str) -> str:
+    if not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {value[1:]}: {exc.strerror}") from None
+
+
 def sampling_params(defaults: dict[str, Any], record: dict[str, Any], where: str) -> Any:
     """``SamplingParams`` for one line: the flags, overridden by the line's own fields, type-checked."""
     from pydantic import TypeAdapter, ValidationError
@@ -124,10 +173,10 @@ def sampling_params(defaults: dict[str, Any], record: dict[str, Any], where: str
     from tokenmill.core.request import SamplingParams
 
     known = sampling_fields()
-    unknown = [k for k in record if k not in known and k not in PROMPT_FIELDS]
+    unknown = [k for k in record if k not in known and k not in PROMPT_FIELDS + LINE_FIELDS]
     if unknown:
-        raise UsageError(f"{where}: unknown field {unknown[0]!r} (a line takes {', '.join(PROMPT_FIELDS)} and "
-                         f"the SamplingParams fields: {', '.join(known)})")  # fmt: skip
+        raise UsageError(f"{where}: unknown field {unknown[0]!r} (a line takes {', '.join(PROMPT_FIELDS + LINE_FIELDS)}"
+                         f" and the SamplingParams fields: {', '.join(known)})")  # fmt: skip
     fields = {**defaults, **{k: v for k, v in record.items() if k in known}}
     try:
         return TypeAdapter(SamplingParams).validate_python(fields)
@@ -138,6 +187,27 @@ def sampling_params(defaults: dict[str, Any], record: dict[str, Any], where: str
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(f"{loc}: {msg}" if loc else msg)
         raise UsageError(f"{where}: {'; '.join(problems)}" if where else "; ".join(problems)) from None
+
+
+def lora_of(record: dict[str, Any], default: str | None, modules: dict[str, str], where: str) -> str | None:
+    """The adapter a line runs with: its ``lora`` (null: the base model), else ``--lora``.
+
+    A name must be one of ``--lora-modules`` (a bundled adapter's name is added to them),
+    checked before the model loads.
+    """
+    from tokenmill.models import BUNDLED_ADAPTERS
+
+    name = record["lora"] if "lora" in record else default
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise UsageError(f"{where}: 'lora' must be an adapter's name or null")
+    if name not in modules:
+        if name not in BUNDLED_ADAPTERS:
+            known = ", ".join([*modules, *(n for n in BUNDLED_ADAPTERS if n not in modules)])
+            raise UsageError(f"{where + ': ' if where else ''}unknown LoRA adapter {name!r} (known: {known})")
+        modules[name] = str(BUNDLED_ADAPTERS[name])
+    return name
 
 
 def result(record: dict[str, Any], out: Any) -> dict[str, Any]:

@@ -85,6 +85,32 @@ def key_value(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def lora_module(text: str) -> tuple[str, str]:
+    """``NAME=PATH``, vLLM's JSON ``{"name": ..., "path": ...}``, or a bundled adapter's NAME alone."""
+    import json
+
+    from tokenmill.models import BUNDLED_ADAPTERS
+
+    if text.lstrip().startswith("{"):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({exc.msg})") from None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("path"), str):
+            raise argparse.ArgumentTypeError(f'expected {{"name": ..., "path": ...}}, got {text!r}')
+        name, path = spec["name"], spec["path"]
+    else:
+        name, sep, path = text.partition("=")
+        if not sep:
+            if text in BUNDLED_ADAPTERS:
+                return text, str(BUNDLED_ADAPTERS[text])
+            bundled = ", ".join(BUNDLED_ADAPTERS)
+            raise argparse.ArgumentTypeError(f"expected NAME=PATH or a bundled adapter ({bundled}), got {text!r}")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH with both set, got {text!r}")
+    return name, path
+
+
 # ---------------------------------------------------------------- checks
 
 

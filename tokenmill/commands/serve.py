@@ -5,6 +5,11 @@ answers only to loopback ``Host`` names), bounds the waiting queue, the
 request body, the prompts and what a chat template may do, runs no template
 sent with a request, and drains on SIGTERM. Pass ``--host 0.0.0.0`` to serve
 other machines, and then set ``--api-key``.
+
+LoRA adapters (``--lora-modules NAME=PATH ...``) are loaded and checked before
+the server starts listening, and served as models of their own names; the
+adapter endpoints that load or unload them later (and so read directories on
+the server's disk) are off unless ``--enable-lora-runtime-updates``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import sys
 from typing import Any
 
+from tokenmill.commands.engine_args import add_engine_arguments, engine_config, engine_value
 from tokenmill.commands.options import (
     UsageError,
     add_speculative_arguments,
@@ -22,10 +28,9 @@ from tokenmill.commands.options import (
     check_model,
     check_policy,
     check_speculative,
-    key_value,
+    lora_module,
     non_negative_int,
     port,
-    positive_int,
     size_in,
 )
 from tokenmill.server.defaults import (
@@ -37,12 +42,6 @@ from tokenmill.server.defaults import (
     DEFAULT_MAX_QUEUE,
 )
 from tokenmill.server.hosts import allowed_hosts_for
-
-
-def _policies() -> list[str]:
-    from tokenmill.core.policies import available_policies
-
-    return sorted(available_policies())
 
 
 def register(subparsers: Any) -> None:
@@ -78,30 +77,22 @@ def register(subparsers: Any) -> None:
     p.add_argument("--allowed-hosts", default=None, metavar="HOST[,HOST...]",
                    help="Host header values to answer to (name, name:port, *.domain; '*': any). Default: "
                         "loopback names only when listening on loopback without --api-key, else any")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--kv-cache-memory", type=size_in(1), default=None,
-                   help="KV cache size, bytes or e.g. 512MiB, 4GiB (default 1GiB)")
-    p.add_argument("--block-size", type=positive_int, default=None, help="tokens per KV block (default 16)")
-    p.add_argument("--max-num-seqs", type=positive_int, default=None, help="sequences per step (default 64)")
-    p.add_argument("--max-num-batched-tokens", type=positive_int, default=None, help="tokens per step (default 2048)")
-    p.add_argument("--max-model-len", type=positive_int, default=None, help="context length (default: the model's)")
-    p.add_argument("--max-seqs-per-request", type=positive_int, default=None,
-                   help="running slots the n samples of one request keep while other requests wait (default 8)")
-    p.add_argument("--max-tokens-per-request", type=positive_int, default=None,
-                   help="refuse requests whose n x max_tokens exceeds this (default: no bound)")
-    p.add_argument("--expert-cache-memory", type=size_in(1), default=None,
-                   help="MoE models: RAM for experts, e.g. 8GiB; the rest stay memory-mapped "
-                        "(default: every expert in RAM)")
-    p.add_argument("--policy", default="fcfs", help="scheduling policy: " + ", ".join(_policies()))
-    p.add_argument("--policy-option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
-                   help="an option of the policy (repeatable; VALUE parsed as JSON when it is)")
-    p.add_argument("--no-prefix-caching", action="store_true", help="turn the radix prefix cache off")
-    p.add_argument("--max-decode-steps", type=positive_int, default=None,
-                   help="decode steps one plan may cover when nothing can change (default 8)")
+    add_engine_arguments(p, defaults={"device": "auto"})
     add_speculative_arguments(p)
+    p.add_argument("--lora-modules", nargs="+", action="extend", type=lora_module, default=[],
+                   metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) to serve as models named NAME; also "
+                        "'{\"name\": ..., \"path\": ...}', or a bundled adapter's name alone (psalms)")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="accepted for vLLM compatibility (LoRA needs no switch here)")
+    p.add_argument("--enable-lora-runtime-updates", action="store_true",
+                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they load "
+                        "directories on this machine: for trusted clients)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "none"],
+                   help="how tool calls are read from the model's text for tool_choice auto "
+                        "(hermes: <tool_call> JSON blocks; none: refuse auto)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -133,6 +124,16 @@ def run(args: argparse.Namespace) -> int:
         log.debug("engine start failed", exc_info=True)
         print(f"error: cannot load the model: {_first_line(exc)}", file=sys.stderr)
         return 2
+    from tokenmill.lora.errors import LoraError
+
+    for name, path in args.lora_modules:
+        try:
+            if name in names:
+                raise LoraError(f"{name!r} is the base model's served name; give the adapter another")
+            engine.add_lora(name, path)
+        except LoraError as exc:
+            print(f"error: --lora-modules {name}={path}: {exc}", file=sys.stderr)
+            return 2
     settings = ServerSettings(
         served_model_names=names,
         api_key=args.api_key or None,
@@ -143,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_chars=args.max_prompt_chars,
         max_prompts_per_request=args.max_prompts_per_request,
         allowed_hosts=allowed_hosts_for(args.host, args.port, api_key=args.api_key or None, flag=args.allowed_hosts),
+        enable_lora_runtime_updates=args.enable_lora_runtime_updates,
+        tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser,
     )
     state = build_state(engine, settings)
     app = create_app(state)
@@ -150,23 +153,23 @@ def run(args: argparse.Namespace) -> int:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
     log.info(
         "serving %s (%s) at http://%s:%d/v1 (context %d tokens, %d KV blocks, policy %s)",
-        names[0], config.model, args.host, args.port, engine.max_model_len, engine.executor.num_blocks, args.policy,
+        names[0], config.model, args.host, args.port, engine.max_model_len, engine.executor.num_blocks, config.policy,
     )
     return run_server(app, state, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
 
 
 def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
     """The engine's configuration and the served names, from flags checked before any weight is loaded."""
-    from tokenmill.engine import EngineConfig, resolve_model_path
+    from tokenmill.engine import resolve_model_path
 
     if args.model and args.model_flag and args.model != args.model_flag:
         raise UsageError("give the model once (positional MODEL or --model)")
     model = args.model or args.model_flag
-    options = dict(args.policy_option)
-    check_policy(args.policy, options)
+    check_policy(engine_value(args, "policy"), engine_value(args, "policy_options"))
     path = resolve_model_path(model)
-    model_config = check_model(path, args.dtype, args.max_model_len)
-    device = check_device(args.device, model_config.dtype)
+    dtype = engine_value(args, "dtype")
+    model_config = check_model(path, dtype, args.max_model_len)
+    device = check_device(engine_value(args, "device"), model_config.dtype)
     if args.served_model_name:
         names = list(args.served_model_name)
     elif model is None:
@@ -175,29 +178,8 @@ def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         names = [DEFAULT_MODEL_NAME]
     else:
         names = [model]
-    overrides = {
-        "kv_cache_memory": args.kv_cache_memory,
-        "expert_cache_memory": args.expert_cache_memory,
-        "block_size": args.block_size,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "max_decode_steps": args.max_decode_steps,
-        "max_seqs_per_request": args.max_seqs_per_request,
-        "max_tokens_per_request": args.max_tokens_per_request,
-    }
-    config = EngineConfig(
-        model=path,
-        dtype=args.dtype,
-        device=device,
-        max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
-        max_waiting=args.max_queue or None,
-        policy=args.policy,
-        policy_options=options,
-        **check_speculative(args, model_config),
-        **{k: v for k, v in overrides.items() if v is not None},
-    )
-    return config, names
+    speculative = check_speculative(args, model_config)
+    return engine_config(args, model=path, device=device, max_waiting=args.max_queue or None, **speculative), names
 
 
 def _first_line(exc: BaseException) -> str:

@@ -121,6 +121,9 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                    help="one draft step's time over one target decode step (0 for n-gram lookup)")
     s.add_argument("--spec-knee-tokens", type=int,
                    help="tokens per step past which a step is compute bound (default: from the cost model)")
+    s.add_argument("--max-loras", type=int, default=None,
+                   help="LoRA adapters running at once per replica (requests name theirs in a trace's 'lora')")
+    s.add_argument("--lora-rank", type=int, default=16, help="the adapters' rank, for the roofline cost model")
     s.add_argument("--policy", default="fcfs", help="scheduling policy")
     s.add_argument("--policy-option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="policy option (value parsed as JSON when it can be)")  # fmt: skip
@@ -188,6 +191,7 @@ def _deployment(args: argparse.Namespace, tp: int | None = None) -> Any:
         policy=args.policy, policy_options=dict(args.policy_option),
         num_speculative_tokens=k, speculative_adaptive=adaptive, draft_cost=args.draft_cost,
         spec_knee_tokens=args.spec_knee_tokens,
+        max_loras=args.max_loras, lora_rank=args.lora_rank,
     )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ worker, test fakes), so none of them reads a live ``Request``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenmill.core.plan import SeqSetup, StepPlan
 
@@ -21,6 +22,8 @@ class SeqView:
     setup: SeqSetup
     outputs: list[int]  # output tokens: those before its admission, then what was sampled since
     blocks: list[int] = field(default_factory=list)  # its block table
+    # its structured-output matcher (tokenmill/structured/decoding.py), kept by the executor
+    grammar: Any = None
 
     def token_ids(self) -> list[int]:
         """Prompt and output tokens."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenmill.core.lora import LoRARequest
 from tokenmill.core.request import FinishReason, Request, SamplingParams
 
 
@@ -29,6 +30,7 @@ class SeqSetup:
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
     sample_index: int = 0
+    lora: LoRARequest | None = None  # the adapter it runs with; the executor loads it if need be
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -73,6 +75,7 @@ class ScheduledSeq:
     block_ids: list[int]
     samples: bool
     setup: SeqSetup | None = None  # set in the plan that admits the request
+    lora_id: int = 0  # its adapter's lora_int_id (0: base), for cost models that price LoRA
     draft_token_ids: list[int] = field(default_factory=list)
     num_propose: int = 0
 
@@ -179,6 +182,7 @@ def standalone_seq(req: Request, start_pos: int, num_new_tokens: int, block_ids:
     """A sequence for a plan built outside the scheduler (profiling, tests): it carries
     its setup and its whole table, so an executor takes it whatever it saw before."""
     setup = SeqSetup(req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
-                     req.eos_token_ids, req.sample_index)  # fmt: skip
+                     req.eos_token_ids, req.sample_index, req.lora)  # fmt: skip
     tokens = req.token_ids_slice(start_pos, start_pos + num_new_tokens)
-    return ScheduledSeq(req.request_id, start_pos, num_new_tokens, tokens, 0, list(block_ids), samples, setup)
+    return ScheduledSeq(req.request_id, start_pos, num_new_tokens, tokens, 0, list(block_ids), samples, setup,
+                        req.lora_id)  # fmt: skip

@@ -10,6 +10,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.core.lora import LoRARequest
+from tokenmill.structured.params import StructuredOutputsParams
 
 
 class RequestStatus(enum.Enum):
@@ -52,8 +56,12 @@ class SamplingParams:
     # the prompt positions the prefix cache holds rather than skipping them
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # The output's form (JSON schema, regex, choice, grammar); tokenmill/structured.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**_known(self.structured_outputs))
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -92,10 +100,29 @@ class SamplingParams:
             raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if any(not s for s in self.stop):  # type: ignore[union-attr]
             raise ValueError("stop strings must be non-empty")
+        so = self.structured_outputs
+        if so is not None:
+            if not isinstance(so, StructuredOutputsParams):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams")
+            so.validate()
+            if self.ignore_eos:
+                # the grammar ends with EOS: ignoring it would leave nothing to generate
+                raise ValueError("structured_outputs cannot be combined with ignore_eos")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+def _known(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` if they are all ``StructuredOutputsParams``'s, else a ValueError naming one."""
+    from dataclasses import fields as dc_fields
+
+    names = {f.name for f in dc_fields(StructuredOutputsParams)}
+    unknown = [k for k in fields if k not in names]
+    if unknown:
+        raise ValueError(f"structured_outputs: unknown field {unknown[0]!r} (known: {', '.join(sorted(names))})")
+    return fields
 
 
 @dataclass(eq=False)
@@ -121,6 +148,7 @@ class Request:
     parent_id: str | None = None  # the user request this sample belongs to
     hold_kv: bool = False  # keep its KV blocks after it finishes, for export (prefill of P/D)
     sample_index: int = 0
+    lora: LoRARequest | None = None  # the adapter it runs with (None: the base model)
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -136,6 +164,11 @@ class Request:
     # Speculative decoding: tokens a proposer guessed after the last one, for the next
     # step to verify (set and cleared by ``Scheduler.update``; core/spec.py).
     draft_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def lora_id(self) -> int:
+        """Its adapter's ``lora_int_id``; 0 for the base model."""
+        return 0 if self.lora is None else self.lora.lora_int_id
 
     @property
     def num_prompt_tokens(self) -> int:

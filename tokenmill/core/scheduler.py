@@ -34,6 +34,11 @@ after it arrives (blocks and token budget permitting): its first token comes
 after at most the plan in flight (``max_decode_steps`` steps) and its own
 prefill chunks, instead of ``n / max_num_seqs`` rounds of ``max_tokens``
 decodes.
+
+LoRA adapters: at most ``max_loras`` distinct adapters run at once (the
+executor keeps that many resident). A waiting request whose adapter would be
+one too many is passed over, not blocking the requests behind it, until one
+of the running adapters has no request left (S-LoRA / vLLM do the same).
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ class SchedulerConfig:
     # Running slots the samples of one user request keep while requests of other
     # parents wait for one (see the module docstring); None: no share, plain policy order.
     max_seqs_per_request: int | None = 8
+    # Distinct LoRA adapters among the running requests (None: no bound).
+    max_loras: int | None = None
     policy: str = "fcfs"
     policy_options: dict[str, Any] = field(default_factory=dict)
     debug_checks: bool = False  # check block invariants after every schedule and update
@@ -87,6 +94,8 @@ class SchedulerConfig:
         if self.max_decode_steps < 1:
             raise ValueError("max_decode_steps must be >= 1")
         self.spec_config()  # validates the speculative decoding fields
+        if self.max_loras is not None and self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1 or None, got {self.max_loras}")
         if self.max_seqs_per_request is not None and self.max_seqs_per_request < 1:
             raise ValueError(f"max_seqs_per_request must be >= 1 or None, got {self.max_seqs_per_request}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
@@ -129,6 +138,7 @@ class Scheduler:
         self._finished_ids: list[str] = []  # finished or aborted since the last plan
         self._over: set[str] = set()  # parents holding more than max_seqs_per_request slots
         self.spec = SpecController(config.spec_config())
+        self._loras: dict[int, int] = {}  # adapter id -> its running requests
 
     # ---------------------------------------------------------------- inputs
 
@@ -174,6 +184,9 @@ class Scheduler:
 
     def _start_running(self, req: Request) -> None:
         self.running.append(req)
+        if req.lora is not None:
+            lid = req.lora.lora_int_id
+            self._loras[lid] = self._loras.get(lid, 0) + 1
         cap = self.config.max_seqs_per_request
         if cap is not None and req.parent_id is not None:
             p = req.parent_id
@@ -183,6 +196,13 @@ class Scheduler:
 
     def _stop_running(self, req: Request) -> None:
         self.running.remove(req)
+        if req.lora is not None:
+            lid = req.lora.lora_int_id
+            left = self._loras[lid] - 1
+            if left:
+                self._loras[lid] = left
+            else:
+                del self._loras[lid]
         p = req.parent_id
         if p is not None and p in self._held:
             held = self._held[p] - 1
@@ -192,6 +212,17 @@ class Scheduler:
                 del self._held[p]
             if held <= self.config.max_seqs_per_request:  # type: ignore[operator]
                 self._over.discard(p)
+
+    def _lora_fits(self, req: Request) -> bool:
+        """Whether ``req``'s adapter may run now: the base model, an adapter already running,
+        or one more while fewer than ``max_loras`` adapters run."""
+        cap = self.config.max_loras
+        return (
+            cap is None
+            or req.lora is None
+            or req.lora.lora_int_id in self._loras
+            or len(self._loras) < cap
+        )
 
     def _holds_share(self, req: Request) -> bool:
         """True when ``req``'s parent already holds its share of running slots."""
@@ -466,9 +497,9 @@ class Scheduler:
             setup = None
             if admitted:
                 setup = SeqSetup(req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
-                                 req.eos_token_ids, req.sample_index)  # fmt: skip
+                                 req.eos_token_ids, req.sample_index, req.lora)  # fmt: skip
             s = ScheduledSeq(req.request_id, start, n, req.token_ids_slice(start, end), offset, blocks,
-                             end == req.num_tokens, setup)  # fmt: skip
+                             end == req.num_tokens, setup, req.lora_id)  # fmt: skip
             if drafts or propose:
                 rid = req.request_id
                 k = drafts.get(rid)
@@ -481,8 +512,12 @@ class Scheduler:
     # --------------------------------------------------------- speculative decoding
 
     def _spec_lengths(self) -> list[int]:
-        """The controller's draft length for each running request (``self.running`` order)."""
-        return self.spec.plan([r.request_id for r in self.running])
+        """The controller's draft length for each running request (``self.running`` order).
+        Structured-output requests get none: a draft cannot be checked against the
+        grammar's mask before the tokens ahead of it are accepted."""
+        lengths = self.spec.plan([r.request_id for r in self.running])
+        return [0 if r.sampling_params.structured_outputs is not None else k
+                for r, k in zip(self.running, lengths, strict=True)]  # fmt: skip
 
     def _spec_lengths_by_id(self) -> dict[str, int]:
         return dict(zip((r.request_id for r in self.running), self._spec_lengths(), strict=True))
@@ -536,7 +571,7 @@ class Scheduler:
         for req in self.policy.order_waiting(self.waiting, now, self):
             if budget <= 0 or len(self.running) >= cfg.max_num_seqs:
                 break
-            if not self.policy.may_admit(req, now, self):
+            if not self.policy.may_admit(req, now, self) or not self._lora_fits(req):
                 continue
             if self._holds_share(req):
                 deferred.append(req)
@@ -551,6 +586,8 @@ class Scheduler:
             for req in deferred:
                 if budget <= 0 or len(self.running) >= cfg.max_num_seqs:
                     break
+                if not self._lora_fits(req):
+                    continue
                 n = self._try_admit(req, now, budget, seqs)
                 if n is None:
                     break
@@ -751,6 +788,12 @@ class Scheduler:
         for rid in self.kv.held:
             if rid in self.requests:
                 raise AssertionError(f"request {rid} holds KV for export but has not finished")
+        loras: dict[int, int] = {}
+        for r in self.running:
+            if r.lora is not None:
+                loras[r.lora.lora_int_id] = loras.get(r.lora.lora_int_id, 0) + 1
+        if loras != self._loras:
+            raise AssertionError(f"adapter books {self._loras} disagree with running {loras}")
         cap = self.config.max_seqs_per_request
         if cap is not None:
             held: dict[str, int] = {}

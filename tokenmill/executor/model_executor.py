@@ -11,13 +11,25 @@ Plans are snapshots (``core/plan.py``): the executor keeps, per running
 request, what the plan that admitted it sent (``SeqSetup``), its block table
 (patched by each plan's diffs) and the tokens it has sampled for it, and drops
 them when a plan names the request finished or preempted. It never sees a
-live ``Request``, so it could run in another process. A caller that streams passes
+live ``Request``, so it could run in another process. Structured output: a
+request with a grammar gets its matcher when a plan admits it (kept with its
+state), and every sub-step masks its sampling row with the grammar's allowed
+tokens and advances the matcher on the token drawn (``structured/decoding.py``).
+A caller that streams passes
 ``on_substep``: it sees the tokens sampled so far after every sub-step but the
 last, so that they can reach clients as they are sampled rather than in a
 burst at the end of the plan. For a request that wants its prompt's
 logprobs, the first sub-step also computes the logits of every prompt
 position of its chunk (in slices, so a long prompt never holds a
 ``tokens x vocab`` tensor at once).
+
+LoRA: a request's adapter comes with its ``SeqSetup``; the executor's
+``LoraManager`` loads it if it is not resident (unloading an idle one, LRU)
+before anything of the plan runs, and each forward pass gets a ``LoraBatch``
+saying which rows run which adapter. An adapter that cannot be loaded any
+more (its directory changed since it was registered) raises
+``LoraLoadError`` naming the requests that need it; the engine aborts them
+and runs the rest of the plan.
 """
 
 from __future__ import annotations
@@ -30,13 +42,17 @@ from typing import Any
 import torch
 
 from tokenmill.core.executor_state import ExecutorState, SeqView
+from tokenmill.core.lora import LoRARequest
 from tokenmill.core.plan import ScheduledSeq, StepPlan, StepResult
+from tokenmill.lora.errors import LoraError, LoraLoadError
+from tokenmill.lora.manager import LoraManager
 from tokenmill.model.attention import AttentionMetadata, kv_cache_shape
 from tokenmill.model.config import ModelConfig, resolve_dtype
 from tokenmill.model.loader import load_model
 from tokenmill.model.sampler import LogprobEntry, Sampler, SamplingRow
 from tokenmill.spec import ProposeItem, make_proposer
 from tokenmill.spec.verify import VerifySpan, verify
+from tokenmill.structured.decoding import StepMasks
 
 # A plan whose token count is below this builds slot mappings in Python; above it in torch.
 _TORCH_SLOTS_MIN_TOKENS = 64
@@ -60,6 +76,7 @@ class _Batch:
     seq_lens: list[int] = field(default_factory=list)
     block_rows: list[list[int]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # flattened row index of each sampler
+    lora: list[tuple[LoRARequest, int, int]] = field(default_factory=list)  # (adapter, first row, rows)
 
 
 class ModelExecutor:
@@ -78,6 +95,8 @@ class ModelExecutor:
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         speculative: str | None = None,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ) -> None:
         self.device = torch.device(device)
         self.model, self.model_config = load_model(
@@ -111,6 +130,8 @@ class ModelExecutor:
             self.proposer.allocate_cache(self.num_blocks)
         self.sampler = Sampler(self.device)
         self.state = ExecutorState()
+        self.loras = LoraManager(self.model, self.model_config, max_loras, max_lora_rank)
+        self.masks = StepMasks(self.model_config.vocab_size)
 
     @classmethod
     def from_config(cls, config: Any) -> ModelExecutor:
@@ -128,6 +149,8 @@ class ModelExecutor:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
             speculative=getattr(config, "speculative", None),
+            max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
         )
 
     # The model facts an engine takes from its executor (see executor/__init__.py).
@@ -160,6 +183,36 @@ class ModelExecutor:
             * model_config.head_dim * itemsize
         )  # fmt: skip
 
+    # -- adapters -------------------------------------------------------------------------
+
+    def add_lora(self, lora: LoRARequest) -> None:
+        """Load and check an adapter now (``LoraError`` if it cannot run on this model)."""
+        self.loras.load(lora, self._loras_in_use())
+
+    def remove_lora(self, lora_id: int) -> None:
+        """Unload an adapter unless a running request still uses it (it then goes by LRU)."""
+        if lora_id not in self._loras_in_use():
+            self.loras.remove(lora_id)
+
+    def _loras_in_use(self) -> set[int]:
+        return {v.setup.lora.lora_int_id for v in self.state.seqs.values() if v.setup.lora is not None}
+
+    def _load_loras(self, plan: StepPlan) -> None:
+        """Make every adapter of the plan's newly admitted requests resident."""
+        wanted = {s.setup.lora for s in plan.seqs if s.setup is not None and s.setup.lora is not None}
+        if not wanted:
+            return
+        in_use = self._loras_in_use()
+        failed: dict[int, str] = {}
+        for lora in wanted:
+            try:
+                self.loras.load(lora, in_use)
+            except LoraError as exc:
+                failed[lora.lora_int_id] = str(exc)
+        if failed:
+            ids = [s.request_id for s in plan.seqs if s.lora_id in failed]
+            raise LoraLoadError("; ".join(failed.values()), ids, list(failed))
+
     # -- one plan -------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -171,18 +224,22 @@ class ModelExecutor:
         """
         start = time.perf_counter()
         result = StepResult(sampled_token_ids={})
-        states = self.state.apply(plan)
+        states = self.state.apply(plan)  # idempotent: a plan may come again, cut, after a LoraLoadError
         if self.proposer is not None:
             self.proposer.drop(plan.finished_ids + plan.preempted_ids)
             for s in plan.seqs:
                 if s.setup is not None:
                     self.proposer.reset(s.request_id, s.start_pos)
+        self._load_loras(plan)
         if plan.is_empty:
             result.duration = 0.0
             return result
+        self.masks.admit(plan.seqs, states)
         samplers = [(s, st) for s, st in zip(plan.seqs, states, strict=True) if s.samples]
         sampled: dict[str, list[int]] = {s.request_id: [] for s, _ in samplers}
         logprobs: dict[str, list[LogprobEntry]] = {}
+        grammars = [st.grammar for _, st in samplers]
+        structured = any(g is not None for g in grammars)
 
         batch = self._first_batch(plan.seqs, states)
         for step in range(plan.num_steps):
@@ -196,10 +253,17 @@ class ModelExecutor:
             rows_idx = torch.tensor(batch.sample_rows, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows_idx))
             if len(batch.sample_rows) > len(samplers):  # drafts to verify (a single-step plan)
-                sampled, logprobs = self._verify(samplers, logits)
+                sampled, logprobs = self._verify(samplers, logits, grammars if structured else None)
                 break
             rows = [self._sampling_row(st, sampled[s.request_id]) for s, st in samplers]
-            out = self.sampler(logits, rows)
+            mask = None
+            if structured:
+                mask, constrained = self.masks.fill(grammars)
+                for row, c in zip(rows, constrained, strict=True):
+                    row.constrained = c
+            out = self.sampler(logits, rows, mask)
+            if structured:
+                self.masks.accept(grammars, out.token_ids)
             for i, (s, _) in enumerate(samplers):
                 sampled[s.request_id].append(out.token_ids[i])
                 if out.logprobs is not None and out.logprobs[i] is not None:
@@ -220,18 +284,32 @@ class ModelExecutor:
         return result
 
     def _verify(
-        self, samplers: list[tuple[ScheduledSeq, SeqView]], logits: torch.Tensor
+        self, samplers: list[tuple[ScheduledSeq, SeqView]], logits: torch.Tensor, grammars: list | None = None
     ) -> tuple[dict[str, list[int]], dict[str, list[LogprobEntry]]]:
         """Verify the drafts of a speculative step (spec/verify.py): ``logits`` hold
-        ``k + 1`` rows per sampling sequence (1 for those without drafts)."""
+        ``k + 1`` rows per sampling sequence (1 for those without drafts). Structured-output
+        sequences never carry drafts (the scheduler gives them none): their one row is
+        masked by their grammar as in plain decoding."""
         rows: list[SamplingRow] = []
         spans: list[VerifySpan] = []
-        for s, st in samplers:
+        owner: list[int] = []  # sampler index of each row
+        for i, (s, st) in enumerate(samplers):
             d = s.draft_token_ids
             q = self.proposer.draft_probs(s.request_id, d) if d and self.proposer is not None else None
             spans.append(VerifySpan(s.request_id, len(rows), d, q))
-            rows.extend(self._sampling_row(st, d[:i]) for i in range(len(d) + 1))
-        return verify(self.sampler, logits, rows, spans)
+            rows.extend(self._sampling_row(st, d[:j]) for j in range(len(d) + 1))
+            owner.extend([i] * (len(d) + 1))
+        mask = None
+        if grammars is not None:
+            one, constrained = self.masks.fill(grammars)
+            if one is not None:
+                mask = one[owner]
+                for row, i in zip(rows, owner, strict=True):
+                    row.constrained = constrained[i]
+        sampled, logprobs = verify(self.sampler, logits, rows, spans, mask)
+        if grammars is not None:
+            self.masks.accept(grammars, [sampled[s.request_id][0] for s, _ in samplers])
+        return sampled, logprobs
 
     def _prompt_logprobs(
         self, seqs: list[ScheduledSeq], states: list[SeqView], batch: _Batch, hidden: torch.Tensor
@@ -306,6 +384,8 @@ class ModelExecutor:
                 # the last token and each draft: k + 1 rows to verify k drafts
                 last = b.query_start[-1]
                 b.sample_rows.extend(range(last - 1 - len(s.draft_token_ids), last))
+            if st.setup.lora is not None:
+                b.lora.append((st.setup.lora, b.query_start[-2], n))
         return b
 
     def _blocks(self, request_id: str, st: SeqView, length: int) -> list[int]:
@@ -332,14 +412,20 @@ class ModelExecutor:
             b.seq_lens.append(pos + 1)
             b.block_rows.append(self._blocks(s.request_id, st, pos + 1))
             b.sample_rows.append(i)
+            if st.setup.lora is not None:
+                b.lora.append((st.setup.lora, i, 1))
         return b
 
     def _forward(self, b: _Batch) -> torch.Tensor:
-        return forward_batch(self.model, self.kv_caches, b, self.block_size, self.device)
+        lora = self.loras.batch(b.lora, self.device) if b.lora else None
+        return forward_batch(self.model, self.kv_caches, b, self.block_size, self.device, lora)
 
 
-def forward_batch(model: Any, kv_caches: list[torch.Tensor], b: _Batch, block_size: int, device: torch.device) -> torch.Tensor:
-    """One forward pass of a flattened batch over a paged KV cache (also a draft model's)."""
+def forward_batch(
+    model: Any, kv_caches: list[torch.Tensor], b: _Batch, block_size: int, device: torch.device, lora: Any = None
+) -> torch.Tensor:
+    """One forward pass of a flattened batch over a paged KV cache (also a draft model's, which
+    runs without adapters: its drafts are then worse, never the output)."""
     dev, bs = device, block_size
     width = max(len(r) for r in b.block_rows)
     block_tables = torch.tensor([r + [0] * (width - len(r)) for r in b.block_rows], dtype=torch.int32)
@@ -362,7 +448,7 @@ def forward_batch(model: Any, kv_caches: list[torch.Tensor], b: _Batch, block_si
         max_seq_len=max(b.seq_lens),
     )
     input_ids = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
-    return model(input_ids, positions.to(dev), kv_caches, meta)
+    return model(input_ids, positions.to(dev), kv_caches, meta, lora)
 
 
 def _row_positions(b: _Batch):

@@ -11,11 +11,17 @@ Mixture-of-experts layers prepare each expert with ``prepare_expert`` and run
 all of a layer's routed tokens with one ``moe_experts`` call: the reference
 loops over the experts hit, the CPU kernel groups tokens by expert and runs
 grouped GEMMs over packed expert weights.
+
+LoRA adapters add their low-rank products to a linear layer's output with
+``lora_apply`` (a ``lora.batch.LoraBatch`` says which rows run which adapter):
+the reference runs each adapter of the batch on its rows in torch, the CPU
+kernel runs every adapter's shrink and expand in one call (``csrc/lora.cpp``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +35,9 @@ from tokenmill.model.attention import (
 )
 from tokenmill.model.quant import dequantize, quantize_per_channel_int8
 from tokenmill.model.rope import apply_rope_reference
+
+if TYPE_CHECKING:
+    from tokenmill.lora.batch import LoraBatch
 
 PANEL = 16  # output features per packed panel (one AVX-512 vector of fp32)
 
@@ -135,6 +144,8 @@ class TorchOps:
     """Reference implementations in plain torch; every backend must match these."""
 
     name = "torch"
+    # whether ``lora_apply`` runs the compiled kernel (adapters then keep packed copies)
+    lora_kernel = False
 
     @staticmethod
     def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -239,6 +250,21 @@ class TorchOps:
     def gate_up_gelu(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
         """``gelu_tanh(x @ gate^T) * (x @ up^T)`` (``lin`` from ``prepare_linear``)."""
         return self.gelu_mul(self.linear(x, lin))
+
+    @staticmethod
+    def silu_mul_panels(x: torch.Tensor) -> torch.Tensor:
+        """``silu_mul`` of a ``[gate; up]`` product laid out as a ``silu_gate`` weight's
+        (alternating 16-column gate and up panels, ``interleave_gate_up``)."""
+        t, n = x.shape
+        panels = x.view(t, n // (2 * PANEL), 2, PANEL)
+        return (F.silu(panels[:, :, 0]) * panels[:, :, 1]).reshape(t, n // 2)
+
+    def lora_apply(
+        self, y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, layer: int, key: str, inter: int = 0
+    ) -> None:
+        """``y += x @ A^T @ B^T`` of each row's adapter for linear layer ``key`` of ``layer``,
+        in place; ``inter`` > 0: y is a ``silu_gate`` layout of ``[gate; up]`` (2 x inter)."""
+        batch.apply_reference(y, x, layer, key, inter)
 
     def prepare_expert(
         self, gate_up: torch.Tensor, down: torch.Tensor, quant: str | None = None
@@ -382,6 +408,18 @@ class CpuKernelOps(TorchOps):
     @staticmethod
     def gelu_mul(x: torch.Tensor) -> torch.Tensor:
         return torch.ops.tokenmill.gelu_tanh_mul(x)
+
+    lora_kernel = True
+
+    @staticmethod
+    def silu_mul_panels(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.tokenmill.silu_mul_panels(x)
+
+    def lora_apply(
+        self, y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, layer: int, key: str, inter: int = 0
+    ) -> None:
+        # every adapter of the batch in one call, rows grouped by adapter (Punica's SGMV)
+        torch.ops.tokenmill.lora_apply(y, x, batch.table(layer, key), batch.rows, batch.offsets, inter)
 
     def prepare_linear(
         self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: str | None = None
@@ -558,8 +596,13 @@ def sample_rows_kernel(
     top_p: list[float],
     min_p: list[float],
     u: torch.Tensor,
+    bitmask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per row of ``x`` drawn with uniforms ``u`` by the fused CPU kernel."""
+    """One token per row of ``x`` drawn with uniforms ``u`` by the fused CPU kernel.
+
+    ``bitmask`` (int32 ``[rows, ceil(vocab / 32)]``, xgrammar's packed layout) keeps only
+    the tokens whose bit is set; a temperature of 0 takes the masked argmax.
+    """
     return torch.ops.tokenmill.sample_rows(
         x.contiguous(),
         torch.tensor(temperature, dtype=torch.float32),
@@ -567,4 +610,5 @@ def sample_rows_kernel(
         torch.tensor(top_p, dtype=torch.float32),
         torch.tensor(min_p, dtype=torch.float32),
         u.float().contiguous(),
+        None if bitmask is None else bitmask.contiguous(),
     )

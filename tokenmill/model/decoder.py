@@ -20,12 +20,19 @@ also decides the weights' layout (``Linear``); with ``config.quantization``
 quantized there. Weights live in plain attributes rather than
 ``nn.Parameter``s: nothing here trains, and the hot loop reads them thirty
 times a step.
+
+LoRA: ``forward(..., lora=batch)`` adds each row's adapter to the dense linear
+layers it adapts (``ops.lora_apply`` after each GEMM; ``lora.batch``). A gated
+MLP that an adapter of the batch touches runs its ``[gate; up]`` GEMM without
+the fused activation, so that the adapter's share lands before SiLU; layers
+and steps without adapters run exactly as before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,6 +41,9 @@ from tokenmill.model.backend import Linear, TorchOps, select_ops
 from tokenmill.model.config import ModelConfig
 from tokenmill.model.moe import ExpertSource, MoeBlock
 from tokenmill.model.rope import cos_sin_cache, rope_positions
+
+if TYPE_CHECKING:
+    from tokenmill.lora.batch import LoraBatch
 
 # the linear layers of ``dense`` (quantized with ``config.quantization``; the rest is cast)
 LINEAR_KEYS = ("qkv", "o", "gate_up", "down", "lm_head", "lm_head_fp32")
@@ -222,8 +232,10 @@ class DecoderModel:
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
-        """Hidden states ``[T, hidden]`` after the final norm, for ``input_ids [T]``."""
+        """Hidden states ``[T, hidden]`` after the final norm, for ``input_ids [T]``
+        (``lora``: which rows run which LoRA adapter; None: the base model only)."""
         cfg, ops = self.config, self.ops
         eps = cfg.rms_norm_eps
         t = input_ids.shape[0]
@@ -237,12 +249,14 @@ class DecoderModel:
         if cfg.embed_scale is not None:
             residual = residual * torch.tensor(cfg.embed_scale, dtype=residual.dtype)
         h: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             if h is None:
                 x = ops.rms_norm(residual, layer.input_norm, eps)
             else:
                 x = ops.add_rms_norm(h, residual, layer.input_norm, eps)
             qkv = ops.linear(x, layer.qkv)
+            if lora is not None and lora.touches(i, "qkv"):
+                ops.lora_apply(qkv, x, lora, i, "qkv")
             if layer.q_norm is not None:
                 ops.qk_norm(qkv, layer.q_norm, layer.k_norm, cfg.num_heads, cfg.num_kv_heads, eps)
             ops.rope_write_kv(
@@ -250,12 +264,17 @@ class DecoderModel:
             )
             q = qkv[:, :q_size].view(t, cfg.num_heads, cfg.head_dim)
             att = ops.attention(q, kv_cache, meta, scale, layer.window, cfg.attn_softcap)
-            h = ops.linear(att.view(t, q_size), layer.o)
+            att_out = att.view(t, q_size)
+            h = ops.linear(att_out, layer.o)
+            if lora is not None and lora.touches(i, "o"):
+                ops.lora_apply(h, att_out, lora, i, "o")
             if layer.post_attn_norm is not None:
                 h = ops.rms_norm(h, layer.post_attn_norm, eps)
             x = ops.add_rms_norm(h, residual, layer.post_norm, eps)
             if layer.moe is not None:
                 h = layer.moe(x, ops)
+            elif lora is not None:
+                h = self._lora_mlp(i, layer, x, lora)
             elif cfg.hidden_act == "gelu_tanh":
                 h = ops.linear(ops.gate_up_gelu(x, layer.gate_up), layer.down)
             else:
@@ -266,6 +285,25 @@ class DecoderModel:
         return ops.add_rms_norm(h, residual, self.final_norm, eps)
 
     __call__ = forward
+
+    def _lora_mlp(self, i: int, layer: DecoderLayer, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+        """The gated MLP of layer ``i`` with the batch's adapters on gate/up and down."""
+        ops, gelu = self.ops, self.config.hidden_act == "gelu_tanh"
+        assert layer.gate_up is not None and layer.down is not None
+        if lora.touches(i, "gate_up"):
+            y = ops.linear(x, layer.gate_up)  # [T, 2I] in the weight's own feature order
+            inter = y.shape[1] // 2 if layer.gate_up.silu_gate else 0
+            ops.lora_apply(y, x, lora, i, "gate_up", inter)
+            if inter:
+                act = ops.silu_mul_panels(y)
+            else:
+                act = ops.gelu_mul(y) if gelu else ops.silu_mul(y)
+        else:
+            act = ops.gate_up_gelu(x, layer.gate_up) if gelu else ops.gate_up_silu(x, layer.gate_up)
+        h = ops.linear(act, layer.down)
+        if lora.touches(i, "down"):
+            ops.lora_apply(h, act, lora, i, "down")
+        return h
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ _SOURCES = (
     "sampling.cpp",
     "family_ops.cpp",
     "moe.cpp",
+    "lora.cpp",
     "registration.cpp",
 )
 _HEADERS = ("simd.h", "ops.h", "gemm_kernels.h")

@@ -15,6 +15,13 @@ its own. top-k / top-p work on the top
 ``TOP_P_CANDIDATES`` tokens (a full sort only when a nucleus is wider). Logprobs are the
 log-softmax of the raw logits (before penalties and temperature). Rows that
 are plain greedy cost one batched argmax.
+
+Structured output: a constrained row comes with a token bitmask row (xgrammar's
+packed int32 layout, ``tokenmill/structured``); tokens outside it are never
+drawn. The fused CPU kernel applies the mask in the pass that computes the
+weights; the torch path masks the logits first. ``min_tokens`` gives way to
+the grammar: when the grammar allows nothing but EOS / stop ids, they stay
+allowed.
 """
 
 from __future__ import annotations
@@ -41,12 +48,14 @@ class SamplingRow:
     prompt_token_ids: Sequence[int] = ()
     eos_token_ids: Sequence[int] = ()
     sample_index: int = 0  # which of the request's n samples: seeded samples draw their own streams
+    constrained: bool = False  # its row of the token bitmask applies (structured output)
 
     @property
     def is_plain_greedy(self) -> bool:
         p = self.params
         return (
-            p.greedy
+            not self.constrained
+            and p.greedy
             and p.logprobs is None
             and p.repetition_penalty == 1.0
             and p.presence_penalty == 0.0
@@ -104,8 +113,14 @@ class Sampler:
         else:
             self._generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """``logits [N, vocab]`` (any float dtype) -> one token (and maybe logprobs) per row."""
+    def __call__(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], token_bitmask: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """``logits [N, vocab]`` (any float dtype) -> one token (and maybe logprobs) per row.
+
+        ``token_bitmask`` (int32 ``[N, ceil(vocab / 32)]``) holds the allowed tokens of the
+        rows marked ``constrained``; its other rows are ignored.
+        """
         logits = logits.float()
         special = [i for i, r in enumerate(rows) if not r.is_plain_greedy]
         if not special:
@@ -117,26 +132,51 @@ class Sampler:
             token_list = argmax_rows(logits).tolist()
             x = logits[special]
         special_rows = [rows[i] for i in special]
-        x = self._apply_min_tokens(x, special_rows, copied=x is not logits)
+        mask = None  # the special rows' bitmask, every bit set for unconstrained ones
+        if token_bitmask is not None and any(r.constrained for r in special_rows):
+            mask = token_bitmask[special].to(x.device)  # indexing copies: the caller's stays as it is
+            free = [j for j, r in enumerate(special_rows) if not r.constrained]
+            if free:
+                mask[free] = -1
+        x = self._apply_min_tokens(x, special_rows, copied=x is not logits, mask=mask)
         x = self._apply_penalties(x, special_rows, copied=x is not logits)
         greedy_local = [j for j, r in enumerate(special_rows) if r.params.greedy]
         random_local = [j for j, r in enumerate(special_rows) if not r.params.greedy]
         if greedy_local:
             g = x if len(greedy_local) == len(special) else x[greedy_local]
-            for j, tok in zip(greedy_local, argmax_rows(g).tolist(), strict=True):
+            if mask is not None and any(special_rows[j].constrained for j in greedy_local):
+                picked = self._masked_argmax(g, mask[greedy_local])
+            else:
+                picked = argmax_rows(g).tolist()
+            for j, tok in zip(greedy_local, picked, strict=True):
                 token_list[special[j]] = tok
         if random_local:
             r = x if len(random_local) == len(special) else x[random_local]
-            picked = self._sample(r, [special_rows[j] for j in random_local])
+            rmask = None
+            if mask is not None and any(special_rows[j].constrained for j in random_local):
+                rmask = mask if len(random_local) == len(special) else mask[random_local]
+            picked = self._sample(r, [special_rows[j] for j in random_local], rmask)
             for j, tok in zip(random_local, picked, strict=True):
                 token_list[special[j]] = tok
         return SamplerOutput(token_list, self._logprobs(logits, rows, token_list))
 
+    def _masked_argmax(self, x: torch.Tensor, mask: torch.Tensor) -> list[int]:
+        """The argmax of each row over the tokens its bitmask row allows."""
+        if self.backend != "torch" and sampling_kernel_applies(x):
+            n = x.shape[0]
+            zeros = [0.0] * n
+            return sample_rows_kernel(x, zeros, [0] * n, [1.0] * n, zeros, torch.zeros(n), mask).tolist()
+        return argmax_rows(apply_token_bitmask(x, mask)).tolist()
+
     @staticmethod
     def _apply_min_tokens(
-        x: torch.Tensor, rows: Sequence[SamplingRow], copied: bool
+        x: torch.Tensor, rows: Sequence[SamplingRow], copied: bool, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Mask EOS / stop ids of rows short of ``min_tokens`` (copies x before its first edit)."""
+        """Mask EOS / stop ids of rows short of ``min_tokens`` (copies x before its first edit).
+
+        A constrained row keeps them when its grammar allows nothing else (``mask``: the
+        rows' token bitmask): the grammar has ended, and only they can end the output.
+        """
         vocab = x.shape[1]
         for j, row in enumerate(rows):
             p = row.params
@@ -146,6 +186,8 @@ class Sampler:
             if not p.ignore_eos:
                 banned += list(row.eos_token_ids)
             banned = [t for t in banned if 0 <= t < vocab]
+            if banned and row.constrained and mask is not None and not _allows_other(mask[j], banned, vocab):
+                continue
             if banned:
                 if not copied:
                     x, copied = x.clone(), True
@@ -185,7 +227,9 @@ class Sampler:
                 x[j, ids] -= counts.to(x.dtype) * p.frequency_penalty + p.presence_penalty
         return x
 
-    def _sample(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
+    def _sample(
+        self, x: torch.Tensor, rows: Sequence[SamplingRow], mask: torch.Tensor | None = None
+    ) -> list[int]:
         u = self._uniforms(rows, x.device)
         if self.backend != "torch" and sampling_kernel_applies(x):
             return sample_rows_kernel(
@@ -195,11 +239,16 @@ class Sampler:
                 [r.params.top_p for r in rows],
                 [r.params.min_p for r in rows],
                 u,
+                mask,
             ).tolist()
-        return self._sample_torch(x, rows, u)
+        return self._sample_torch(x, rows, u, mask)
 
     @staticmethod
-    def _sample_torch(x: torch.Tensor, rows: Sequence[SamplingRow], u: torch.Tensor) -> list[int]:
+    def _sample_torch(
+        x: torch.Tensor, rows: Sequence[SamplingRow], u: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> list[int]:
+        if mask is not None:
+            x = apply_token_bitmask(x, mask)
         temps = torch.tensor([r.params.temperature for r in rows], dtype=x.dtype, device=x.device)
         probs = (x / temps[:, None]).softmax(dim=-1)
         vocab = probs.shape[1]
@@ -262,6 +311,28 @@ class Sampler:
             top = list(zip(top_ids_l[j][:n], top_vals_l[j][:n], strict=True)) if n else []
             result[i] = (sampled_list[j], top)
         return result
+
+
+def unpack_token_bitmask(mask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Bool ``[rows, vocab]``: token t allowed where bit ``t % 32`` of word ``t // 32`` is set."""
+    shifts = torch.arange(32, dtype=torch.int32, device=mask.device)
+    bits = (mask.to(torch.int32)[:, :, None] >> shifts) & 1
+    return bits.reshape(mask.shape[0], -1)[:, :vocab].bool()
+
+
+def apply_token_bitmask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with the tokens its bitmask disallows at -inf (a copy). A row whose mask allows
+    nothing is left as it is, as the CPU kernel does."""
+    allowed = unpack_token_bitmask(mask, x.shape[1])
+    allowed |= ~allowed.any(dim=-1, keepdim=True)
+    return x.masked_fill(~allowed, float("-inf"))
+
+
+def _allows_other(mask_row: torch.Tensor, banned: list[int], vocab: int) -> bool:
+    """Whether a bitmask row allows some token outside ``banned``."""
+    allowed = unpack_token_bitmask(mask_row[None], vocab)[0]
+    allowed[banned] = False
+    return bool(allowed.any())
 
 
 # top-p looks first at the tokens within these factors of the row's most likely one: a

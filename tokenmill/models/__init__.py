@@ -9,6 +9,10 @@ card (README.md) and ``heldout_sample.txt``, a held-out slice of the training
 corpus for tests. It is a 5.4M-parameter Llama trained from scratch on the King
 James Bible by ``scripts/train_default_model.py``; it loads with
 ``transformers.AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_PATH)``.
+
+``BUNDLED_ADAPTERS`` are LoRA adapters for the default model (PEFT format), by
+the name ``tokenmill serve --lora-modules NAME`` takes alone: ``psalms``, trained
+on the Book of Psalms by ``scripts/train_psalms_lora.py`` (its card is its README.md).
 """
 
 from __future__ import annotations
@@ -32,4 +36,7 @@ DEFAULT_DRAFT_PATH: Path = MODELS_DIR / "default_draft"
 a 1M-parameter Llama with the default model's vocabulary, distilled from it by
 ``scripts/train_default_model.py --draft``; no tokenizer of its own."""
 
-__all__ = ["DEFAULT_DRAFT_PATH", "DEFAULT_MODEL_NAME", "DEFAULT_MODEL_PATH", "HELDOUT_SAMPLE_PATH", "MODELS_DIR"]
+BUNDLED_ADAPTERS: dict[str, Path] = {"psalms": MODELS_DIR / "psalms-lora"}
+"""LoRA adapters of the default model shipped with tokenmill, by name."""
+
+__all__ = ["BUNDLED_ADAPTERS", "DEFAULT_DRAFT_PATH", "DEFAULT_MODEL_NAME", "DEFAULT_MODEL_PATH", "HELDOUT_SAMPLE_PATH", "MODELS_DIR"]

@@ -3,7 +3,10 @@
 Routes:
 
 - ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE)
-- ``GET /v1/models``
+- ``GET /v1/models``: the base model's served names, then each LoRA adapter
+  (``parent``: the base)
+- ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter`` (vLLM's
+  bodies and plain-text answers), only with ``enable_lora_runtime_updates``
 - ``GET /health``: 200 while the engine runs; 503 when it has failed or the
   server is draining
 - ``GET /metrics``: Prometheus text format
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,7 +38,7 @@ from tokenmill.server.async_engine import AsyncEngine
 from tokenmill.server.chat import create_chat_completion
 from tokenmill.server.completions import create_completion
 from tokenmill.server.defaults import DEFAULT_CHARS_PER_TOKEN
-from tokenmill.server.errors import error_response, install_error_handlers
+from tokenmill.server.errors import APIError, error_response, install_error_handlers
 from tokenmill.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from tokenmill.server.middleware import GuardMiddleware
 from tokenmill.server.prompts import Preprocessor, PromptLimits
@@ -46,7 +50,9 @@ from tokenmill.server.protocol import (
     CompletionResponse,
     ErrorResponse,
     HealthResponse,
+    LoadLoraAdapterRequest,
     ModelList,
+    UnloadLoraAdapterRequest,
 )
 from tokenmill.server.render import JSONResponse
 from tokenmill.server.state import ServerSettings, ServerState, unless_disconnected
@@ -96,6 +102,13 @@ def build_state(engine: Any, settings: ServerSettings, tokenizer: Any = None) ->
     # One encode now, on this thread: a fast tokenizer whose file sets truncation
     # clears it on first use, and that must not happen on two pool threads at once.
     tokenizer("warm up", add_special_tokens=True)
+    if engine.tokenizer is not None:
+        # The structured-output compiler reads the engine's tokenizer once, here, before the
+        # engine thread uses it; the pool threads then compile against its own vocabulary.
+        try:
+            engine.grammar_compiler  # noqa: B018 - built on first access
+        except Exception as exc:  # noqa: BLE001 - a tokenizer xgrammar cannot read: no structured output
+            logging.getLogger("tokenmill.server").warning("structured output unavailable: %s", exc)
     metrics = ServerMetrics(settings.served_model_names[0])
     async_engine = AsyncEngine(engine, metrics)
     max_chars = settings.max_prompt_chars or engine.max_model_len * DEFAULT_CHARS_PER_TOKEN
@@ -118,6 +131,7 @@ def build_state(engine: Any, settings: ServerSettings, tokenizer: Any = None) ->
             async_engine, engine.config.max_waiting, engine.config.max_num_seqs, metrics, settings.retry_after_s
         ),
         preprocessor=Preprocessor(settings.preprocess_threads),
+        loras={lora.lora_name: lora.lora_path for lora in engine.loras.list()},
     )
 
 
@@ -195,7 +209,22 @@ def create_app(state: ServerState) -> FastAPI:
             }
             for name in state.settings.served_model_names
         ]
+        cards += [
+            {
+                "id": name,
+                "object": "model",
+                "created": state.created,
+                "owned_by": "tokenmill",
+                "root": name,
+                "parent": state.model_name,
+                "max_model_len": state.max_model_len,
+            }
+            for name in state.loras
+        ]
         return JSONResponse({"object": "list", "data": cards})
+
+    if state.settings.enable_lora_runtime_updates:
+        _lora_routes(app, state)
 
     @app.get("/health", response_model=HealthResponse, responses=_errors(*_GUARD_ERRORS))
     async def health() -> Any:
@@ -214,6 +243,35 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _lora_routes(app: FastAPI, state: ServerState) -> None:
+    """vLLM's runtime LoRA updates: load or unload an adapter by name while serving."""
+    text = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "done"}}
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
+              responses={**text, **_errors(400, 401, *_GUARD_ERRORS)})  # fmt: skip
+    async def load_lora_adapter(body: LoadLoraAdapterRequest) -> Any:
+        name = body.lora_name
+        if name in state.settings.served_model_names:
+            raise APIError(400, f"{name!r} is the base model's name; choose another for the adapter", param="lora_name")
+        if name in state.loras:
+            raise APIError(400, f"The lora adapter {name!r} has already been loaded.", param="lora_name")
+        with state.engine_errors():  # a bad adapter is a 400 naming what is wrong
+            lora = await state.async_engine.call(lambda engine: engine.add_lora(name, body.lora_path))
+        state.loras[name] = lora.lora_path
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse,
+              responses={**text, **_errors(400, 401, 404, *_GUARD_ERRORS)})  # fmt: skip
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> Any:
+        name = body.lora_name
+        if name not in state.loras:
+            raise APIError(404, f"The lora adapter {name!r} cannot be found.", param="lora_name", code="model_not_found")
+        state.loras.pop(name)  # new requests for it get 404 from now on
+        with state.engine_errors():
+            await state.async_engine.call(lambda engine: engine.remove_lora(name))
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -15,7 +15,9 @@ waits on a forward pass, and it keeps every engine call on that thread:
   one batch), so bad input (``ValueError``) and a full queue
   (``QueueFullError``) reach the HTTP handler before it answers;
 - the event loop counts the sequences it has handed over and not seen
-  finish (``num_seqs_in_flight``), so that admission needs no engine call.
+  finish (``num_seqs_in_flight``), so that admission needs no engine call;
+- other engine work (loading a LoRA adapter) goes through the same queue
+  (``call``) and runs between two steps.
 
 The thread sleeps on the command queue when the engine has nothing to do.
 """
@@ -66,6 +68,12 @@ class _Stop:
 
 
 @dataclass
+class _Call:
+    fn: Callable[[Engine], Any]
+    future: asyncio.Future[Any]
+
+
+@dataclass
 class _Delivery:
     """What one engine-loop iteration hands to the event loop."""
 
@@ -113,7 +121,7 @@ class AsyncEngine:
         self.metrics = metrics
         self.stats: EngineStats | None = None  # latest snapshot, written by the engine thread
         self.dead: BaseException | None = None
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop | _Call] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # event-loop thread only
         self._seqs: dict[str, int] = {}  # event-loop thread only: sequences (n) per request
         self.num_seqs_in_flight = 0  # event-loop view: sequences added and not finished
@@ -212,6 +220,24 @@ class AsyncEngine:
             raise failures[0]
         return results  # type: ignore[return-value]
 
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread between two steps; return what it returns
+        (or raise what it raises). Raises ``EngineDeadError`` if the engine is not running."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self.dead is not None or self._thread is None:
+                raise EngineDeadError(f"the engine is not running ({self.dead or 'stopped'})")
+            self._commands.put(_Call(fn, future))
+        return await future
+
+    def _resolve(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+        if future.done():
+            return  # the caller was cancelled
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it finished); takes effect before the next step."""
         self._commands.put(_Abort(request_id))
@@ -278,6 +304,8 @@ class AsyncEngine:
                     break
                 if isinstance(cmd, _Add):
                     delivery.added.append((cmd.request_id, cmd.future, None, err))
+                elif isinstance(cmd, _Call):
+                    self._post_call(cmd.future, None, err)
             self._post(self._deliver, delivery)
             self._post(self._fail_all, err)
 
@@ -286,7 +314,7 @@ class AsyncEngine:
         stalled = False
         self._publish(_Delivery())  # gauges (KV blocks ...) from the start, not the first request
         while True:
-            cmds: list[_Add | _Abort | _Stop] = []
+            cmds: list[_Add | _Abort | _Stop | _Call] = []
             if not engine.has_unfinished():
                 cmds.append(self._commands.get())  # idle: sleep until there is work
             elif stalled:
@@ -321,7 +349,14 @@ class AsyncEngine:
                     self.dead = EngineDeadError("the engine was stopped")
                 return
 
-    def _apply(self, cmds: list[_Add | _Abort | _Stop], delivery: _Delivery) -> bool:
+    def _post_call(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._resolve, future, result, exc)
+        except RuntimeError:
+            pass  # the event loop is closed
+
+    def _apply(self, cmds: list[_Add | _Abort | _Stop | _Call], delivery: _Delivery) -> bool:
         engine = self.engine
         stop = False
         for cmd in cmds:
@@ -342,6 +377,13 @@ class AsyncEngine:
                 out = engine.abort_request(cmd.request_id)
                 if out is not None:
                     delivery.outputs.append(out)
+            elif isinstance(cmd, _Call):
+                try:
+                    result = cmd.fn(engine)
+                except Exception as exc:  # noqa: BLE001 - the caller gets it
+                    self._post_call(cmd.future, None, exc)
+                else:
+                    self._post_call(cmd.future, result, None)
             else:
                 stop = True
         return stop

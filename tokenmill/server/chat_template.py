@@ -575,12 +575,13 @@ def render_chat_template(
     continue_final_message: bool = False,
     variables: dict[str, Any] | None = None,
     limits: TemplateLimits = _DEFAULT_LIMITS,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """Render ``messages`` as transformers' ``apply_chat_template(..., tokenize=False)`` would, within ``limits``.
 
     ``variables`` are the special tokens (``bos_token`` ...) and the
     request's ``chat_template_kwargs``; names the template's own arguments
-    use are ignored. Raises ``TemplateLimitError``, ``TemplateRefusal`` or
+    use are ignored. ``tools`` are the request's tools (OpenAI's shape), or None. Raises ``TemplateLimitError``, ``TemplateRefusal`` or
     another ``TemplateError``; a ``ValueError`` for a final message that
     cannot be continued.
     """
@@ -601,7 +602,7 @@ def render_chat_template(
         extra = {k: v for k, v in (variables or {}).items() if k not in _RESERVED}
         try:
             text = template.render(
-                messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **extra
+                messages=chat, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **extra
             )
         except RecursionError:
             raise TemplateLimitError("the chat template recursed too deeply") from None

@@ -21,6 +21,7 @@ from tokenmill.server.params import reject_unsupported, resolve_max_tokens, samp
 from tokenmill.server.prompts import split_completion_prompt, tokenize_prompts
 from tokenmill.server.protocol import CompletionRequest, make_id, now_s
 from tokenmill.server.state import ServerState, collect
+from tokenmill.server.structured import compile_spec, structured_request
 from tokenmill.server.usage import UsageCounter
 
 ABORTED_MESSAGE = "the request was aborted: the server is shutting down"
@@ -29,10 +30,12 @@ ABORTED_MESSAGE = "the request was aborted: the server is shutting down"
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
     model = state.check_model(body.model)
     reject_unsupported(body)
+    structured = structured_request(body)
     texts = split_completion_prompt(body.prompt, state.limits)  # count and sizes: no work yet
     state.admission.check_fits(len(texts) * body.n, "n")
     with state.admission.reserve(len(texts) * body.n) as reservation:
         prompts = await state.preprocessor.run(tokenize_prompts, state.tokenizer, texts, state.limits, body.echo)
+        spec = await state.preprocessor.run(compile_spec, state.async_engine.engine, structured)
         params = [
             sampling_params(
                 body,
@@ -40,6 +43,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
                 logprobs=body.logprobs,
                 # echo with logprobs: the prompt's logprobs too, as vLLM and OpenAI give them
                 prompt_logprobs=body.logprobs if body.echo else None,
+                structured_outputs=spec,
             )
             for _, ids in prompts
         ]
@@ -55,6 +59,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             ttft_slo=body.ttft_slo,
             tpot_slo=body.tpot_slo,
             cache_namespace=body.cache_salt or "",
+            lora=state.lora_for(model),
         )
     index_of = {rid: i for i, rid in enumerate(engine_ids)}
     echo = [(text or "") if body.echo else "" for text, _ in prompts]

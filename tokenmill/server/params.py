@@ -12,7 +12,14 @@ from typing import Any
 
 from tokenmill.core.request import SamplingParams
 from tokenmill.server.errors import APIError, bad_request
-from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from tokenmill.server.protocol import (
+    UNSUPPORTED_CHAT_FIELDS,
+    UNSUPPORTED_FIELDS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
+from tokenmill.structured.params import StructuredOutputsParams
 
 # What OpenAI and vLLM send in place of -inf logprobs (JSON has no infinity).
 MIN_LOGPROB = -9999.0
@@ -23,21 +30,20 @@ def clamp_logprob(value: float) -> float:
 
 
 def reject_unsupported(body: SamplingFields) -> None:
-    """Refuse OpenAI parameters whose effect tokenmill cannot give, rather than ignore them."""
+    """Refuse OpenAI and vLLM parameters whose effect tokenmill cannot give, rather than ignore them."""
     if body.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
+    unsupported = {**UNSUPPORTED_FIELDS, **(UNSUPPORTED_CHAT_FIELDS if isinstance(body, ChatCompletionRequest) else {})}
+    for name, no_ops in unsupported.items():
+        value = getattr(body, name, None)
+        if not any(value == ok and type(value) is type(ok) for ok in no_ops):
+            raise bad_request(f"{name} is not supported", name)
     if isinstance(body, CompletionRequest):
         if body.best_of is not None and body.best_of != body.n:
             raise bad_request("best_of other than n is not supported", "best_of")
         if body.suffix:
             raise bad_request("suffix is not supported", "suffix")
     if isinstance(body, ChatCompletionRequest):
-        if body.tools:
-            raise bad_request("tools are not supported", "tools")
-        if body.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice is not supported", "tool_choice")
-        if body.response_format is not None and body.response_format.type != "text":
-            raise bad_request("only response_format type 'text' is supported", "response_format")
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         if body.continue_final_message and body.add_generation_prompt:
@@ -63,7 +69,12 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_
 
 
 def sampling_params(
-    body: SamplingFields, *, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    body: SamplingFields,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
@@ -88,6 +99,7 @@ def sampling_params(
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=body.skip_special_tokens,
+            structured_outputs=structured_outputs,
         )
     except ValueError as exc:
         # SamplingParams names the parameter first ("min_tokens must be ...").

@@ -224,10 +224,12 @@ def chat_prompt_ids(
     source: str | None,
     param: str,
     limits: PromptLimits,
+    tools: list[dict[str, Any]] | None = None,
     *,
     cancel: threading.Event,
 ) -> list[int]:
-    """Render the messages with the request's template (``source``) or the model's, and tokenize them."""
+    """Render the messages (and ``tools``, the tools the template is to show) with the
+    request's template (``source``) or the model's, and tokenize them."""
     messages = []
     for i, m in enumerate(body.messages):
         content = None if m.content is None else m.text()
@@ -243,6 +245,7 @@ def chat_prompt_ids(
             continue_final_message=body.continue_final_message,
             variables=variables,
             limits=limits.template_limits(),
+            tools=tools,
         )
     except TemplateLimitError as exc:
         raise APIError(400, f"the chat template went past the server's limits: {exc}", param=param,

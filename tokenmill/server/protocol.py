@@ -6,7 +6,14 @@ OpenAI does not have (``top_k``, ``min_p``, ``repetition_penalty``,
 names, so clients that already send them to vLLM work unchanged. Types are
 strict, as OpenAI checks them (``"n": "2"`` or ``"max_tokens": 16.0`` are
 400s). Unknown fields are ignored, as vLLM does, so that clients sending newer OpenAI
-parameters are not refused for a field that would not change the result.
+parameters are not refused for a field that would not change the result; the
+fields of OpenAI's and vLLM's APIs that would change it and that tokenmill does
+not implement are declared (``UNSUPPORTED_FIELDS``) and refused when set.
+
+Structured output comes as OpenAI's ``response_format`` (``json_object``,
+``json_schema``), vLLM's ``structured_outputs`` body field or its older
+``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``;
+tools as OpenAI's ``tools`` / ``tool_choice`` (``server/structured.py``).
 
 Ranges are checked here (a violation is a 400 ``invalid_request_error``
 naming the parameter); what needs the model (context length, vocabulary) is
@@ -44,6 +51,68 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False
 
 
+class JSONSchemaFormat(_Request):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True, populate_by_name=True)
+
+    name: str = Field(max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="a JSON schema; none: any JSON object")
+    strict: bool | None = Field(None, description="always enforced: the output follows the schema")
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's ``structured_outputs`` body field: exactly one of the spec fields."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True, populate_by_name=True)
+
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json", description="a JSON schema")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="xgrammar EBNF (root ::= ...) or Lark")
+    json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
+    disable_any_whitespace: bool | None = None
+    # taken: the grammar never adds properties a schema does not list, and never falls back
+    disable_additional_properties: bool | None = None
+    disable_fallback: bool | None = None
+    whitespace_pattern: str | None = Field(None, description="not supported: refused when set")
+
+
+# Fields of OpenAI's or vLLM's APIs that change the output and that tokenmill does not
+# implement, with the values that change nothing: a request setting any other value gets
+# a 400 naming the field, never an answer that silently ignores it.
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1, 1.0),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None,),
+    "logits_processors": (None, []),
+    "truncate_prompt_tokens": (None,),
+    "prompt_logprobs": (None,),
+    "guided_whitespace_pattern": (None,),
+    "spaces_between_special_tokens": (None, True),
+    "return_tokens_as_token_ids": (None, False),
+    "structural_tag": (None,),
+}
+UNSUPPORTED_CHAT_FIELDS: dict[str, tuple[Any, ...]] = {
+    "functions": (None,),
+    "function_call": (None,),
+    "prediction": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "documents": (None,),
+    "echo": (None, False),
+}
+_UNSUPPORTED = Field(None, description="not supported: a request that sets it is refused")
+
+
 class SamplingFields(_Request):
     """Parameters shared by completions and chat completions."""
 
@@ -74,6 +143,26 @@ class SamplingFields(_Request):
     ttft_slo: float | None = Field(None, gt=0.0, description="time-to-first-token target, seconds")
     tpot_slo: float | None = Field(None, gt=0.0, description="time-per-output-token target, seconds")
     cache_salt: str | None = Field(None, max_length=256, description="no prefix-cache sharing across salts")
+    # Structured output (see the module docstring); at most one of these per request.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = Field(None, description="xgrammar (or auto) only")
+    # Declared so that setting them is refused (UNSUPPORTED_FIELDS), not ignored.
+    use_beam_search: Any = _UNSUPPORTED
+    length_penalty: Any = _UNSUPPORTED
+    bad_words: Any = _UNSUPPORTED
+    allowed_token_ids: Any = _UNSUPPORTED
+    logits_processors: Any = _UNSUPPORTED
+    truncate_prompt_tokens: Any = _UNSUPPORTED
+    prompt_logprobs: Any = _UNSUPPORTED
+    guided_whitespace_pattern: Any = _UNSUPPORTED
+    spaces_between_special_tokens: Any = _UNSUPPORTED
+    return_tokens_as_token_ids: Any = _UNSUPPORTED
+    structural_tag: Any = _UNSUPPORTED
 
     @model_validator(mode="after")
     def _stop_strings(self) -> SamplingFields:
@@ -145,8 +234,25 @@ class ChatMessage(_Request):
         }
 
 
-class ResponseFormat(_Request):
-    type: str
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments")
+    strict: bool | None = Field(None, description="arguments always follow the schema when the output is constrained")
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -155,9 +261,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=_MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without"
+    )
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one tool call")
     # vLLM extras for the chat template.
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -165,6 +273,15 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = Field(
         None, max_length=MAX_TEMPLATE_CHARS, description="needs --trust-request-chat-template"
     )
+    functions: Any = _UNSUPPORTED
+    function_call: Any = _UNSUPPORTED
+    prediction: Any = _UNSUPPORTED
+    audio: Any = _UNSUPPORTED
+    modalities: Any = _UNSUPPORTED
+    reasoning_effort: Any = _UNSUPPORTED
+    web_search_options: Any = _UNSUPPORTED
+    documents: Any = _UNSUPPORTED
+    echo: Any = _UNSUPPORTED
 
 
 # ------------------------------------------------------------------ responses
@@ -228,9 +345,33 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class ChatChoice(BaseModel):
@@ -254,6 +395,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -280,7 +422,22 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "tokenmill"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """``POST /v1/load_lora_adapter`` (vLLM's body)."""
+
+    lora_name: str = Field(..., min_length=1, max_length=256)
+    lora_path: str = Field(..., min_length=1, max_length=4096)
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """``POST /v1/unload_lora_adapter`` (vLLM's body; ``lora_int_id`` is accepted and ignored)."""
+
+    lora_name: str = Field(..., min_length=1, max_length=256)
+    lora_int_id: int | None = None
 
 
 class ModelList(BaseModel):

@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from tokenmill.core.scheduler import QueueFullError
+from tokenmill.lora.errors import LoraNotFoundError
 from tokenmill.server.admission import Admission, Reservation
 from tokenmill.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from tokenmill.server.defaults import (
@@ -50,6 +51,10 @@ class ServerSettings:
     # Host header values taken (DNS-rebinding protection); None: any. See hosts.py.
     allowed_hosts: list[str] | None = None
     preprocess_threads: int = DEFAULT_PREPROCESS_THREADS
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime LoRA updates)
+    enable_lora_runtime_updates: bool = False
+    # How tool calls are read from the model's text (tool_choice auto); None: auto is refused.
+    tool_call_parser: str | None = "hermes"
 
 
 @dataclass
@@ -65,6 +70,9 @@ class ServerState:
     admission: Admission
     preprocessor: Preprocessor
     draining: bool = False
+    # LoRA adapters served as models, by name -> their registered path (event-loop view;
+    # the engine's registry decides, see lora_for)
+    loras: dict[str, str] = field(default_factory=dict)
     # Set by the runner: a drain was asked for (SIGTERM) and is in progress.
     drain_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -73,14 +81,20 @@ class ServerState:
         return self.settings.served_model_names[0]
 
     def check_model(self, requested: str | None) -> str:
-        if requested is None or requested in self.settings.served_model_names:
+        """The model a request names: a served name of the base or a LoRA adapter's (404 else)."""
+        if requested is None or requested in self.settings.served_model_names or requested in self.loras:
             return requested or self.model_name
         raise APIError(
             404,
-            f"The model {requested!r} does not exist. Served: {', '.join(self.settings.served_model_names)}",
+            f"The model {requested!r} does not exist. Served: "
+            f"{', '.join([*self.settings.served_model_names, *self.loras])}",
             param="model",
             code="model_not_found",
         )
+
+    def lora_for(self, model: str) -> str | None:
+        """The adapter name to run ``model`` (from ``check_model``) with; None for the base."""
+        return model if model in self.loras and model not in self.settings.served_model_names else None
 
     @staticmethod
     def client_id(request: Request, user: str | None) -> str:
@@ -102,6 +116,8 @@ class ServerState:
             ) from None
         except EngineDeadError as exc:
             raise APIError(503, str(exc), code="engine_unavailable") from None
+        except LoraNotFoundError as exc:  # unloaded since check_model
+            raise APIError(404, str(exc), param="model", code="model_not_found") from None
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
 

@@ -52,6 +52,8 @@ class DeploymentSpec:
     speculative_adaptive: bool = True
     draft_cost: float = 0.05
     spec_knee_tokens: int | None = None
+    max_loras: int | None = None  # distinct LoRA adapters running at once (None: no bound)
+    lora_rank: int = 16  # the adapters' rank, as the roofline prices them (on all seven projections)
 
 
 def make_cost_model(spec: DeploymentSpec) -> tuple[CostModel, ModelShape | None, dict[str, Any]]:
@@ -78,7 +80,8 @@ def _make_cost_model(spec: DeploymentSpec) -> tuple[CostModel, ModelShape | None
     hw = get_hardware(spec.hardware, spec.profile if spec.hardware == "cpu" else None)
     hw = with_overrides(hw, step_overhead=spec.step_overhead, flops_efficiency=spec.flops_efficiency,
                         bandwidth_efficiency=spec.bandwidth_efficiency)  # fmt: skip
-    return RooflineCostModel(shape, hw, tp=spec.tp, dtype=spec.dtype, kv_dtype=spec.kv_dtype), shape, {}
+    return RooflineCostModel(shape, hw, tp=spec.tp, dtype=spec.dtype, kv_dtype=spec.kv_dtype,
+                             lora_rank=spec.lora_rank), shape, {}  # fmt: skip
 
 
 def make_scheduler_config(spec: DeploymentSpec, cm: CostModel, shape: ModelShape | None,
@@ -103,6 +106,7 @@ def make_scheduler_config(spec: DeploymentSpec, cm: CostModel, shape: ModelShape
         enable_prefix_caching=spec.enable_prefix_caching,
         enable_chunked_prefill=spec.enable_chunked_prefill,
         max_decode_steps=spec.max_decode_steps,
+        max_loras=spec.max_loras,
         policy=spec.policy,
         policy_options=dict(spec.policy_options),
         num_speculative_tokens=spec.num_speculative_tokens,

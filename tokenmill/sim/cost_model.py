@@ -8,6 +8,12 @@ the one before; ``decode_time`` prices that sum directly so that the simulator
 can also ask "how many sub-steps fit before the next arrival?" without
 building a plan.
 
+LoRA: a (sub-)step's adapter work depends on how many distinct adapters it
+runs (``num_loras``: each one's weights are read once, the grouped kernels'
+point) and on how many of its rows run one (``lora_tokens``); it is the same
+in every sub-step of a multi-step plan, so ``plan_time`` adds ``lora_time``
+per sub-step. The base class prices it at zero.
+
 ``ReplayCostModel`` returns recorded durations in order; it is how the twin
 replays a real engine run to check that both make the same decisions.
 """
@@ -42,11 +48,14 @@ class StepFeatures:
     propose_seqs: int = 0
     propose_steps: int = 0
     propose_context: int = 0
+    num_loras: int = 0  # distinct LoRA adapters the step runs
+    lora_tokens: int = 0  # new tokens of the sequences that run one
 
 
 def plan_features(plan: StepPlan) -> StepFeatures:
     """The features of a plan's first sub-step."""
     f = StepFeatures(num_seqs=len(plan.seqs))
+    loras: set[int] = set()
     for s in plan.seqs:
         q = s.num_new_tokens
         c0 = s.start_pos
@@ -57,6 +66,9 @@ def plan_features(plan: StepPlan) -> StepFeatures:
             f.propose_context += c0 + q + k + 1
             if s.num_propose > f.propose_steps:
                 f.propose_steps = s.num_propose
+        if s.lora_id:
+            loras.add(s.lora_id)
+            f.lora_tokens += q
         if s.samples:
             f.num_samples += 1 + k
             if q == 1:
@@ -68,7 +80,15 @@ def plan_features(plan: StepPlan) -> StepFeatures:
         f.prefill_pairs += q * c0 + q * (q + 1) // 2
         f.prefill_kv += c0 + q
         f.prefill_context += c0
+    f.num_loras = len(loras)
     return f
+
+
+def plan_loras(plan: StepPlan) -> tuple[int, int]:
+    """(distinct adapters, sequences that run one) of a plan; for a multi-step plan of
+    one-token decodes the second is its LoRA rows per sub-step."""
+    ids = [s.lora_id for s in plan.seqs if s.lora_id]
+    return len(set(ids)), len(ids)
 
 
 class CostModel:
@@ -84,6 +104,10 @@ class CostModel:
 
     def step_time(self, f: StepFeatures) -> float:
         raise NotImplementedError
+
+    def lora_time(self, num_loras: int, tokens: int) -> float:
+        """Seconds of LoRA work in one (sub-)step: ``num_loras`` adapters over ``tokens`` rows."""
+        return 0.0
 
     def decode_time(self, num_seqs: int, context: int, num_steps: int) -> float:
         """Seconds for ``num_steps`` decode sub-steps of ``num_seqs`` sequences.
@@ -108,7 +132,9 @@ class CostModel:
             for s in plan.seqs:
                 ctx += s.start_pos
             n = len(plan.seqs)
-            return self.decode_time(n, ctx + n, k)
+            num_loras, rows = plan_loras(plan)
+            lora = k * self.lora_time(num_loras, rows) if num_loras else 0.0
+            return self.decode_time(n, ctx + n, k) + lora
         f = plan_features(plan)
         return self.step_time(f) + self.draft_time(f)
 

@@ -23,6 +23,12 @@ parallel all-reduces and a fixed per-step overhead:
   and KV reads are those of the step's prefill sequences taken as equal ones
   (exact for one sequence);
 - the LM head only for rows that sample;
+- LoRA adapters (``lora_rank``, ``lora_targets``): per layer and adapted
+  projection, each adapter of the step reads its A and B once
+  (``rank x (in + out)`` weights) and every row that runs one does
+  ``2 rank (in + out)`` FLOPs and reads and writes its activations
+  (Punica's grouped shrink/expand: the cost grows with the distinct adapters,
+  not with the requests);
 - with tensor parallelism ``tp``, weights, heads and KV heads are split over
   ``tp`` devices (KV heads are replicated when there are fewer than ``tp``),
   and each layer adds two ring all-reduces of the hidden states
@@ -41,6 +47,9 @@ from typing import Any
 from tokenmill.sim.cost_model import CostModel, StepFeatures
 from tokenmill.sim.hardware import Hardware
 from tokenmill.sim.model_spec import DTYPE_BYTES, ModelShape
+
+# the projections a LoRA adapter may adapt (attention's first)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _seg(a: float, b: float, lo: int, hi: int) -> float:
@@ -88,6 +97,8 @@ class RooflineCostModel(CostModel):
         dtype: str = "bf16",
         kv_dtype: str | None = None,
         step_overhead: float | None = None,
+        lora_rank: int = 16,
+        lora_targets: tuple[str, ...] = LORA_TARGETS,
     ) -> None:
         if tp < 1:
             raise ValueError(f"tensor parallelism must be >= 1, got {tp}")
@@ -141,6 +152,25 @@ class RooflineCostModel(CostModel):
         self._lm_weight_bytes = h * self._vocab * wb
         self._h, self._ab = h, ab
         self._dense_cache: dict[tuple[int, int], float] = {}
+        # LoRA per adapted projection: (layers, weight bytes of one adapter, FLOPs and
+        # activation bytes per row); sharded like the base weight under tp (column-parallel
+        # q/k/v/gate/up split B's outputs, row-parallel o/down split A's inputs)
+        unknown = set(lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"unknown LoRA targets {sorted(unknown)}; use some of {', '.join(LORA_TARGETS)}")
+        dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}  # fmt: skip
+        r = lora_rank
+        self.lora_rank, self.lora_targets = lora_rank, tuple(lora_targets)
+        self._lora_ops = [
+            (
+                L if t in LORA_TARGETS[:4] else self._dense_layers,
+                r * (dims[t][0] + dims[t][1]) * wb,
+                2 * r * (dims[t][0] + dims[t][1]),
+                (dims[t][0] + r + 2 * dims[t][1]) * ab,
+            )
+            for t in lora_targets
+        ]
 
     # ----------------------------------------------------------- operators
 
@@ -247,6 +277,15 @@ class RooflineCostModel(CostModel):
             return 0.0
         return sum(layers * max(c, m) for layers, c, m in self._decode_parts(num_decode, context))
 
+    def lora_time(self, num_loras: int, tokens: int) -> float:
+        if not num_loras or not tokens:
+            return 0.0
+        F, B = self.F, self.B
+        return sum(
+            layers * max(tokens * fl / F, (num_loras * w + tokens * act) / B)
+            for layers, w, fl, act in self._lora_ops
+        )
+
     # ------------------------------------------------------------ interface
 
     def step_time(self, f: StepFeatures) -> float:
@@ -254,6 +293,7 @@ class RooflineCostModel(CostModel):
             self.dense_time(f.num_tokens, f.num_samples)
             + self._prefill_attention_time(f)
             + self._decode_attention_time(f.num_decode, f.decode_context)
+            + self.lora_time(f.num_loras, f.lora_tokens)
         )
 
     def decode_time(self, num_seqs: int, context: int, num_steps: int) -> float:
@@ -315,6 +355,10 @@ class RooflineCostModel(CostModel):
         ar = self._allreduce_time(f.num_tokens, f.num_samples)
         out["allreduce"] = {"compute": 0.0, "memory": 0.0, "time": ar}
         out["overhead"] = {"compute": 0.0, "memory": 0.0, "time": self.overhead}
+        if f.num_loras and f.lora_tokens:
+            c = sum(layers * f.lora_tokens * fl / F for layers, _, fl, _ in self._lora_ops)
+            m = sum(layers * (f.num_loras * w + f.lora_tokens * act) / B for layers, w, _, act in self._lora_ops)
+            out["lora"] = {"compute": c, "memory": m, "time": self.lora_time(f.num_loras, f.lora_tokens)}
         return out
 
     def weight_bytes_per_device(self) -> float:
@@ -355,4 +399,6 @@ class RooflineCostModel(CostModel):
             "step_overhead_s": self.overhead,
             "flops_efficiency": self.hw.flops_efficiency,
             "bandwidth_efficiency": self.hw.bandwidth_efficiency,
+            "lora_rank": self.lora_rank,
+            "lora_targets": list(self.lora_targets),
         }

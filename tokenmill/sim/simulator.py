@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tokenmill.core.lora import LoRARequest, cache_namespace
 from tokenmill.core.plan import SeqUpdate, StepPlan, StepResult
 from tokenmill.core.request import Request, SamplingParams
 from tokenmill.core.router import RoundRobinRouter, Router, make_router
@@ -140,6 +141,7 @@ class Simulator:
         self.plan_log: list[tuple[int, tuple]] = []
         self._record = config.record_plans
         self._params: dict[int, SamplingParams] = {}
+        self._loras: dict[str, LoRARequest] = {}  # a workload's adapter names, ids in order of first use
         self._prefill_params = SamplingParams(max_tokens=1, ignore_eos=True)
         horizon = max(workload.duration, 1e-3)
         self.sample_interval = horizon / max(config.num_samples, 1)
@@ -207,12 +209,22 @@ class Simulator:
             p = self._params[output_len] = SamplingParams(max_tokens=output_len, ignore_eos=True)
         return p
 
+    def _lora(self, name: str) -> LoRARequest | None:
+        if not name:
+            return None
+        lora = self._loras.get(name)
+        if lora is None:
+            lora = self._loras[name] = LoRARequest(name, len(self._loras) + 1, "")
+        return lora
+
     def _arrive(self, index: int, spec: RequestSpec, t: float) -> None:
         rid = str(index)
         params = self._prefill_params if self.disagg else self._params_for(spec.output_len)
+        lora = self._lora(spec.lora)
         req = Request(rid, self.workload.prompt_tokens(index, spec), params, arrival_time=t,
-                      client_id=spec.client, cache_namespace=spec.namespace, ttft_slo=spec.ttft_slo,
-                      tpot_slo=spec.tpot_slo, predicted_output_len=spec.output_len, hold_kv=self.disagg)  # fmt: skip
+                      client_id=spec.client, cache_namespace=cache_namespace(spec.namespace, lora),
+                      ttft_slo=spec.ttft_slo, tpot_slo=spec.tpot_slo, predicted_output_len=spec.output_len,
+                      hold_kv=self.disagg, lora=lora)  # fmt: skip
         router = self.entry_router
         assert router is not None
         rep = self.entry[router.route(req)]
@@ -411,8 +423,8 @@ class Simulator:
         spec = tr.spec
         tokens = req.prompt_token_ids + req.output_token_ids
         dreq = Request(req.request_id, tokens, self._params_for(spec.output_len - 1), arrival_time=t,
-                       client_id=spec.client, cache_namespace=spec.namespace, ttft_slo=spec.ttft_slo,
-                       tpot_slo=spec.tpot_slo, predicted_output_len=spec.output_len - 1)  # fmt: skip
+                       client_id=spec.client, cache_namespace=req.cache_namespace, ttft_slo=spec.ttft_slo,
+                       tpot_slo=spec.tpot_slo, predicted_output_len=spec.output_len - 1, lora=req.lora)  # fmt: skip
         dst = self.replicas[self.router.route(dreq)]
         cfg = self.config
         got = dst.sched.reserve_import(dreq, req.num_prompt_tokens)

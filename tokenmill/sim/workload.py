@@ -25,7 +25,8 @@ Sources:
 - JSONL traces (``from_jsonl``), one request per line: ``arrival`` (or
   ``timestamp``) seconds, ``prompt_tokens`` (list) or ``prompt_len``,
   ``output_len`` (or ``output_tokens``), optional ``client``, ``slo`` (a
-  class name), ``ttft_slo`` / ``tpot_slo`` seconds, ``namespace``;
+  class name), ``ttft_slo`` / ``tpot_slo`` seconds, ``namespace``, ``lora``
+  (the name of the LoRA adapter it runs with);
 - the Azure LLM inference trace CSV (``from_azure_csv``): ``TIMESTAMP,
   ContextTokens, GeneratedTokens`` (Patel et al., Splitwise, ISCA 2024;
   Microsoft Azure Public Dataset, CC-BY 4.0).
@@ -64,6 +65,7 @@ class RequestSpec:
     tpot_slo: float | None = None
     prefix_group: int = -1  # index into the workload's shared prefixes, -1: none
     namespace: str = ""
+    lora: str = ""  # the LoRA adapter it runs with ("": the base model)
 
 
 @dataclass
@@ -126,7 +128,7 @@ class Workload:
                 d: dict[str, Any] = {"arrival": r.arrival, "prompt_len": r.prompt_len, "output_len": r.output_len}
                 if r.prompt_tokens is not None:
                     d["prompt_tokens"] = r.prompt_tokens
-                for key in ("client", "slo_class", "namespace"):
+                for key in ("client", "slo_class", "namespace", "lora"):
                     if getattr(r, key):
                         d["slo" if key == "slo_class" else key] = getattr(r, key)
                 if r.ttft_slo is not None:
@@ -357,7 +359,8 @@ def from_jsonl(path: str | Path, vocab_size: int = 32000, time_scale: float = 1.
                 raise ValueError(f"{path}:{n}: a prompt token lies outside [0, {vocab_size})")
             reqs.append(RequestSpec(arrival, plen, olen, prompt_tokens=[int(t) for t in toks] if toks is not None else None,
                                     client=str(d.get("client", "")), slo_class=str(slo), ttft_slo=ttft,
-                                    tpot_slo=tpot, namespace=str(d.get("namespace", ""))))  # fmt: skip
+                                    tpot_slo=tpot, namespace=str(d.get("namespace", "")),
+                                    lora=str(d.get("lora", ""))))  # fmt: skip
     if reqs:
         t0 = min(r.arrival for r in reqs)
         for r in reqs:

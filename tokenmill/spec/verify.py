@@ -79,13 +79,18 @@ def sampling_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
 
 
 def verify(
-    sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow], spans: list[VerifySpan]
+    sampler: Sampler,
+    logits: torch.Tensor,
+    rows: list[SamplingRow],
+    spans: list[VerifySpan],
+    token_bitmask: torch.Tensor | None = None,
 ) -> tuple[dict[str, list[int]], dict[str, list[LogprobEntry]]]:
     """Tokens (accepted drafts, then the target's own) and their logprobs, per sequence.
 
-    ``logits`` and ``rows`` hold ``k + 1`` rows per span, from ``first_row`` on.
+    ``logits`` and ``rows`` hold ``k + 1`` rows per span, from ``first_row`` on;
+    ``token_bitmask`` (one row per row) masks the rows marked ``constrained``.
     """
-    out = sampler(logits, rows)
+    out = sampler(logits, rows, token_bitmask)
     tokens: dict[str, list[int]] = {}
     logprobs: dict[str, list[LogprobEntry]] = {}
     sampled_drafts: list[VerifySpan] = []

@@ -7,4 +7,5 @@
 #include "sampling.cpp"
 #include "family_ops.cpp"
 #include "moe.cpp"
+#include "lora.cpp"
 #include "registration.cpp"

@@ -28,7 +28,7 @@ at::Tensor packed_linear_int8(const at::Tensor& x, const at::Tensor& packed,
 at::Tensor argmax_rows(const at::Tensor& x);
 at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& temperature,
                        const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
-                       const at::Tensor& u);
+                       const at::Tensor& u, const std::optional<at::Tensor>& bitmask);
 bool has_avx512();
 void qk_rms_norm(at::Tensor qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
                  int64_t num_heads, int64_t num_kv_heads, double eps);
@@ -36,5 +36,8 @@ at::Tensor gelu_tanh_mul(const at::Tensor& x);
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& topk_ids,
                        const at::Tensor& topk_weights, at::TensorList w13, at::TensorList w2,
                        at::TensorList s13, at::TensorList s2, int64_t inter);
+void lora_apply(at::Tensor y, const at::Tensor& x, const at::Tensor& table, const at::Tensor& rows,
+                const at::Tensor& offsets, int64_t inter);
+at::Tensor silu_mul_panels(const at::Tensor& x);
 
 }  // namespace tokenmill

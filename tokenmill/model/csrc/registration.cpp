@@ -29,7 +29,7 @@ TORCH_LIBRARY(tokenmill, m) {
   m.def("argmax_rows(Tensor x) -> Tensor", &tokenmill::argmax_rows);
   m.def(
       "sample_rows(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
-      "Tensor u) -> Tensor",
+      "Tensor u, Tensor? bitmask=None) -> Tensor",
       &tokenmill::sample_rows);
   m.def("has_avx512() -> bool", &tokenmill::has_avx512);
   m.def(
@@ -41,4 +41,9 @@ TORCH_LIBRARY(tokenmill, m) {
       "moe_experts(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] w13, Tensor[] w2, "
       "Tensor[] s13, Tensor[] s2, int inter) -> Tensor",
       &tokenmill::moe_experts);
+  m.def(
+      "lora_apply(Tensor(a!) y, Tensor x, Tensor table, Tensor rows, Tensor offsets, int inter=0) "
+      "-> ()",
+      &tokenmill::lora_apply);
+  m.def("silu_mul_panels(Tensor x) -> Tensor", &tokenmill::silu_mul_panels);
 }

@@ -4,6 +4,12 @@
 // Same semantics as the torch path in tokenmill/model/sampler.py (which is its reference):
 // top-k, then top-p on the mass left after top-k, then min-p relative to the most likely
 // token; the draw picks the first survivor whose running sum exceeds u * (survivor mass).
+//
+// Structured output: an optional token bitmask (xgrammar's packed layout, int32 words, bit
+// t % 32 of word t / 32 set when token t is allowed) removes tokens in the same pass that
+// computes the weights (a masked token weighs 0 and never sets the maximum), so constrained
+// rows cost no extra pass over the logits. A row whose mask allows nothing is sampled as if
+// unmasked. A temperature of 0 takes the (masked) argmax.
 
 #include "ops.h"
 #include "simd.h"
@@ -22,17 +28,49 @@ struct Cand {
 
 inline bool heavier(const Cand& a, const Cand& b) { return a.w > b.w || (a.w == b.w && a.id < b.id); }
 
-// w[i] = exp((x[i] - max) / t), zeroed below min_p (the most likely token has weight 1);
-// returns the sum of w.
-double weights(const float* x, int64_t V, float temperature, float min_p, float* w) {
+// token t allowed by a packed bitmask row (null: every token is)
+inline bool allowed(const int32_t* mask, int64_t t) {
+  return !mask || ((static_cast<uint32_t>(mask[t >> 5]) >> (t & 31)) & 1u);
+}
+
+#if TM_AVX512
+// the mask bits of tokens [i, i + 16), i a multiple of 16
+inline __mmask16 mask16(const int32_t* mask, int64_t i) {
+  return mask ? static_cast<__mmask16>(static_cast<uint32_t>(mask[i >> 5]) >> (i & 31)) : 0xFFFF;
+}
+#endif
+
+// whether the mask allows any of the V tokens
+bool any_allowed(const int32_t* mask, int64_t V) {
+  const int64_t words = V >> 5;
+  for (int64_t j = 0; j < words; ++j)
+    if (mask[j]) return true;
+  for (int64_t t = words << 5; t < V; ++t)
+    if (allowed(mask, t)) return true;
+  return false;
+}
+
+// the first index of the largest allowed x
+int64_t masked_argmax(const float* x, int64_t V, const int32_t* mask) {
+  int64_t best = -1;
+  for (int64_t i = 0; i < V; ++i)
+    if (allowed(mask, i) && (best < 0 || x[i] > x[best])) best = i;
+  return best < 0 ? 0 : best;
+}
+
+// w[i] = exp((x[i] - max) / t), zeroed below min_p (the most likely token has weight 1) and
+// where the mask (if any) disallows i; the max is over allowed tokens. Returns the sum of w.
+double weights(const float* x, int64_t V, float temperature, float min_p, float* w,
+               const int32_t* mask) {
   float mx = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
 #if TM_AVX512
   __m512 vmax = _mm512_set1_ps(mx);
-  for (; i + 16 <= V; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(x + i));
+  for (; i + 16 <= V; i += 16) vmax = _mm512_mask_max_ps(vmax, mask16(mask, i), vmax, _mm512_loadu_ps(x + i));
   mx = _mm512_reduce_max_ps(vmax);
 #endif
-  for (; i < V; ++i) mx = std::max(mx, x[i]);
+  for (; i < V; ++i)
+    if (allowed(mask, i)) mx = std::max(mx, x[i]);
   const float inv_t = 1.f / temperature;
   double total = 0.0;
   i = 0;
@@ -41,14 +79,14 @@ double weights(const float* x, int64_t V, float temperature, float min_p, float*
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= V; i += 16) {
     __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmx), vit));
-    e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(e, vmin, _CMP_GE_OQ), e);
+    e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(e, vmin, _CMP_GE_OQ) & mask16(mask, i), e);
     _mm512_storeu_ps(w + i, e);
     acc = _mm512_add_ps(acc, e);
   }
   total = _mm512_reduce_add_ps(acc);
 #endif
   for (; i < V; ++i) {
-    const float e = std::exp((x[i] - mx) * inv_t);
+    const float e = allowed(mask, i) ? std::exp((x[i] - mx) * inv_t) : 0.f;
     w[i] = e >= min_p ? e : 0.f;
     total += w[i];
   }
@@ -111,14 +149,17 @@ double collect(const float* w, int64_t V, float thr, std::vector<Cand>& cand) {
 // The survivors of top-k / top-p are the tokens whose (weight, -id) key is at least the
 // cutoff's: found by selection, never by sorting the vocabulary, and drawn in id order.
 int64_t sample_row(const float* x, int64_t V, float temperature, int64_t top_k, float top_p,
-                   float min_p, float u, std::vector<float>& w, std::vector<Cand>& cand) {
+                   float min_p, float u, const int32_t* mask, std::vector<float>& w,
+                   std::vector<Cand>& cand) {
+  if (mask && !any_allowed(mask, V)) mask = nullptr;
+  if (temperature <= 0.f) return masked_argmax(x, V, mask);
   w.resize(V);
   const bool use_k = top_k > 0 && top_k < V;
   if (!use_k && top_p >= 1.f) {
-    const double total = weights(x, V, temperature, min_p, w.data());
+    const double total = weights(x, V, temperature, min_p, w.data(), mask);
     return draw(w.data(), V, u * total);
   }
-  const double total = weights(x, V, temperature, 0.f, w.data());
+  const double total = weights(x, V, temperature, 0.f, w.data(), mask);
   for (float thr : CAND_THRESHOLDS) {
     const double cmass = collect(w.data(), V, thr, cand);
     if (use_k ? static_cast<int64_t>(cand.size()) >= top_k : cmass >= top_p * total) break;
@@ -185,7 +226,8 @@ int64_t sample_row(const float* x, int64_t V, float temperature, int64_t top_k, 
 }  // namespace
 
 Tensor sample_rows(const Tensor& logits, const Tensor& temperature, const Tensor& top_k,
-                   const Tensor& top_p, const Tensor& min_p, const Tensor& u) {
+                   const Tensor& top_p, const Tensor& min_p, const Tensor& u,
+                   const std::optional<Tensor>& bitmask) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat,
               "sample_rows: contiguous float32 logits [rows, vocab]");
   const int64_t rows = logits.size(0), V = logits.size(1);
@@ -196,6 +238,16 @@ Tensor sample_rows(const Tensor& logits, const Tensor& temperature, const Tensor
   TORCH_CHECK(top_k.dim() == 1 && top_k.size(0) == rows && top_k.scalar_type() == at::kLong &&
                   top_k.is_contiguous(),
               "sample_rows: per-row int64 top_k");
+  const int32_t* mp32 = nullptr;  // the token bitmask rows, if any
+  int64_t words = 0;
+  if (bitmask.has_value() && bitmask->defined()) {
+    words = (V + 31) / 32;
+    TORCH_CHECK(bitmask->dim() == 2 && bitmask->size(0) == rows && bitmask->size(1) >= words &&
+                    bitmask->scalar_type() == at::kInt && bitmask->is_contiguous(),
+                "sample_rows: contiguous int32 bitmask [rows, >= ceil(vocab / 32)]");
+    words = bitmask->size(1);
+    mp32 = bitmask->data_ptr<int32_t>();
+  }
   Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
   const float* xp = logits.data_ptr<float>();
   const float *tp = temperature.data_ptr<float>(), *pp = top_p.data_ptr<float>(),
@@ -209,7 +261,8 @@ Tensor sample_rows(const Tensor& logits, const Tensor& temperature, const Tensor
     std::vector<Cand> cand;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < rows; ++r)
-      op[r] = sample_row(xp + r * V, V, tp[r], kp[r], pp[r], mp[r], up[r], w, cand);
+      op[r] = sample_row(xp + r * V, V, tp[r], kp[r], pp[r], mp[r], up[r],
+                         mp32 ? mp32 + r * words : nullptr, w, cand);
   }
   return out;
 }
