@@ -244,3 +244,16 @@ def test_multi_step_plans_only_when_speculation_backs_off() -> None:
     off.add_request(req("a", [1, 2, 3], max_tokens=30))
     out_off, plans_off = run_all(off)
     assert out == out_off and any(p.num_steps > 1 for p in plans_off)
+
+
+def test_structured_output_requests_decode_without_drafts() -> None:
+    from tokenmill.structured.params import StructuredOutputsParams
+
+    s = Scheduler(spec_config(num_blocks=32, block_size=4))
+    s.add_request(req("free", [1, 2, 3], max_tokens=20))
+    shaped = req("json", [1, 2, 3], max_tokens=20)
+    shaped.sampling_params.structured_outputs = StructuredOutputsParams(json_object=True)
+    s.add_request(shaped)
+    plan = s.schedule(0.0)
+    asked = {q.request_id: q.num_propose for q in plan.seqs}
+    assert asked["free"] > 0 and asked["json"] == 0
