@@ -14,6 +14,15 @@ at the end of the plan, so nothing past a stop is published; the scheduling
 state changes only in ``update()``, and a stop string found mid-plan finishes
 its request right after it.
 
+Prefill/decode disaggregation (``tokenmill/cluster/pd.py``) uses three more
+doors. A request added with ``handoff=True`` runs to its first token and then
+ends with finish reason ``handoff`` (unless that token ends it anyway), its KV
+blocks held for export (``export_blocks``) until ``release_kv``. Another
+engine takes it over with ``reserve_import`` (blocks for the KV it will
+receive; the prefix cache's full blocks count as received) and then
+``add_request(..., prior=PriorTokens(...))``: the request continues after the
+tokens it has, with its imported KV computed.
+
 LoRA adapters are registered by name (``add_lora``; ``remove_lora``) after the
 executor has loaded and checked them; a request names its adapter
 (``add_request(lora=...)``) and runs in that adapter's prefix-cache namespace.
@@ -32,21 +41,26 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from tokenmill.core.kv_eviction import KVEviction
 from tokenmill.core.lora import LoRARequest
 from tokenmill.core.lora import cache_namespace as namespace_of
 from tokenmill.core.plan import SeqUpdate, StepPlan, StepResult
-from tokenmill.core.request import Request, SamplingParams
+from tokenmill.core.request import FinishReason, Request, SamplingParams
 from tokenmill.core.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerStats
 from tokenmill.core.spec import SpecStats
+from tokenmill.core.timeline import Timeline
 from tokenmill.executor import Executor
 from tokenmill.lora.errors import LoraError, LoraLoadError
 from tokenmill.lora.registry import LoraRegistry
-from tokenmill.output_processor import OutputProcessor
+from tokenmill.output_processor import OutputProcessor, PriorTokens
 from tokenmill.outputs import RequestOutput
 
 logger = logging.getLogger("tokenmill.engine")
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFullError", "StepRecord"]
+__all__ = ["DEFAULT_EVICTION", "Engine", "EngineConfig", "EngineStats", "PriorTokens", "QueueFullError", "StepRecord"]
+
+# ``Engine.add_request(kv_eviction=...)``: the engine's ``EngineConfig.kv_eviction`` (None: no eviction)
+DEFAULT_EVICTION: Any = object()
 
 
 def cli(help: str, kind: str = "str", **extra: Any) -> dict[str, Any]:
@@ -77,6 +91,13 @@ class EngineConfig:
         choices=["auto", "float32", "bfloat16", "float16", "int8"]))
     device: str = field(default="cpu", metadata=cli("cpu, cuda, cuda:1 ... (auto: cuda if available)"))
     kv_cache_memory: int = field(default=1 << 30, metadata=cli("KV cache size, bytes or e.g. 512MiB, 4GiB", "size"))
+    kv_cache_dtype: str = field(default="auto", metadata=cli(
+        "how KV is stored: auto (the model's dtype), int8 or int4 (per-token scales; about 1.9x / 3.5x the "
+        "tokens of bf16 KV in the same --kv-cache-memory); see model/kv_format.py", "choice",
+        choices=["auto", "int8", "int4"]))  # model.kv_format.KV_CACHE_DTYPES, without importing torch
+    # Every request's KV eviction unless it asks otherwise (core/kv_eviction.py); None: keep all KV.
+    # Its flags (--kv-eviction, --kv-budget, ...) make one value: commands/options.py.
+    kv_eviction: KVEviction | None = None
     # MoE models: bytes of RAM for experts, the rest memory-mapped (None: all experts in RAM)
     expert_cache_memory: int | None = field(default=None, metadata=cli(
         "MoE models: RAM for experts, e.g. 8GiB; the rest stay memory-mapped (default: every expert in RAM)",
@@ -117,6 +138,9 @@ class EngineConfig:
         "(small models tend to fill free whitespace without end)", "flag", flag="--disable-any-whitespace"))
     debug_checks: bool = field(default=False, metadata=cli("check the scheduler's invariants every step", "flag"))
     record_steps: bool = False  # keep a StepRecord per step (for replay in the simulator)
+    # Keep a request timeline (core.timeline; written by --trace-file) for up to this many
+    # requests (0: none); later requests are not recorded, so memory stays bounded.
+    timeline_requests: int = 0
     # Speculative decoding (tokenmill/spec, core/spec.py): ngram | draft:PATH | draft:default
     # | self-int8; None: off. ``num_speculative_tokens``: K drafts per step, or None for
     # "auto" (chosen per request and step, up to spec.AUTO_MAX_TOKENS).
@@ -157,6 +181,7 @@ class StepRecord:
     added_before: list[str]  # core request ids added since the previous step
     summary: tuple
     duration: float
+    start: float = 0.0  # the engine clock when the plan was made
 
 
 @dataclass
@@ -226,14 +251,21 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.vocab_size = executor.vocab_size
+        if config.kv_eviction is not None:
+            self.check_kv_eviction()
         draft_cost = getattr(executor, "draft_cost", None)
         if config.speculative is not None and draft_cost is None:
             raise ValueError(f"speculative={config.speculative!r} but the executor proposes no drafts")
-        self.scheduler = Scheduler(config.scheduler_config(executor.num_blocks, self.max_model_len, draft_cost or 0.0))
+        sched_config = config.scheduler_config(executor.num_blocks, self.max_model_len, draft_cost or 0.0)
+        sched_config.kv_window = getattr(executor, "kv_window", None)  # a model fact, like num_blocks
+        self.scheduler = Scheduler(sched_config)
+        if config.timeline_requests:
+            self.scheduler.timeline = Timeline("engine", max_requests=config.timeline_requests)
         self.outputs = OutputProcessor(self.tokenizer)
         # Set by a caller that streams (the async engine): see the module docstring.
         self.on_partial: Callable[[list[RequestOutput]], None] | None = None
         self._children: dict[str, list[Request]] = {}
+        self._handoff: dict[str, int | None] = {}  # handoff request id -> the max_tokens it was asked with
         self._grammar_compiler: Any = None  # tokenmill.structured.compiler.GrammarCompiler, made on first use
         self._grammar_lock = threading.Lock()
         self._added_since_step: list[str] = []
@@ -324,17 +356,48 @@ class Engine:
         cache_namespace: str = "",
         predicted_output_len: int | None = None,
         lora: LoRARequest | str | None = None,
+        handoff: bool = False,
+        prior: PriorTokens | None = None,
+        kv_eviction: KVEviction | None = DEFAULT_EVICTION,
     ) -> list[int]:
         """Validate and queue a request; returns its prompt token ids.
 
         ``lora``: the adapter it runs with (a registered name or a ``LoRARequest``; an
         unknown name raises ``LoraNotFoundError``). ``cache_namespace`` is its cache salt.
+        ``handoff``: stop after the first token and hold the KV for another
+        engine; ``prior``: the tokens the request already generated on another
+        engine (see the module docstring; both take one sample and no prompt
+        logprobs). ``kv_eviction`` bounds the request's KV
+        (``core/kv_eviction.py``); by default the engine's
+        ``EngineConfig.kv_eviction``, None for no bound.
 
         Raises ``ValueError`` (bad input, named) or ``QueueFullError``; on
-        either, nothing of the request is left behind.
+        either, nothing of the request is left behind (nor a KV reservation
+        of its id).
         """
+        try:
+            return self._add_request(request_id, prompt, params, arrival_time, client_id, priority, ttft_slo,
+                                     tpot_slo, cache_namespace, predicted_output_len, lora, handoff, prior, kv_eviction)  # fmt: skip
+        except (ValueError, QueueFullError):
+            if request_id not in self._children:
+                self.scheduler.cancel_import(request_id)
+            raise
+
+    def _add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None,
+                     arrival_time: float | None, client_id: str, priority: int, ttft_slo: float | None,
+                     tpot_slo: float | None, cache_namespace: str, predicted_output_len: int | None,
+                     lora: LoRARequest | str | None, handoff: bool, prior: PriorTokens | None,
+                     kv_eviction: KVEviction | None) -> list[int]:  # fmt: skip
         params = params or SamplingParams()
         params.validate()
+        if (handoff or prior is not None) and (params.n != 1 or params.prompt_logprobs is not None):
+            raise ValueError("a request handed between engines takes one sample (n=1) and no prompt logprobs")
+        if handoff and prior is not None:
+            raise ValueError("a request is either handed off after its first token or continues prior tokens")
+        if kv_eviction is DEFAULT_EVICTION:
+            kv_eviction = self.config.kv_eviction
+        if kv_eviction is not None:
+            self.check_kv_eviction()
         if params.structured_outputs is not None:
             # A cache hit when the server compiled it already; a GrammarError (ValueError) if bad.
             bound = self.grammar_compiler.compile(params.structured_outputs)
@@ -363,6 +426,9 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context length is "
                 f"{self.max_model_len}"
             )
+        done = list(prior.token_ids) if prior is not None else []
+        if done and len(prompt_ids) + len(done) >= self.max_model_len:
+            raise ValueError(f"the prompt and the {len(done)} tokens generated so far fill the context")
         limit = self.config.max_tokens_per_request
         if limit is not None:
             per_sample = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
@@ -383,6 +449,9 @@ class Engine:
                 child_params = replace(params, n=1)
                 if i > 0:
                     child_params.prompt_logprobs = None  # the samples share one prompt: sample 0 computes them
+            if handoff:
+                # The first token only, sampled as the request asked (min_tokens masks EOS alike).
+                child_params = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
             children.append(
                 Request(
                     request_id=request_id if params.n == 1 else f"{request_id}#{i}",
@@ -398,9 +467,12 @@ class Engine:
                     predicted_output_len=predicted_output_len,
                     parent_id=request_id,
                     sample_index=i,
+                    hold_kv=handoff,
+                    kv_eviction=kv_eviction,
                     lora=adapter,
                 )
             )
+            children[-1].output_token_ids.extend(done)
         added: list[Request] = []
         try:
             for child in children:
@@ -411,20 +483,59 @@ class Engine:
                 self.scheduler.abort_request(child.request_id)
             raise
         self._children[request_id] = children
+        if handoff:
+            self._handoff[request_id] = params.max_tokens
         self._added_since_step.extend(c.request_id for c in children)
-        self.outputs.add(request_id, text, prompt_ids, children, arrival)
+        self.outputs.add(request_id, text, prompt_ids, children, arrival, prior)
         return prompt_ids
+
+    def check_kv_eviction(self) -> None:
+        """Refuse KV eviction where this engine cannot do it (``ValueError``)."""
+        cfg = self.model_config
+        if cfg is not None and any(cfg.layer_windows):
+            # eviction compacts KV entries out of position order; a window is a range of positions
+            raise ValueError("KV eviction is not supported for models with sliding-window layers")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Abort a user request (all its samples); its blocks are freed now."""
         children = self._children.pop(request_id, None)
         if children is None:
             return None
+        self._handoff.pop(request_id, None)  # an aborted request's blocks are freed, not held
         now = self.clock()
         for child in children:
             if self.scheduler.abort_request(child.request_id, now) is not None:
                 self.finished_by_reason["abort"] = self.finished_by_reason.get("abort", 0) + 1
         return self.outputs.finish_aborted(request_id)
+
+    # ------------------------------------------------------ KV between engines
+
+    def reserve_import(
+        self, request_id: str, token_ids: list[int], num_tokens: int, cache_namespace: str = ""
+    ) -> tuple[int, list[int]] | None:
+        """Reserve blocks for the KV of the first ``num_tokens`` of ``token_ids`` (a request
+        that will be added under ``request_id``, continuing those tokens).
+
+        Returns (tokens the prefix cache already holds, the fresh blocks to write
+        the KV of the rest into), or None when the blocks are not there (the
+        request is then added plainly and recomputes). ``cancel_import`` gives
+        a reservation back; adding the request takes it.
+        """
+        if request_id in self._children:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, list(token_ids), SamplingParams(max_tokens=1), cache_namespace=cache_namespace)
+        return self.scheduler.reserve_import(req, num_tokens)
+
+    def cancel_import(self, request_id: str) -> bool:
+        return self.scheduler.cancel_import(request_id)
+
+    def export_blocks(self, request_id: str, start_token: int, end_token: int) -> list[int]:
+        """The blocks holding tokens ``[start_token, end_token)`` of a handed-off request."""
+        return self.scheduler.kv.export_blocks(request_id, start_token, end_token)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free the blocks a handed-off request held for export (full ones stay cached)."""
+        return self.scheduler.release_kv(request_id)
 
     # ------------------------------------------------------------------ step
 
@@ -459,6 +570,8 @@ class Engine:
         for u in self.scheduler.update(plan, result):
             self.num_generation_tokens += len(u.new_token_ids)
         self.num_prompt_tokens += sum(s.num_new_tokens for s in plan.seqs if s.is_prefill)
+        if self._handoff:
+            self._settle_handoffs(publisher, outputs)
         for out in publisher.finished + [o for o in outputs if o.finished]:
             self._children.pop(out.request_id, None)
             for o in out.outputs:
@@ -497,11 +610,24 @@ class Engine:
             return
         cfg = self.scheduler.spec.config
         cfg.draft_cost += 0.1 * (draft_time / steps / target - cfg.draft_cost)
+    def _settle_handoffs(self, publisher: _Publisher, outputs: list[RequestOutput]) -> None:
+        """Hand off the requests whose first token did not end them; free the KV of those
+        it did end (nobody will export it)."""
+        for rid in publisher.handoffs:
+            out = next((o for o in outputs if o.request_id == rid), None)
+            handed = self.outputs.hand_off(rid, out)
+            if handed is not None and out is None:
+                outputs.append(handed)
+        for out in publisher.finished + outputs:
+            if out.finished and out.request_id in self._handoff:
+                del self._handoff[out.request_id]
+                if out.outputs[0].finish_reason != "handoff":
+                    self.scheduler.release_kv(out.request_id)
 
     def _record(self, plan: StepPlan, duration: float) -> None:
         self.num_steps += 1
         if self.config.record_steps:
-            self.step_log.append(StepRecord(plan.step_id, self._added_since_step, plan.summary(), duration))
+            self.step_log.append(StepRecord(plan.step_id, self._added_since_step, plan.summary(), duration, plan.now))
         self._added_since_step = []
 
     def stats(self) -> EngineStats:
@@ -539,6 +665,7 @@ class _Publisher:
         self.published: dict[str, int] = {}  # request id -> tokens of this plan handed out
         self.stop_strings: dict[str, tuple[int, str]] = {}  # request id -> (tokens taken, stop string)
         self.finished: list[RequestOutput] = []  # outputs that finished in a sub-step publish
+        self.handoffs: list[str] = []  # handoff requests whose first token did not end them
 
     def substep(self, sink: Callable[[list[RequestOutput]], None]) -> Callable[..., None]:
         def on_substep(sampled: dict[str, list[int]], logprobs: dict[str, list[Any]]) -> None:
@@ -577,6 +704,12 @@ class _Publisher:
             n, reason, stop_reason = req.check_output(toks, max_len)
             if n <= done:
                 continue  # stopped in an earlier sub-step
+            if reason is FinishReason.LENGTH and rid in engine._handoff:
+                # Only the handoff's one-token cap ends it: the client sees a request that goes on.
+                asked = engine._handoff[rid]
+                if (asked is None or req.num_output_tokens + n < asked) and req.num_tokens + n < max_len:
+                    reason = None
+                    self.handoffs.append(rid)
             before[rid] = done
             self.published[rid] = n
             lps = logprobs.get(rid) if logprobs else None

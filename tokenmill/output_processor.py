@@ -7,6 +7,15 @@ out), logprob formatting and the fan-in of ``n`` samples into one output per
 user request. The engine feeds it the updates of each plan, and, when it
 streams, the tokens of each sub-step of a multi-step plan as they are sampled
 (``Engine.step``).
+
+Prefill/decode disaggregation splits one request's output between two
+engines, and the client must see what one engine would have shown it. The
+prefill engine hands the request off after its first token
+(``hand_off``: the output ends there with finish reason ``handoff``, the
+text held back for stop strings still unsent); the decode engine takes it
+with those tokens (``PriorTokens``) and replays them through the same
+detokenizer and hold-back rules, so its state and what it sends next continue
+exactly where the prefill engine's left off.
 """
 
 from __future__ import annotations
@@ -24,6 +33,19 @@ from tokenmill.outputs import (
     RequestOutput,
     TokenLogprobs,
 )
+
+
+@dataclass
+class PriorTokens:
+    """Tokens a request generated on another engine before it continues on this one.
+
+    ``logprobs`` are their entries as that engine's outputs carried them (when
+    the request asked for logprobs), ``cumulative_logprob`` their sum.
+    """
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -67,7 +89,9 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.parents: dict[str, ParentState] = {}
 
-    def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], children: list[Request], arrival: float) -> None:
+    def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], children: list[Request],
+            arrival: float, prior: PriorTokens | None = None) -> None:  # fmt: skip
+        """Track a user request; ``prior``: the tokens it generated elsewhere (one sample), already sent."""
         samples = []
         for child in children:
             sp = child.sampling_params
@@ -84,6 +108,15 @@ class OutputProcessor:
         parent = ParentState(request_id, prompt, prompt_token_ids, samples, RequestMetrics(arrival))
         if any(child.sampling_params.prompt_logprobs is not None for child in children):
             parent.prompt_logprobs = [None]  # the first prompt token has no logprob
+        if prior is not None and prior.token_ids:
+            s = samples[0]
+            # The same steps the engine that sampled them took, so the text, the
+            # detokenizer and what was sent are where that engine left them.
+            self._append_tokens(s, list(prior.token_ids), None, False)
+            if s.logprobs is not None:
+                s.logprobs = list(prior.logprobs or [])
+                s.cumulative_logprob = prior.cumulative_logprob
+            self._mark_sent(s)
         self.parents[request_id] = parent
 
     def remove(self, request_id: str) -> None:
@@ -210,6 +243,23 @@ class OutputProcessor:
         s.finish_reason = str(reason) if reason is not None else "stop"
         s.stop_reason = stop_reason
 
+    def hand_off(self, request_id: str, out: RequestOutput | None) -> RequestOutput | None:
+        """End a request here because another engine continues it (prefill/decode).
+
+        ``out`` is this step's output of the request, if it had one: it is
+        marked finished with reason ``handoff``; else a new output says so.
+        Returns None when the request is no longer tracked (it finished).
+        """
+        parent = self.parents.pop(request_id, None)
+        if parent is None or parent.finished:
+            return None
+        if out is None:
+            out = self._snapshot(parent)  # nothing new: text held back stays held back
+        out.finished = True
+        for o in out.outputs:
+            o.finish_reason = "handoff"
+        return out
+
     def finish_aborted(self, request_id: str) -> RequestOutput | None:
         parent = self.parents.pop(request_id, None)
         if parent is None:
@@ -222,14 +272,11 @@ class OutputProcessor:
     def _snapshot(self, parent: ParentState) -> RequestOutput:
         outs = []
         for s in parent.samples:
-            # Hold back the tail that could still become a stop string.
-            hold = 0 if s.finished or not s.params.stop else max(map(len, s.params.stop)) - 1  # type: ignore[arg-type]
-            upto = max(s.emitted, len(s.text) - hold)
-            delta_text = s.text[s.emitted : upto]
-            s.emitted = upto
-            delta_ids = s.token_ids[s.emitted_tokens :]
-            delta_lps = s.logprobs[s.emitted_tokens :] if s.logprobs is not None else None
-            s.emitted_tokens = len(s.token_ids)
+            start, start_tokens = s.emitted, s.emitted_tokens
+            upto = self._mark_sent(s)
+            delta_text = s.text[start:upto]
+            delta_ids = s.token_ids[start_tokens:]
+            delta_lps = s.logprobs[start_tokens:] if s.logprobs is not None else None
             outs.append(
                 CompletionOutput(
                     index=s.index,
@@ -254,6 +301,15 @@ class OutputProcessor:
             metrics=parent.metrics,
             prompt_logprobs=self._complete_prompt_logprobs(parent),
         )
+
+    @staticmethod
+    def _mark_sent(s: SampleState) -> int:
+        """Count the sample's tokens and text as sent, but for the tail that could still
+        become a stop string (held back); returns where the sent text ends."""
+        hold = 0 if s.finished or not s.params.stop else max(map(len, s.params.stop)) - 1  # type: ignore[arg-type]
+        s.emitted = max(s.emitted, len(s.text) - hold)
+        s.emitted_tokens = len(s.token_ids)
+        return s.emitted
 
     @staticmethod
     def _complete_prompt_logprobs(parent: ParentState) -> list[TokenLogprobs | None] | None:

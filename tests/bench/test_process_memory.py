@@ -15,7 +15,7 @@ mb, spawn = int(sys.argv[1]), sys.argv[2] == "1"
 buf = bytearray(mb << 20)
 for i in range(0, len(buf), 4096): buf[i] = 1
 kid = subprocess.Popen([sys.executable, "-c", __import__("sys").argv[3], str(mb), "0", ""]) if spawn else None
-time.sleep(1.5)
+time.sleep(3.0)
 if kid: kid.wait()
 """
 
@@ -26,8 +26,13 @@ def _peak(mb: int, spawn: bool) -> tuple[int, list[int]]:
     with PeakMemorySampler(proc.pid, interval=0.05) as sampler:
         import time
 
-        time.sleep(0.8)
+        # Wait for the tree to take shape (a loaded machine can take seconds to start a child).
+        want = 2 if spawn else 1
+        deadline = time.monotonic() + 20
         seen = tree_pids(proc.pid)
+        while len(seen) < want and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            seen = tree_pids(proc.pid)
         proc.wait()
     return sampler.peak, seen
 

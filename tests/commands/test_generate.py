@@ -111,6 +111,42 @@ def test_missing_input_and_unwritable_output(tiny_model_dir: Any, tmp_path: Path
     assert "no prompts" in capsys.readouterr().err
 
 
+def test_trace_file_holds_each_requests_timeline(tiny_model_dir: Any, tmp_path: Path) -> None:
+    from tests.core.test_timeline import check_trace
+    from tokenmill.sim.trace_file import read_trace
+
+    trace = tmp_path / "t.json"
+    generate(tiny_model_dir("llama"), tmp_path, {"prompt": "one two", "max_tokens": 5, "ignore_eos": True},
+             {"prompt": "three", "max_tokens": 3, "ignore_eos": True, "n": 2},
+             flags=("--trace-file", str(trace)))  # fmt: skip
+    check_trace(json.loads(trace.read_text()))
+    timelines = read_trace(trace)
+    assert len(timelines) == 3  # the n=2 request is two core requests
+    assert sorted(r.output_tokens for r in timelines.values()) == [3, 3, 5]
+    for r in timelines.values():
+        assert r.prefill and r.arrival <= r.first_token <= r.finish and r.reason == "length"
+def test_kv_eviction_flags_reach_the_engine(tiny_model_dir: Any, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from tokenmill.core.kv_eviction import KVEviction
+    from tokenmill.engine import Engine
+
+    seen = []
+    init = Engine.__init__
+
+    def spy(self: Engine, config: Any, *args: Any, **kwargs: Any) -> None:
+        seen.append(config.kv_eviction)
+        init(self, config, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "__init__", spy)
+    model = str(tiny_model_dir("llama"))
+    assert main(["generate", "--model", model, "--max-tokens", "30", "--kv-eviction", "h2o", "--kv-budget", "12",
+                 "--kv-sinks", "2", "hello"]) == 0  # fmt: skip
+    assert seen == [KVEviction("h2o", 12, sinks=2)]
+    assert capsys.readouterr().out.startswith("hello")
+    assert main(["generate", "--model", model, "--kv-eviction", "streaming", "--kv-budget", "4", "hello"]) == 2
+    assert "--kv-budget 4 is smaller than --kv-sinks + --kv-recent" in capsys.readouterr().err
+
+
 def test_structured_output_flags_and_jsonl_field(tiny_model_dir: Any, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     import re

@@ -82,6 +82,9 @@ def test_cuda_device_and_dtype_checks(tiny_model_dir: Any, capsys: pytest.Captur
         (["--policy", "nope"], ["nope", "fcfs"]),
         (["--max-model-len", "99999"], ["--max-model-len 99999", "256"]),
         (["--kv-cache-memory", "1KiB"], ["KV block"]),
+        (["--kv-eviction", "h2o"], ["--kv-eviction h2o", "--kv-budget"]),
+        (["--kv-budget", "64"], ["--kv-budget", "--kv-eviction"]),
+        (["--kv-eviction", "streaming", "--kv-budget", "8", "--kv-recent", "16"], ["--kv-budget 8", "--kv-sinks"]),
     ],
 )
 def test_bad_flags_end_in_one_line(tiny_model_dir: Any, capsys: pytest.CaptureFixture[str], flags: list[str],
@@ -93,7 +96,8 @@ def test_bad_flags_end_in_one_line(tiny_model_dir: Any, capsys: pytest.CaptureFi
 @pytest.mark.parametrize(
     "flags",
     [["--max-model-len", "0"], ["--max-model-len", "-5"], ["--block-size", "0"], ["--port", "99999"],
-     ["--max-num-seqs", "0"], ["--max-decode-steps", "0"], ["--kv-cache-memory", "lots"], ["--max-queue", "-1"]],
+     ["--max-num-seqs", "0"], ["--max-decode-steps", "0"], ["--kv-cache-memory", "lots"], ["--max-queue", "-1"],
+     ["--kv-cache-dtype", "int3"], ["--kv-eviction", "lru"], ["--kv-budget", "0"]],
 )  # fmt: skip
 def test_out_of_range_numbers_are_usage_errors(capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -116,3 +120,31 @@ def test_bad_model_directories(tmp_path: Path, tiny_model_dir: Any, capsys: pyte
             shutil.copy(f, model / f.name)
     assert main(["serve", str(model)]) == 2
     one_line_error(capsys, "no tokenizer files", str(model))
+
+
+def test_trace_file_written_when_the_server_stops(tiny_model_dir: Any, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import json
+
+    from tokenmill.core.request import SamplingParams
+    from tokenmill.sim.trace_file import read_trace
+
+    def serve_two(app: Any, state: Any, *args: Any, **kwargs: Any) -> int:
+        engine = state.async_engine.engine  # what the engine thread would run while serving
+        for rid in ("a", "b"):
+            engine.add_request(rid, [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+        return 0
+
+    monkeypatch.setattr("tokenmill.server.runner.run_server", serve_two)
+    trace = tmp_path / "serve.json"
+    assert main(["serve", str(tiny_model_dir("llama")), "--kv-cache-memory", "4MiB", "--trace-file", str(trace)]) == 0
+    assert {r.request_id: r.output_tokens for r in read_trace(trace).values()} == {"a": 4, "b": 4}
+    assert json.loads(trace.read_text())["otherData"]["command"] == "tokenmill serve"
+
+
+def test_trace_file_in_a_missing_directory_is_refused(tiny_model_dir: Any, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    assert main(["serve", str(tiny_model_dir("llama")), "--trace-file", str(tmp_path / "no" / "t.json")]) == 2
+    one_line_error(capsys, "--trace-file")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
+from tests.core.test_timeline import check_trace
 from tokenmill.cli import main
 
 
@@ -54,18 +57,30 @@ def test_profile_and_validate_on_tiny_model(tiny_model_dir, tmp_path) -> None:  
     model = str(tiny_model_dir("llama"))
     table = tmp_path / "p.json"
     assert main(["profile", "--model", model, "-o", str(table), "--dtype", "float32", "--max-num-batched-tokens", "128",
-                 "--max-num-seqs", "8", "--kv-cache-memory", "16", "--repeats", "1", "--threads", "1"]) == 0  # fmt: skip
-    assert json.loads(table.read_text())["format"] == "tokenmill-profile/1"
-    rep = tmp_path / "v.json"
+                 "--max-num-seqs", "8", "--kv-cache-memory", "16", "--repeats", "1", "--threads", "1",
+                 "--jitter-samples", "30"]) == 0  # fmt: skip
+    prof = json.loads(table.read_text())
+    assert prof["format"] == "tokenmill-profile/1" and prof["statistic"] == "robust"
+    assert len(prof["jitter"]["ratio_quantiles"]) == 101 and prof["jitter"]["median_s"] > 0
+    rep, traces = tmp_path / "v.json", tmp_path / "traces"
     assert main(["sim", "validate", "--model", model, "--profile", str(table), "--num-requests", "12", "--rate", "20",
                  "--prompt-len", "fixed:40", "--output-len", "fixed:12", "--kv-cache-memory", "16",
-                 "--max-num-batched-tokens", "128", "--max-num-seqs", "8", "-o", str(rep)]) == 0  # fmt: skip
+                 "--max-num-batched-tokens", "128", "--max-num-seqs", "8", "--real-runs", "2", "--twin-runs", "2",
+                 "--shared-prefix", "2:16", "--cpus", str(min(os.sched_getaffinity(0))), "--trace-dir", str(traces),
+                 "-o", str(rep)]) == 0  # fmt: skip
     v = json.loads(rep.read_text())
     for key in ("ttft_mean_ms", "ttft_p90_ms", "tpot_mean_ms", "tpot_p90_ms", "output_throughput"):
         assert v["real"][key] > 0 and v["twin"][key] > 0 and key in v["error_pct"]
-        assert key in v["error_pct_drift_corrected"]
-    # The twin ran the requests the engine ran.
-    assert v["workload"]["num_requests"] == 12
+        assert key in v["error_pct_drift_corrected"] and v["real_spread_pct"][key] >= 0
+    assert len(v["real_runs"]) == 2 and v["twin_runs"] == 2 and v["twin_jitter"]
+    assert v["drift_factor"] > 0 and all(c["plans"] > 0 and c["priced_s"] > 0 for c in v["step_time_check"])
+    assert set(v["within_target"]) == {"ttft_mean_ms", "ttft_p90_ms", "tpot_mean_ms", "tpot_p90_ms"}
+    assert v["engine"]["cpus"] == [min(os.sched_getaffinity(0))] and v["engine"]["threads"] == 1
+    # The twin ran the requests the engine ran; both timelines are on disk, with their comparison.
+    assert v["workload"]["num_requests"] == 12 and v["workload"]["shared_prefix_groups"] == 2
+    for f in [*v["timelines"]["engine"], v["timelines"]["twin"]]:
+        check_trace(json.loads(Path(f).read_text()))
+    assert v["timelines"]["divergence"]["matched"] == 12 and (traces / "compare.png").stat().st_size > 10_000
     out = tmp_path / "pr.json"
     assert main(["sim", "run", "--cost-model", "profiled", "--profile", str(table), "--num-requests", "50",
                  "--rate", "20", "--prompt-len", "fixed:40", "--output-len", "fixed:12", "--max-num-batched-tokens",
@@ -79,3 +94,14 @@ def test_sim_speed_benchmark_smoke(capsys) -> None:  # type: ignore[no-untyped-d
     assert bench(["--replicas", "1", "4", "--single-requests", "200", "--requests", "400"]) == 0
     out = capsys.readouterr().out
     assert "req/s" in out and "steps/s" in out and "  4 replica(s)" in out
+
+
+def test_sim_speed_benchmark_reports_both_targets(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from tokenmill.bench import sim_speed
+
+    monkeypatch.setattr(sim_speed, "TARGET_RUNS", [(2, 120), (3, 150)])
+    assert sim_speed.main(["--targets"]) == 0
+    out = capsys.readouterr().out
+    assert "target 1: >= 5,000 req per wall s at 2 replicas: " in out
+    assert "target 2: 150 requests on 3 replicas in < 600 s wall: " in out
+    assert out.count("load average") >= 2

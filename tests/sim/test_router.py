@@ -56,3 +56,39 @@ def test_prefix_aware_follows_prefixes_until_unbalanced() -> None:
     for i in range(4, 12):
         r.route(req(f"a{i}", sys_a + [i, i]))
     assert r.route(req("a99", sys_a + [7, 7])) != first
+
+
+@pytest.mark.parametrize("name", ["round_robin", "least_outstanding_tokens", "prefix_aware"])
+def test_a_replica_that_is_down_is_never_picked_until_it_is_back(name: str) -> None:
+    r = make_router(name, 3)
+    r.set_available(1, False)
+    picks = [r.route(req(str(i), [i] * 40)) for i in range(9)]
+    assert 1 not in picks and set(picks) == {0, 2}
+    r.set_available(1, True)
+    picks = [r.route(req(f"b{i}", [100 + i] * 40)) for i in range(6)]
+    assert 1 in picks
+
+
+def test_no_replica_up_raises_and_charges_nothing() -> None:
+    from tokenmill.core.router import NoReplicaError
+
+    for name in ("round_robin", "least_outstanding_tokens", "prefix_aware"):
+        r = make_router(name, 2)
+        r.set_available(0, False)
+        r.set_available(1, False)
+        with pytest.raises(NoReplicaError):
+            r.route(req("a", [1] * 20))
+        assert r.outstanding_tokens == [0, 0] and r.outstanding_requests == [0, 0]
+
+
+def test_prefix_aware_forgets_what_a_replica_held_when_it_goes_down() -> None:
+    r = make_router("prefix_aware", 2, block_size=4)
+    shared = list(range(100, 132))
+    home = r.route(req("a", shared + [1]))
+    r.on_finished(req("a", shared + [1]))
+    r.set_available(home, False)
+    assert r.route(req("b", shared + [2])) != home
+    r.on_finished(req("b", shared + [2]))
+    r.set_available(home, True)
+    # Its cache was lost: the prefix now lives on the other replica only.
+    assert r.route(req("c", shared + [3])) != home

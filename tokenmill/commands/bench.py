@@ -14,6 +14,8 @@ BENCHMARKS = {
     "slo": ("tokenmill.bench.slo", "overload with SLO classes: goodput of slo vs fcfs"),
     "bins": ("tokenmill.bench.bins", "bimodal output lengths: bins vs fcfs throughput"),
     "spec": ("tokenmill.bench.spec", "speculative decoding (self-int8, KJV draft, n-gram) against plain decoding"),
+    "kv-transfer": ("tokenmill.bench.kv_transfer", "prefill-to-decode KV transfer through Ray vs a memcpy"),
+    "cluster": ("tokenmill.bench.cluster", "one process vs Ray replicas vs P/D under one load; the Ray hop's TTFT"),
     "moe": ("tokenmill.bench.moe", "MoE decode vs transformers; expert offloading hit rate"),
     "lora": ("tokenmill.bench.lora", "a batch mixing LoRA adapters vs the base model alone"),
     "structured": ("tokenmill.bench.structured", "structured output: compile times, decode cost, validity"),

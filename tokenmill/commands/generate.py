@@ -25,11 +25,13 @@ from typing import IO, Any
 from tokenmill.commands.engine_args import add_engine_arguments, engine_config, engine_value
 from tokenmill.commands.options import (
     UsageError,
+    add_kv_eviction_flags,
     add_speculative_arguments,
     check_device,
     check_model,
     check_policy,
     check_speculative,
+    kv_eviction_from_args,
     lora_module,
     positive_int,
 )
@@ -66,6 +68,9 @@ def register(subparsers: Any) -> None:
     so.add_argument("--grammar", metavar="GRAMMAR", help="the output follows this EBNF or Lark grammar: inline, or @FILE")
     add_engine_arguments(p, defaults={"device": "auto", "kv_cache_memory": 256 << 20})
     add_speculative_arguments(p)
+    p.add_argument("--trace-file", help="write each request's timeline (queued, prefill chunks, decode steps, "
+                                        "preemptions, first token, finish) as Chrome trace JSON, for Perfetto")
+    add_kv_eviction_flags(p)
     p.set_defaults(func=run)
 
 
@@ -110,12 +115,19 @@ def run(args: argparse.Namespace) -> int:
         if args.output:
             # Opened before the model runs, so that a bad path costs nothing.
             sink = open(args.output, "w", encoding="utf-8")
-        llm = LLM.from_config(engine_config(args, model=path, device=device, **speculative))
+        traced = sum(p.n for p in params) if args.trace_file else 0
+        llm = LLM.from_config(engine_config(args, model=path, device=device, timeline_requests=traced,
+                                            kv_eviction=kv_eviction_from_args(args), **speculative))  # fmt: skip
         for name, lora_path in modules.items():
             llm.add_lora(name, lora_path)
         tok = llm.get_tokenizer()
         prompts = [_prompt(tok, r, args.chat) for r in records]
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 or bool(args.output), lora=loras)
+        if args.trace_file:
+            from tokenmill.sim.trace_file import write_trace
+
+            write_trace(args.trace_file, [llm.engine.scheduler.timeline], {"command": "tokenmill generate"})
+            print(f"timeline: {args.trace_file}", file=sys.stderr)
     except (UsageError, ValueError, OSError, RuntimeError) as e:
         # RuntimeError: the device (e.g. out of memory); its message can run to many lines.
         print(f"error: {(str(e).strip() or type(e).__name__).splitlines()[0]}", file=sys.stderr)

@@ -221,3 +221,31 @@ def check_speculative(args: argparse.Namespace, target: Any) -> dict[str, Any]:
             raise UsageError(f"--speculative {method}: the draft's vocabulary has {draft.vocab_size} tokens, "
                              f"the model's {target.vocab_size}: a draft must share the model's tokenizer")  # fmt: skip
     return {"speculative": method, "num_speculative_tokens": num}
+# ---------------------------------------------------------------- KV eviction
+
+
+def add_kv_eviction_flags(p: argparse.ArgumentParser) -> None:
+    """``--kv-eviction`` and its budget: every request's default (``core/kv_eviction.py``)."""
+    p.add_argument("--kv-eviction", default="none", choices=["none", "streaming", "h2o"],
+                   help="evict KV past --kv-budget tokens per sequence: streaming (StreamingLLM: sinks + "
+                        "recent window) or h2o (heavy hitters by attention mass); default none")  # fmt: skip
+    p.add_argument("--kv-budget", type=positive_int, default=None, help="KV tokens a sequence keeps at most")
+    p.add_argument("--kv-sinks", type=non_negative_int, default=4, help="first tokens always kept (default 4)")
+    p.add_argument("--kv-recent", type=positive_int, default=None,
+                   help="newest tokens always kept (default: budget - sinks for streaming, budget / 2 for h2o)")
+
+
+def kv_eviction_from_args(args: argparse.Namespace) -> Any:
+    """The ``KVEviction`` the flags ask for (None: none); a bad combination is a ``UsageError``."""
+    from tokenmill.core.kv_eviction import KVEviction
+
+    if args.kv_eviction == "none":
+        if args.kv_budget is not None or args.kv_recent is not None:
+            raise UsageError("--kv-budget and --kv-recent need --kv-eviction streaming or h2o")
+        return None
+    if args.kv_budget is None:
+        raise UsageError(f"--kv-eviction {args.kv_eviction} needs --kv-budget TOKENS")
+    try:
+        return KVEviction(args.kv_eviction, args.kv_budget, sinks=args.kv_sinks, recent=args.kv_recent)
+    except ValueError as e:
+        raise UsageError(str(e).replace("kv_", "--kv-")) from None

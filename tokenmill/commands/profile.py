@@ -30,7 +30,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--kv-cache-memory", type=size_in(MiB), default="512",
                    help="KV cache for the measurements: MiB, or a size such as 1GiB")  # fmt: skip
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--statistic", default="mean", choices=["mean", "median"])
+    p.add_argument("--statistic", default="robust", choices=["mean", "median", "robust"],
+                   help="per grid point: robust is the median with outliers (> 3 MADs) dropped")
+    p.add_argument("--jitter-samples", type=int, default=200,
+                   help="repeats of one fixed step whose spread the twin draws from (0: skip)")
     p.add_argument("--multistep", type=int, default=8,
                    help="also time decode plans of this many sub-steps (the engine's max_decode_steps; 1: skip)")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -73,7 +76,7 @@ def _profile(args: argparse.Namespace) -> int:
                               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                               kv_cache_memory=args.kv_cache_memory, repeats=args.repeats,
                               stat=args.statistic, multistep=args.multistep, measure_overhead=not args.no_overhead,
-                              progress=progress)  # fmt: skip
+                              progress=progress, jitter_samples=args.jitter_samples)  # fmt: skip
     for note in table["clamped"]:
         console.print(f"note: {note}", markup=False)
     out = Path(args.output or f"profile-{Path(path).name}.json")

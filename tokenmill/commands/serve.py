@@ -23,14 +23,18 @@ from typing import Any
 from tokenmill.commands.engine_args import add_engine_arguments, engine_config, engine_value
 from tokenmill.commands.options import (
     UsageError,
+    add_kv_eviction_flags,
     add_speculative_arguments,
     check_device,
     check_model,
     check_policy,
     check_speculative,
+    key_value,
+    kv_eviction_from_args,
     lora_module,
     non_negative_int,
     port,
+    positive_int,
     size_in,
 )
 from tokenmill.server.defaults import (
@@ -79,6 +83,7 @@ def register(subparsers: Any) -> None:
                         "loopback names only when listening on loopback without --api-key, else any")
     add_engine_arguments(p, defaults={"device": "auto"})
     add_speculative_arguments(p)
+    add_kv_eviction_flags(p)
     p.add_argument("--lora-modules", nargs="+", action="extend", type=lora_module, default=[],
                    metavar="NAME=PATH",
                    help="LoRA adapters (PEFT directories) to serve as models named NAME; also "
@@ -88,8 +93,26 @@ def register(subparsers: Any) -> None:
     p.add_argument("--enable-lora-runtime-updates", action="store_true",
                    help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they load "
                         "directories on this machine: for trusted clients)")
+    c = p.add_argument_group("cluster (Ray; pip install 'tokenmill[cluster]')")
+    c.add_argument("--replicas", type=positive_int, default=None,
+                   help="serve with N engine replicas, each a Ray actor (default: one engine in this process)")
+    c.add_argument("--pd", default=None, metavar="P:D",
+                   help="prefill/decode disaggregation: P prefill and D decode replicas, KV moved between them")
+    c.add_argument("--threads-per-replica", type=positive_int, default=1,
+                   help="CPU cores (torch threads) each replica reserves (default 1)")
+    c.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. HEAD_IP:6379 after 'ray start --head'); default: start Ray here")
+    c.add_argument("--router", default="round_robin",
+                   help="replica choice: round_robin, least_outstanding_tokens or prefix_aware "
+                        "(with --pd: of prefill replicas; decode replicas use least_outstanding_tokens)")
+    c.add_argument("--router-option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="an option of the router (repeatable), e.g. balance_abs_threshold=4096")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--trace-file", help="on shutdown, write request timelines (queued, prefill chunks, decode "
+                                        "steps, preemptions, first token, finish) as Chrome trace JSON, for Perfetto")
+    p.add_argument("--trace-max-requests", type=positive_int, default=10000,
+                   help="requests a --trace-file records (the first ones; bounds its memory)")
     p.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "none"],
                    help="how tool calls are read from the model's text for tool_choice auto "
                         "(hermes: <tool_call> JSON blocks; none: refuse auto)")  # fmt: skip
@@ -104,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.trace_file and not os.path.isdir(os.path.dirname(os.path.abspath(args.trace_file))):
+        print(f"error: --trace-file: no directory for {args.trace_file}", file=sys.stderr)
+        return 2
     for flag, value in (("--max-prompts-per-request", args.max_prompts_per_request),
                         ("--max-prompt-chars", args.max_prompt_chars),
                         ("--chat-template-timeout", args.chat_template_timeout)):  # fmt: skip
@@ -116,6 +142,27 @@ def run(args: argparse.Namespace) -> int:
     from tokenmill.server.runner import run_server
     from tokenmill.server.state import ServerSettings
 
+    settings = ServerSettings(
+        served_model_names=names,
+        api_key=args.api_key or None,
+        max_body_bytes=args.max_body_bytes or None,
+        drain_timeout=args.drain_timeout,
+        trust_request_chat_template=args.trust_request_chat_template,
+        chat_template_timeout=args.chat_template_timeout,
+        max_prompt_chars=args.max_prompt_chars,
+        max_prompts_per_request=args.max_prompts_per_request,
+        allowed_hosts=allowed_hosts_for(args.host, args.port, api_key=args.api_key or None, flag=args.allowed_hosts),
+        enable_lora_runtime_updates=args.enable_lora_runtime_updates,
+        tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser,
+    )
+    if args.replicas is not None or args.pd is not None or args.ray_address is not None:
+        if args.lora_modules or args.enable_lora_runtime_updates:
+            print("error: LoRA adapters are served by one engine; --replicas, --pd and --ray-address "
+                  "do not take them yet", file=sys.stderr)  # fmt: skip
+            return 2
+        from tokenmill.cluster.serve import serve_cluster
+
+        return serve_cluster(args, config, names, settings)
     try:
         engine = Engine(config)
     except (ValueError, OSError, RuntimeError) as exc:
@@ -134,19 +181,6 @@ def run(args: argparse.Namespace) -> int:
         except LoraError as exc:
             print(f"error: --lora-modules {name}={path}: {exc}", file=sys.stderr)
             return 2
-    settings = ServerSettings(
-        served_model_names=names,
-        api_key=args.api_key or None,
-        max_body_bytes=args.max_body_bytes or None,
-        drain_timeout=args.drain_timeout,
-        trust_request_chat_template=args.trust_request_chat_template,
-        chat_template_timeout=args.chat_template_timeout,
-        max_prompt_chars=args.max_prompt_chars,
-        max_prompts_per_request=args.max_prompts_per_request,
-        allowed_hosts=allowed_hosts_for(args.host, args.port, api_key=args.api_key or None, flag=args.allowed_hosts),
-        enable_lora_runtime_updates=args.enable_lora_runtime_updates,
-        tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser,
-    )
     state = build_state(engine, settings)
     app = create_app(state)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
@@ -155,7 +189,13 @@ def run(args: argparse.Namespace) -> int:
         "serving %s (%s) at http://%s:%d/v1 (context %d tokens, %d KV blocks, policy %s)",
         names[0], config.model, args.host, args.port, engine.max_model_len, engine.executor.num_blocks, config.policy,
     )
-    return run_server(app, state, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
+    rc = run_server(app, state, args.host, args.port, log_level=args.log_level, access_log=args.access_log)
+    if args.trace_file:
+        from tokenmill.sim.trace_file import write_trace
+
+        n = write_trace(args.trace_file, [engine.scheduler.timeline], {"command": "tokenmill serve"})
+        log.info("wrote %d timeline events to %s", n, args.trace_file)
+    return rc
 
 
 def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
@@ -179,7 +219,9 @@ def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
     else:
         names = [model]
     speculative = check_speculative(args, model_config)
-    return engine_config(args, model=path, device=device, max_waiting=args.max_queue or None, **speculative), names
+    timeline = args.trace_max_requests if args.trace_file else 0
+    return engine_config(args, model=path, device=device, max_waiting=args.max_queue or None,
+                         timeline_requests=timeline, kv_eviction=kv_eviction_from_args(args), **speculative), names
 
 
 def _first_line(exc: BaseException) -> str:

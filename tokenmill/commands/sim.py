@@ -32,7 +32,20 @@ def register(subparsers: Any) -> None:
     out.add_argument("--output", "-o", default="sim-results.json", help="JSON results")
     out.add_argument("--plot", help="PNG with latency CDFs, throughput, KV usage and queue depth over time")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--trace-file", help="request timelines as Chrome trace JSON (Perfetto), one process per replica")
+    out.add_argument("--trace-max-requests", type=int, default=10000, help="requests per replica a --trace-file records")
     run.set_defaults(func=_run)
+
+    cmp = sub.add_parser("compare", help="draw the engine's and the twin's request timelines side by side",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    cmp.add_argument("engine_trace", help="the engine's timeline (serve/generate --trace-file, sim validate --trace-dir)")
+    cmp.add_argument("twin_trace", help="the twin's timeline of the same workload (sim run/validate)")
+    cmp.add_argument("--plot", "-o", default="sim-compare.png", help="PNG with both timelines")
+    cmp.add_argument("--rel-tol", type=float, default=0.25, help="relative TTFT/latency gap that counts as divergence")
+    cmp.add_argument("--abs-tol", type=float, default=0.005, help="seconds of TTFT/latency gap always tolerated")
+    cmp.add_argument("--max-requests", type=int, default=150, help="requests drawn (the first by arrival)")
+    cmp.add_argument("--output", help="JSON report of the divergence")
+    cmp.set_defaults(func=_compare)
 
     val = sub.add_parser("validate", help="run a workload on the real engine and in the twin; report the errors",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
@@ -52,7 +65,14 @@ def register(subparsers: Any) -> None:
     val.add_argument("--dtype", default="float32")
     val.add_argument("--threads", type=int, default=1, help="torch threads for the profile and the real run")
     val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--replicas", type=int, default=1,
+                     help="run the real side as a local Ray cluster of this many replicas (--threads each)")
+    val.add_argument("--pd", metavar="P:D", help="real side: P prefill and D decode replicas")
+    val.add_argument("--router", default="round_robin",
+                     help="replica choice (of prefill replicas with --pd): round_robin, least_outstanding_tokens, "
+                          "prefix_aware")  # fmt: skip
     val.add_argument("--output", "-o", help="JSON report")
+    _validation_args(val)
     val.set_defaults(func=_validate)
 
     se = sub.add_parser("search", help="best prefill:decode split and replica count for goodput per GPU",
@@ -91,7 +111,8 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hardware", default="h100", help="h100, h200, a100, l40s, or cpu (measured)")
     g.add_argument("--tp", type=int, default=1, help="tensor parallelism per replica")
     g.add_argument("--dtype", default="bf16", help="weights and compute: fp32, bf16, fp16, fp8")
-    g.add_argument("--kv-dtype", help="KV cache dtype (default: --dtype)")
+    g.add_argument("--kv-dtype", "--kv-cache-dtype", dest="kv_dtype",
+                   help="KV cache dtype: bf16, fp8, int8, int4 (tokenmill's, scales included) ... (default: --dtype)")
     g.add_argument("--cost-model", default="roofline", choices=["roofline", "profiled"])
     g.add_argument("--profile", help="profile table from `tokenmill profile` (profiled model; CPU peaks for cpu)")
     g.add_argument("--step-overhead", type=float, help="seconds per step outside the kernels (roofline)")
@@ -273,6 +294,8 @@ def _run(args: argparse.Namespace) -> int:
     if not len(wl):
         print("error: the workload has no requests", file=sys.stderr)
         return 2
+    if args.trace_file:
+        cfg.timeline_requests = args.trace_max_requests
     if args.no_progress:
         sim = Simulator(wl, cfg)
         result = sim.run()
@@ -303,35 +326,141 @@ def _run(args: argparse.Namespace) -> int:
     if args.plot:
         plot(result, args.plot, title=f"tokenmill sim: {args.model} on {args.hardware} (tp={args.tp})")
         print(f"plot: {args.plot}")
+    if args.trace_file:
+        from tokenmill.sim.trace_file import write_trace
+
+        n = write_trace(args.trace_file, result.timelines, {"command": extra["command"]}, origin=0.0)
+        print(f"timeline: {args.trace_file} ({n} events)")
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from tokenmill.sim.compare import describe, divergence, plot_compare
+    from tokenmill.sim.trace_file import read_trace
+
+    try:
+        engine, twin = read_trace(args.engine_trace), read_trace(args.twin_trace)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: cannot read the traces: {e}", file=sys.stderr)
+        return 2
+    report = divergence(engine, twin, rel_tol=args.rel_tol, abs_tol=args.abs_tol)
+    for line in describe(report):
+        print(line)
+    plot_compare(engine, twin, args.plot, report, max_requests=args.max_requests)
+    print(f"plot: {args.plot}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"report: {args.output}")
+    return 0
+
+
+def _validation_args(val: argparse.ArgumentParser) -> None:
+    """``sim validate``'s held-out workloads, repeats, jitter, pinning and timelines."""
+    g = val.add_argument_group("held-out workload (default: synthetic Poisson with the lengths above)")
+    g.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "constant"],
+                   help="synthetic arrivals; gamma with --cv > 1 gives bursts")  # fmt: skip
+    g.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma gaps (burstiness)")
+    g.add_argument("--shared-prefix", metavar="GROUPS:LEN", help="requests share one of GROUPS system prompts")
+    g.add_argument("--trace", help="CSV with TIMESTAMP, ContextTokens, GeneratedTokens (the Azure trace format); "
+                                   "replays its arrivals for --num-requests requests")  # fmt: skip
+    g.add_argument("--time-scale", type=float, default=1.0, help="stretch trace timestamps (0.5: twice the load)")
+    g.add_argument("--start", type=float, default=0.0, help="seconds into the trace to start from")
+    g.add_argument("--length-scale", type=float, default=1.0, help="multiply prompt and output lengths (fit a trace "
+                                                                   "to a small model)")  # fmt: skip
+    r = val.add_argument_group("repeats and noise")
+    r.add_argument("--real-runs", type=int, default=3, help="real engine runs (the engine's own spread)")
+    r.add_argument("--twin-runs", type=int, default=5, help="twin runs with jittered step times (seeds)")
+    r.add_argument("--no-jitter", action="store_true", help="twin with the profile's median step times only")
+    r.add_argument("--cpus", help="pin the process to these CPUs (e.g. 0 or 0-1) for the profile and real runs")
+    val.add_argument("--trace-dir", help="write the engine's and the twin's request timelines (Chrome trace JSON) "
+                                        "and their side-by-side plot here")  # fmt: skip
+
+
+def _validation_workload(args: argparse.Namespace) -> Any:
+    from tokenmill.sim.build import WorkloadSpec
+
+    groups, plen = 0, 0
+    if args.shared_prefix:
+        try:
+            groups, plen = (int(x) for x in args.shared_prefix.split(":"))
+        except ValueError:
+            raise UsageError(f"--shared-prefix takes GROUPS:LEN, got {args.shared_prefix!r}") from None
+    if args.trace:
+        return WorkloadSpec(kind="azure", num_requests=args.num_requests, arrival="trace", path=args.trace,
+                            time_scale=args.time_scale, start=args.start, seed=args.seed)  # fmt: skip
+    return WorkloadSpec(num_requests=args.num_requests, rate=args.rate, arrival=args.arrival, cv=args.cv,
+                        prompt_len=args.prompt_len, output_len=args.output_len, shared_prefix_groups=groups,
+                        shared_prefix_len=plen, seed=args.seed)  # fmt: skip
+
+
+def _print_validation(console: Any, report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    n = len(report["real_runs"])
+    table = Table(title=f"twin vs real ({n} runs): {report['model']} ({report.get('deployment', '1 replica')})")
+    for col in ("metric", "real engine", "spread", "twin", "error", "within max(5%, spread)", "drift-corrected", "error "):
+        table.add_column(col, justify="right")
+    for key in ("ttft_mean_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p90_ms", "tpot_p99_ms",
+                "output_throughput"):  # fmt: skip
+        r, t, c = report["real"][key], report["twin"][key], report["twin_drift_corrected"][key]
+        err, cerr = report["error_pct"].get(key), report["error_pct_drift_corrected"].get(key)
+        spread = report["real_spread_pct"].get(key)
+        ok = report["within_target"].get(key)
+        table.add_row(key, f"{r:.2f}", f"{spread:.1f}%" if spread is not None else "-", f"{t:.2f}",
+                      f"{err:+.1f}%" if err is not None else "-", "" if ok is None else ("yes" if ok else "no"),
+                      f"{c:.2f}", f"{cerr:+.1f}%" if cerr is not None else "-")  # fmt: skip
+    console.print(table)
+    pr = report["probe_ms"]
+    during = [x for pair in pr["real_runs"] for x in pair]
+    console.print(f"reference step: {pr['profile']:.2f} ms in the profile, {min(during):.2f}-{max(during):.2f} ms "
+                  f"around the real runs (machine drift {report['machine_drift_pct']:+.1f}%); the drift-corrected "
+                  f"twin's costs are scaled by {report['drift_factor']:.2f}, the real plans' measured/priced time")  # fmt: skip
+    for i, c in enumerate(report.get("step_time_check", [])):
+        if c:
+            console.print(f"run {i + 1}: {c['plans']} plans took {c['measured_over_priced']:.2f}x the profile's price "
+                          f"(per plan p10/p50/p90 {c['ratio_p10']:.2f}/{c['ratio_p50']:.2f}/{c['ratio_p90']:.2f})")  # fmt: skip
+    if "timelines" in report:
+        from tokenmill.sim.compare import describe
+
+        for line in describe(report["timelines"]["divergence"]):
+            console.print(line, markup=False)
+        console.print(f"timelines: {report['timelines']['plot']}")
 
 
 def _validate(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
+    from tokenmill.sim.pinning import parse_cpus
     from tokenmill.sim.validate import validate
 
     console = Console()
-    report = validate(model=args.model, profile=args.profile, num_requests=args.num_requests, rate=args.rate,
-                      prompt_len=args.prompt_len, output_len=args.output_len,
-                      kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
-                      max_num_seqs=args.max_num_seqs, max_decode_steps=args.max_decode_steps, dtype=args.dtype,
-                      threads=args.threads, seed=args.seed, grid=args.grid, repeats=args.repeats,
-                      log=console.print)  # fmt: skip
-    table = Table(title=f"twin vs real engine: {report['model']}")
-    for col in ("metric", "real engine", "twin", "error", "drift-corrected twin", "error "):
-        table.add_column(col, justify="right")
-    for key in ("ttft_mean_ms", "ttft_p90_ms", "tpot_mean_ms", "tpot_p90_ms", "output_throughput"):
-        r, t, c = report["real"][key], report["twin"][key], report["twin_drift_corrected"][key]
-        err, cerr = report["error_pct"].get(key), report["error_pct_drift_corrected"].get(key)
-        table.add_row(key, f"{r:.2f}", f"{t:.2f}", f"{err:+.1f}%" if err is not None else "-",
-                      f"{c:.2f}", f"{cerr:+.1f}%" if cerr is not None else "-")  # fmt: skip
-    console.print(table)
-    pr = report["probe_ms"]
-    console.print(f"reference step: {pr['before_profile']:.2f} ms before the profile, {pr['before_real_run']:.2f} ms "
-                  f"before the real run, {pr['after_real_run']:.2f} ms after it "
-                  f"(machine drift {report['machine_drift_pct']:+.1f}%)")  # fmt: skip
+    pd = None
+    if args.pd:
+        from tokenmill.cluster.launch import parse_pd
+
+        try:
+            pd = parse_pd(args.pd)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.replicas < 1:
+        print(f"error: --replicas must be >= 1, got {args.replicas}", file=sys.stderr)
+        return 2
+    try:
+        ws = _validation_workload(args)
+        cpus = parse_cpus(args.cpus) if args.cpus else None
+        report = validate(model=args.model, profile=args.profile, kv_cache_memory=args.kv_cache_memory,
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                          max_decode_steps=args.max_decode_steps, dtype=args.dtype, threads=args.threads,
+                          grid=args.grid, repeats=args.repeats, log=console.print, real_runs=args.real_runs,
+                          twin_runs=args.twin_runs, jitter=not args.no_jitter, workload=ws,
+                          length_scale=args.length_scale, cpus=cpus, trace_dir=args.trace_dir,
+                          replicas=args.replicas, pd=pd, router=args.router)  # fmt: skip
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_validation(console, report)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=1)

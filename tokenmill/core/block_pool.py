@@ -86,17 +86,20 @@ class BlockPool:
 
     def decref(self, block_ids: list[int]) -> None:
         """Drop one owner from each block; unowned blocks go free or stay cached."""
-        refs, cached = self.ref_counts, self.cached
+        refs, cached, free = self.ref_counts, self.cached, self._free.append
+        evictable = 0
         for b in block_ids:
             r = refs[b] - 1
             if r < 0:
+                self.num_evictable += evictable
                 raise RuntimeError(f"block {b} freed more often than it was owned")
             refs[b] = r
             if r == 0:
                 if cached[b]:
-                    self.num_evictable += 1
+                    evictable += 1
                 else:
-                    self._free.append(b)
+                    free(b)
+        self.num_evictable += evictable
 
     def mark_cached(self, block_id: int) -> None:
         """The prefix cache now keeps this (owned) block."""

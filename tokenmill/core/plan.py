@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenmill.core.kv_eviction import KVEviction
 from tokenmill.core.lora import LoRARequest
 from tokenmill.core.request import FinishReason, Request, SamplingParams
 
@@ -30,6 +31,7 @@ class SeqSetup:
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
     sample_index: int = 0
+    kv_eviction: KVEviction | None = None  # the executor evicts KV past this budget, after each sub-step
     lora: LoRARequest | None = None  # the adapter it runs with; the executor loads it if need be
 
     @property
@@ -65,6 +67,10 @@ class ScheduledSeq:
     step, for the next one (``StepResult.draft_token_ids``); the table also
     covers the positions a draft model writes while it proposes them. A
     speculative step is always a single step (``num_steps == 1``).
+    ``kv_offset`` is how many of the sequence's first ``start_pos`` tokens have
+    been evicted (``kv_eviction.py``): its KV holds ``start_pos - kv_offset``
+    entries, and the new tokens go to the entries after them. The table
+    indexes entries, not positions; positions (RoPE) stay the tokens' own.
     """
 
     request_id: str
@@ -75,6 +81,7 @@ class ScheduledSeq:
     block_ids: list[int]
     samples: bool
     setup: SeqSetup | None = None  # set in the plan that admits the request
+    kv_offset: int = 0
     lora_id: int = 0  # its adapter's lora_int_id (0: base), for cost models that price LoRA
     draft_token_ids: list[int] = field(default_factory=list)
     num_propose: int = 0
@@ -159,6 +166,8 @@ class StepResult:
     stop_strings: dict[str, tuple[int, str]] | None = None
     draft_token_ids: dict[str, list[int]] | None = None
     draft_time: float = 0.0
+    # positions whose KV the executor evicted during the plan (requests with a KV budget)
+    kv_evicted: dict[str, list[int]] | None = None
 
 
 @dataclass(slots=True)
@@ -182,7 +191,7 @@ def standalone_seq(req: Request, start_pos: int, num_new_tokens: int, block_ids:
     """A sequence for a plan built outside the scheduler (profiling, tests): it carries
     its setup and its whole table, so an executor takes it whatever it saw before."""
     setup = SeqSetup(req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
-                     req.eos_token_ids, req.sample_index, req.lora)  # fmt: skip
+                     req.eos_token_ids, req.sample_index, kv_eviction=req.kv_eviction, lora=req.lora)  # fmt: skip
     tokens = req.token_ids_slice(start_pos, start_pos + num_new_tokens)
     return ScheduledSeq(req.request_id, start_pos, num_new_tokens, tokens, 0, list(block_ids), samples, setup,
-                        req.lora_id)  # fmt: skip
+                        lora_id=req.lora_id)  # fmt: skip

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenmill.core.kv_eviction import KVEviction
 from tokenmill.core.lora import LoRARequest
 from tokenmill.structured.params import StructuredOutputsParams
 
@@ -148,6 +149,7 @@ class Request:
     parent_id: str | None = None  # the user request this sample belongs to
     hold_kv: bool = False  # keep its KV blocks after it finishes, for export (prefill of P/D)
     sample_index: int = 0
+    kv_eviction: KVEviction | None = None  # keep at most a budget of KV entries (kv_eviction.py)
     lora: LoRARequest | None = None  # the adapter it runs with (None: the base model)
 
     status: RequestStatus = RequestStatus.WAITING

@@ -8,8 +8,12 @@ sent where). It never reads a replica's scheduler, so a decision depends only
 on events that both the real cluster and the simulator see at the same
 moments, whatever the granularity of the replicas' step plans.
 
-``route(req) -> replica index`` and ``on_finished(replica, req)`` are the
-whole interface; a router that needs more is a new class registered by name.
+``route(req) -> replica index`` and ``on_finished(req)`` are the whole
+interface of a decision; a router that needs more is a new class registered
+by name. A real cluster also tells the router when a replica goes down and
+comes back (``set_available``): a router never picks a replica that is down
+(``NoReplicaError`` when none is up). The simulator's replicas never go
+down, so its decisions do not depend on this.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from collections.abc import Callable
 from typing import Any
 
 from tokenmill.core.request import Request
+
+
+class NoReplicaError(RuntimeError):
+    """Every replica is down: the request cannot be routed."""
 
 
 class Router:
@@ -35,6 +43,21 @@ class Router:
         self.outstanding_tokens = [0] * num_replicas
         self.outstanding_requests = [0] * num_replicas
         self._charged: dict[str, tuple[int, int]] = {}  # request id -> (replica, tokens charged)
+        self.available = [True] * num_replicas
+        self.num_down = 0
+
+    def set_available(self, replica: int, up: bool) -> None:
+        """A replica went down (it is not picked until it is back) or came back."""
+        if self.available[replica] != up:
+            self.available[replica] = up
+            self.num_down += -1 if up else 1
+
+    def up_replicas(self) -> list[int]:
+        """The replicas that may be picked; raises ``NoReplicaError`` when there is none."""
+        up = [r for r, ok in enumerate(self.available) if ok]
+        if not up:
+            raise NoReplicaError(f"all {self.num_replicas} replicas are down")
+        return up
 
     @staticmethod
     def request_cost(req: Request) -> int:
@@ -51,7 +74,10 @@ class Router:
         return req.num_prompt_tokens + out
 
     def route(self, req: Request) -> int:
-        """Pick a replica for ``req`` and charge it; the caller adds the request there."""
+        """Pick a replica for ``req`` and charge it; the caller adds the request there.
+
+        Raises ``NoReplicaError`` (charging nothing) when every replica is down.
+        """
         replica = self.choose(req)
         cost = self.request_cost(req)
         self.outstanding_tokens[replica] += cost
@@ -72,9 +98,11 @@ class Router:
         self.outstanding_requests[replica] -= 1
 
     def least_loaded(self) -> int:
-        """The replica with the fewest outstanding tokens (lowest index on ties)."""
+        """The replica (among those up) with the fewest outstanding tokens (lowest index on ties)."""
         load = self.outstanding_tokens
-        return load.index(min(load))
+        if not self.num_down:
+            return load.index(min(load))
+        return min(self.up_replicas(), key=lambda r: (load[r], r))
 
 
 _REGISTRY: dict[str, type[Router]] = {}
@@ -112,8 +140,12 @@ class RoundRobinRouter(Router):
         self._next = 0
 
     def choose(self, req: Request) -> int:
+        n = self.num_replicas
         r = self._next
-        self._next = (r + 1) % self.num_replicas
+        if not self.available[r]:
+            up = self.up_replicas()
+            r = next((u for u in up if u > r), up[0])  # the next one up, in turn
+        self._next = (r + 1) % n
         return r
 
     @staticmethod
@@ -175,14 +207,25 @@ class PrefixAwareRouter(Router):
             out.append(h)
         return out
 
+    def set_available(self, replica: int, up: bool) -> None:
+        super().set_available(replica, up)
+        if not up:
+            self._seen[replica].clear()  # a replica that went down comes back with an empty cache
+
     def choose(self, req: Request) -> int:
         chain = self._chain(req)
         load = self.outstanding_tokens
-        lo, hi = min(load), max(load)
+        if not self.num_down:
+            up: range | list[int] = range(self.num_replicas)
+            lo, hi = min(load), max(load)
+        else:
+            up = self.up_replicas()
+            lo, hi = min(load[r] for r in up), max(load[r] for r in up)
         balanced = hi - lo <= self.balance_abs or hi <= self.balance_rel * max(lo, 1)
         best, best_len = -1, 0
         if chain and balanced:
-            for r, seen in enumerate(self._seen):
+            for r in up:
+                seen = self._seen[r]
                 n = 0
                 for h in chain:
                     if h not in seen:
@@ -194,7 +237,7 @@ class PrefixAwareRouter(Router):
             self.num_prefix_routed += 1
             replica = best
         else:
-            replica = load.index(lo)
+            replica = next(r for r in up if load[r] == lo)
         seen = self._seen[replica]
         for h in chain:
             if h in seen:

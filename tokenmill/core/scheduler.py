@@ -45,13 +45,16 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tokenmill.core.kv_manager import KVManager
 from tokenmill.core.plan import ScheduledSeq, SeqSetup, SeqUpdate, StepPlan, StepResult
 from tokenmill.core.policies import SchedulingPolicy, make_policy
 from tokenmill.core.request import FinishReason, Request, RequestStatus
 from tokenmill.core.spec import SpecConfig, SpecController
+from tokenmill.core.timeline import Timeline
+
+_NONE: list[int] = cast(list[int], ())  # the tokens and blocks of a lean plan's sequences: none
 
 
 class QueueFullError(RuntimeError):
@@ -87,6 +90,9 @@ class SchedulerConfig:
     def spec_config(self) -> SpecConfig:
         return SpecConfig(self.num_speculative_tokens, self.speculative_adaptive,
                           self.speculative_draft_cost, self.speculative_knee_tokens)  # fmt: skip
+    # The longest sliding window of a model all of whose layers have one: blocks every layer's
+    # window has passed are given back (KVManager.free_outside_window). None: keep every block.
+    kv_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -94,6 +100,8 @@ class SchedulerConfig:
         if self.max_decode_steps < 1:
             raise ValueError("max_decode_steps must be >= 1")
         self.spec_config()  # validates the speculative decoding fields
+        if self.kv_window is not None and self.kv_window < 1:
+            raise ValueError(f"kv_window must be >= 1 or None, got {self.kv_window}")
         if self.max_loras is not None and self.max_loras < 1:
             raise ValueError(f"max_loras must be >= 1 or None, got {self.max_loras}")
         if self.max_seqs_per_request is not None and self.max_seqs_per_request < 1:
@@ -120,9 +128,12 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, policy: SchedulingPolicy | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, policy: SchedulingPolicy | None = None, *, lean_plans: bool = False) -> None:
         self.config = config
-        self.kv = KVManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        # Lean plans carry positions only (no tokens, block-table diffs or setups): for an
+        # executor that prices a plan without running it (the twin's), which reads nothing else.
+        self.lean_plans = lean_plans
+        self.kv = KVManager(config.num_blocks, config.block_size, config.enable_prefix_caching, config.kv_window)
         self.policy = policy or make_policy(config.policy, **config.policy_options)
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # arrival order: (arrival_time, seq_no)
@@ -138,6 +149,8 @@ class Scheduler:
         self._finished_ids: list[str] = []  # finished or aborted since the last plan
         self._over: set[str] = set()  # parents holding more than max_seqs_per_request slots
         self.spec = SpecController(config.spec_config())
+        # Set by whoever wants request timelines (engine or twin): told of arrivals, plans, finishes.
+        self.timeline: Timeline | None = None
         self._loras: dict[int, int] = {}  # adapter id -> its running requests
 
     # ---------------------------------------------------------------- inputs
@@ -156,11 +169,13 @@ class Scheduler:
             )
         max_tokens = req.sampling_params.max_tokens
         longest = cfg.max_model_len if max_tokens is None else min(cfg.max_model_len, req.num_prompt_tokens + max_tokens)
-        if self.kv.blocks_for(longest) > self.kv.num_blocks:
+        if self._peak_blocks(req, longest) > self.kv.num_blocks:
             raise ValueError(
                 f"the request needs up to {longest} tokens of KV but the cache holds only "
                 f"{self.kv.num_blocks * cfg.block_size}; lower max_tokens or give the cache more memory"
             )
+        if req.kv_eviction is not None and req.hold_kv:
+            raise ValueError("a request whose KV is exported (hold_kv) cannot evict KV")
         if cfg.max_waiting is not None and len(self.waiting) >= cfg.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({cfg.max_waiting} requests)")
         req.seq_no = self._seq
@@ -171,6 +186,20 @@ class Scheduler:
         if len(self.waiting) > 1 and self._order(self.waiting[-2]) > self._order(req):
             self.waiting.sort(key=self._order)
         self.policy.on_arrival(req, req.arrival_time if now is None else now)
+        if self.timeline is not None:
+            self.timeline.arrival(req.request_id, req.arrival_time if now is None else now)
+
+    def _peak_blocks(self, req: Request, longest: int) -> int:
+        """The most blocks ``req`` holds at once on its way to ``longest`` tokens."""
+        need = self.kv.blocks_for(longest)
+        if req.kv_eviction is not None:  # the budget, and a step's chunk on top of it
+            need = min(need, self.kv.blocks_for(req.kv_eviction.budget + self.config.max_num_batched_tokens))
+        window = self.config.kv_window
+        if window is not None and not req.hold_kv:
+            # what the window keeps, and the step's chunk on top of it (one block of slack
+            # for where the window and the chunk start inside their blocks)
+            need = min(need, self.kv.blocks_for(window + self.config.max_num_batched_tokens) + 1)
+        return need
 
     @staticmethod
     def _order(r: Request) -> tuple[float, int]:
@@ -297,6 +326,8 @@ class Scheduler:
         req.finish_reason = reason
         req.stop_reason = stop_reason
         req.finish_time = now
+        if self.timeline is not None:
+            self.timeline.finished(req.request_id, now, req.first_token_time, reason.value, len(req.output_token_ids))
         del self.requests[req.request_id]
         req.draft_token_ids = []
         self.spec.forget(req.request_id)
@@ -431,11 +462,12 @@ class Scheduler:
             n = total - nc
             if n > budget:
                 n = budget
+            kv.free_outside_window(req)
             k = 0
             if spec is not None and n == 1 and req.draft_token_ids:
                 k = min(len(req.draft_token_ids), spec.get(req.request_id, 0), budget - 1, self._draft_room(req, 0))
             table = tables.get(req.request_id)
-            if table is None or len(table) * bs < nc + n + k:  # else the blocks are held already
+            if table is None or len(table) * bs < kv.entries_needed(req, n + k):  # else the blocks are held
                 if k and not kv.allocate_slots(req, n + k):
                     k = 0  # drafts go first when blocks run short
                 while not kv.allocate_slots(req, n):
@@ -489,24 +521,33 @@ class Scheduler:
         self, picked: list[tuple[Request, int, int, bool]], drafts: dict[str, int], propose: dict[str, int]
     ) -> list[ScheduledSeq]:
         """The plan's sequences as data: tokens to feed, block table diffs, setups of admissions."""
-        table_diff = self.kv.table_diff
-        seqs = []
-        for req, start, n, admitted in picked:
-            end = start + n
-            offset, blocks = table_diff(req.request_id)
-            setup = None
-            if admitted:
-                setup = SeqSetup(req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
-                                 req.eos_token_ids, req.sample_index, req.lora)  # fmt: skip
-            s = ScheduledSeq(req.request_id, start, n, req.token_ids_slice(start, end), offset, blocks,
-                             end == req.num_tokens, setup, req.lora_id)  # fmt: skip
-            if drafts or propose:
-                rid = req.request_id
-                k = drafts.get(rid)
+        if self.lean_plans:
+            seqs = [ScheduledSeq(req.request_id, start, n, _NONE, 0, _NONE,
+                                 start + n == len(req.prompt_token_ids) + len(req.output_token_ids), None,
+                                 lora_id=req.lora_id)
+                    for req, start, n, _ in picked]  # fmt: skip
+        else:
+            table_diff = self.kv.table_diff
+            seqs = []
+            for req, start, n, admitted in picked:
+                end = start + n
+                offset, blocks = table_diff(req.request_id)
+                setup = None
+                if admitted:
+                    setup = SeqSetup(req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
+                                     req.eos_token_ids, req.sample_index, kv_eviction=req.kv_eviction,
+                                     lora=req.lora)  # fmt: skip
+                seqs.append(ScheduledSeq(req.request_id, start, n, req.token_ids_slice(start, end), offset, blocks,
+                                         end == req.num_tokens, setup, kv_offset=start - self.kv.kv_len(req),
+                                         lora_id=req.lora_id))  # fmt: skip
+        if drafts or propose:
+            # Speculative decoding: the drafts each decode verifies and the proposals it asks for
+            # (lean plans carry them too: the twin prices a step by its drafts).
+            for s, (req, _, _, _) in zip(seqs, picked, strict=True):
+                k = drafts.get(req.request_id)
                 if k:
                     s.draft_token_ids = req.draft_token_ids[:k]
-                s.num_propose = propose.get(rid, 0)
-            seqs.append(s)
+                s.num_propose = propose.get(req.request_id, 0)
         return seqs
 
     # --------------------------------------------------------- speculative decoding
@@ -609,7 +650,7 @@ class Scheduler:
         else:
             # A request that wants its prompt's logprobs computes every prompt position,
             # cached or not (as vLLM does): the cache holds KV, not logits.
-            computed = [] if req.wants_prompt_logprobs else kv.get_computed_blocks(req)
+            computed = [] if req.wants_prompt_logprobs else kv.get_computed_blocks(req)  # (none when evicting)
             start = len(computed) * cfg.block_size
         n = req.num_tokens - start
         if n > budget:
@@ -630,6 +671,7 @@ class Scheduler:
             if imported is None:  # an import's lookup was counted when it was reserved
                 kv.record_prefix_query(req.num_prompt_tokens, start)
         req.num_computed_tokens = start
+        kv.free_outside_window(req)  # a cached prefix longer than the window
         req.status = RequestStatus.RUNNING
         self._start_running(req)
         seqs.append((req, start, n, True))
@@ -670,19 +712,19 @@ class Scheduler:
                 k = room
         if k <= 1:
             return 1
-        bs = self.kv.block_size
-        tables = self.kv.tables
+        kv = self.kv
+        tables = kv.tables
         short: list[Request] = []
         need = 0
         for r, _, _, _ in seqs:
-            extra = -(-(r.num_computed_tokens + k) // bs) - len(tables[r.request_id])
+            extra = kv.blocks_for(kv.entries_needed(r, 1, k)) - len(tables[r.request_id])
             if extra > 0:
                 need += extra
                 short.append(r)
-        if need > self.kv.num_available:
+        if need > kv.num_available:
             return 1
         for r in short:  # the others hold their blocks already
-            self.kv.allocate_slots(r, k)
+            kv.allocate_slots(r, kv.entries_needed(r, 1, k) - kv.kv_len(r))
         return k
 
     def shorten_plan(self, plan: StepPlan, num_steps: int) -> None:
@@ -702,7 +744,7 @@ class Scheduler:
             return
         # Reservations were made seq by seq in plan order; undo them in reverse.
         for s, req in zip(reversed(plan.seqs), reversed(self._plan_of(plan)), strict=True):
-            self.kv.trim(req, s.start_pos + s.num_new_tokens + num_steps - 1)
+            self.kv.trim(req, self.kv.entries_needed(req, s.num_new_tokens, num_steps))
         plan.num_steps = num_steps
         if self.config.debug_checks:
             self._check()
@@ -716,6 +758,8 @@ class Scheduler:
         the one that completed the stop string and finishes with ``stop``.
         """
         now = plan.now + (result.duration or 0.0)
+        if self.timeline is not None:
+            self.timeline.plan(plan, result.duration or 0.0)
         updates: list[SeqUpdate] = []
         sampled = result.sampled_token_ids
         logprobs = result.logprobs
@@ -731,6 +775,8 @@ class Scheduler:
                 continue  # aborted or finished from outside since the plan was made
             if not s.samples:
                 req.num_computed_tokens += s.num_new_tokens
+                if req.kv_eviction is not None:
+                    self._evicted(req, result)
                 policy.on_computed(req, s.num_new_tokens, t_plan)
                 # A long prompt shares each chunk as soon as its KV exists, so that
                 # requests with the same prefix need not wait for the whole prefill.
@@ -758,7 +804,9 @@ class Scheduler:
                 self._stop_running(req)
                 self._finish(req, reason, stop_reason, now)
             else:
-                if s.num_new_tokens > 1:
+                if req.kv_eviction is not None:
+                    self._evicted(req, result)
+                elif s.num_new_tokens > 1:
                     # Share the prompt with later requests as soon as its KV exists.
                     self.kv.cache_blocks(req, req.num_computed_tokens)
                 if s.draft_token_ids or s.num_propose or req.draft_token_ids:
@@ -778,6 +826,13 @@ class Scheduler:
         got = proposed.get(req.request_id) if proposed else None
         req.draft_token_ids = list(got[:asked]) if got else []
         self.kv.trim(req, req.num_tokens + len(req.draft_token_ids))
+    def _evicted(self, req: Request, result: StepResult) -> None:
+        """A request with a KV budget after its step: note what the executor evicted (an
+        executor without KV, the simulator's, reports nothing) and give back emptied blocks."""
+        reported = result.kv_evicted.get(req.request_id) if result.kv_evicted else None
+        if reported is not None:
+            self.kv.record_eviction(req, reported)
+        self.kv.shrink_to_budget(req)
 
     def _check(self) -> None:
         self.kv.check_invariants()

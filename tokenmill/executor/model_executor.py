@@ -42,12 +42,15 @@ from typing import Any
 import torch
 
 from tokenmill.core.executor_state import ExecutorState, SeqView
+from tokenmill.core.kv_manager import NULL_BLOCK
 from tokenmill.core.lora import LoRARequest
 from tokenmill.core.plan import ScheduledSeq, StepPlan, StepResult
+from tokenmill.executor.kv_evictor import KVEvictor
 from tokenmill.lora.errors import LoraError, LoraLoadError
 from tokenmill.lora.manager import LoraManager
-from tokenmill.model.attention import AttentionMetadata, kv_cache_shape
+from tokenmill.model.attention import AttentionMetadata
 from tokenmill.model.config import ModelConfig, resolve_dtype
+from tokenmill.model.kv_format import KVFormat, kv_format
 from tokenmill.model.loader import load_model
 from tokenmill.model.sampler import LogprobEntry, Sampler, SamplingRow
 from tokenmill.spec import ProposeItem, make_proposer
@@ -76,6 +79,11 @@ class _Batch:
     seq_lens: list[int] = field(default_factory=list)
     block_rows: list[list[int]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # flattened row index of each sampler
+    # With KV eviction: each token's KV entry (its position less what its sequence evicted;
+    # None: the positions themselves), and per evicting sequence what ``KVEvictor`` takes in.
+    entries: list[int] | None = None
+    evict_rows: list[tuple[str, int, int, int, list[int]]] = field(default_factory=list)
+    attn_mass: torch.Tensor | None = None
     lora: list[tuple[LoRARequest, int, int]] = field(default_factory=list)  # (adapter, first row, rows)
 
 
@@ -89,6 +97,7 @@ class ModelExecutor:
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
         kv_cache_memory: int = 256 * 2**20,
+        kv_cache_dtype: str = "auto",
         expert_cache_memory: int | None = None,
         expert_prefetch: bool = True,
         block_size: int = 16,
@@ -99,16 +108,21 @@ class ModelExecutor:
         max_lora_rank: int = 16,
     ) -> None:
         self.device = torch.device(device)
+        self.kv_format: KVFormat = kv_format(kv_cache_dtype)  # refuses an unknown name first
         self.model, self.model_config = load_model(
             model_path, dtype=dtype, device=self.device, expert_cache_memory=expert_cache_memory,
             expert_prefetch=expert_prefetch,
         )
         self.dtype = self.model_config.dtype
+        # The longest sliding window when every layer has one (the core then frees the KV
+        # blocks all windows have passed); None when any layer attends to the whole context.
+        windows = self.model_config.layer_windows
+        self.kv_window: int | None = max(windows) if windows and all(windows) else None
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.kv_bytes_per_block = self.kv_cache_bytes_per_block(
-            self.model_config, block_size, self.dtype
+            self.model_config, block_size, self.dtype, self.kv_format
         )
         # Speculative decoding (tokenmill/spec): a draft model's KV lives on the same
         # block ids, so each block costs the draft's bytes too.
@@ -123,13 +137,16 @@ class ModelExecutor:
                 f"(one block of {block_size} tokens needs {per_block} bytes)"
             )
         cfg = self.model_config
-        shape = kv_cache_shape(self.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_cache = torch.zeros((cfg.num_layers, *shape), dtype=self.dtype, device=self.device)
+        shape = self.kv_format.cache_shape(self.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_cache = torch.zeros(
+            (cfg.num_layers, *shape), dtype=self.kv_format.cache_dtype(self.dtype), device=self.device
+        )
         self.kv_caches = list(self.kv_cache.unbind(0))
         if self.proposer is not None and self.proposer.writes_kv:
             self.proposer.allocate_cache(self.num_blocks)
         self.sampler = Sampler(self.device)
         self.state = ExecutorState()
+        self.evictor = KVEvictor(self.device)  # requests with a KV budget (kv_evictor.py)
         self.loras = LoraManager(self.model, self.model_config, max_loras, max_lora_rank)
         self.masks = StepMasks(self.model_config.vocab_size)
 
@@ -143,6 +160,7 @@ class ModelExecutor:
             dtype=config.dtype,
             device=config.device,
             kv_cache_memory=config.kv_cache_memory,
+            kv_cache_dtype=config.kv_cache_dtype,
             expert_cache_memory=config.expert_cache_memory,
             expert_prefetch=config.expert_prefetch,
             block_size=config.block_size,
@@ -173,16 +191,37 @@ class ModelExecutor:
 
     @staticmethod
     def kv_cache_bytes_per_block(
-        model_config: ModelConfig, block_size: int = 16, dtype: str | torch.dtype | None = None
+        model_config: ModelConfig,
+        block_size: int = 16,
+        dtype: str | torch.dtype | None = None,
+        kv_cache_dtype: str | KVFormat = "auto",
     ) -> int:
-        """Bytes of K and V, all layers, for one block of ``block_size`` tokens."""
+        """Bytes of K and V, all layers, for one block of ``block_size`` tokens (scales included)."""
         dt = model_config.dtype if dtype is None else resolve_dtype(dtype, None)
-        itemsize = torch.empty((), dtype=dt).element_size()
+        fmt = kv_format(kv_cache_dtype)
         return (
-            2 * model_config.num_layers * block_size * model_config.num_kv_heads
-            * model_config.head_dim * itemsize
+            2 * model_config.num_layers * model_config.num_kv_heads
+            * fmt.head_block_bytes(block_size, model_config.head_dim, dt)
         )  # fmt: skip
 
+    # -- KV blocks as bytes (moving KV between replicas) ----------------------------------
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of blocks' K and V in every layer, ``[layers, 2, n, kv_heads, elements]``, in
+        the cache's own storage (quantized blocks stay quantized: ``kv_bytes_per_block`` each)."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.kv_cache.index_select(2, idx)
+
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """Store what ``read_blocks`` returned (from a cache of the same format) into ``block_ids``."""
+        want = (*self.kv_cache.shape[:2], len(block_ids), *self.kv_cache.shape[3:])
+        if tuple(data.shape) != want or data.dtype != self.kv_cache.dtype:
+            raise ValueError(
+                f"KV blocks of shape {tuple(data.shape)} / {data.dtype} do not fit this cache "
+                f"({want} / {self.kv_cache.dtype}, KV dtype {self.kv_format.name})"
+            )
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv_cache.index_copy_(2, idx, data.to(self.device))
     # -- adapters -------------------------------------------------------------------------
 
     def add_lora(self, lora: LoRARequest) -> None:
@@ -231,6 +270,12 @@ class ModelExecutor:
                 if s.setup is not None:
                     self.proposer.reset(s.request_id, s.start_pos)
         self._load_loras(plan)
+        evictor = self.evictor
+        if evictor.seqs:
+            evictor.drop(plan.finished_ids + plan.preempted_ids)
+        for s in plan.seqs:
+            if s.setup is not None:
+                evictor.admit(s.request_id, s.setup.kv_eviction)
         if plan.is_empty:
             result.duration = 0.0
             return result
@@ -246,6 +291,14 @@ class ModelExecutor:
             if step > 0:
                 batch = self._decode_batch(samplers, sampled, step)
             hidden = self._forward(batch)
+            if batch.evict_rows:
+                gone = evictor.after_forward(batch.evict_rows, batch.attn_mass, self.kv_cache, self.block_size,
+                                             self.model_config.head_dim, self.kv_format)  # fmt: skip
+                if gone:
+                    if result.kv_evicted is None:
+                        result.kv_evicted = {}
+                    for rid, positions in gone.items():
+                        result.kv_evicted.setdefault(rid, []).extend(positions)
             if step == 0:
                 result.prompt_logprobs = self._prompt_logprobs(plan.seqs, states, batch, hidden)
             if not batch.sample_rows:
@@ -371,15 +424,31 @@ class ModelExecutor:
 
     def _first_batch(self, seqs: list[ScheduledSeq], states: list[SeqView]) -> _Batch:
         b = _Batch()
-        for s, st in zip(seqs, states, strict=True):
+        evictor = self.evictor
+        if evictor.seqs:
+            b.entries = []
+        for i, (s, st) in enumerate(zip(seqs, states, strict=True)):
             n = s.num_new_tokens + len(s.draft_token_ids)
             end = s.start_pos + n
+            kv_end = end - s.kv_offset  # KV entries after this step's tokens are written
             b.input_ids.extend(s.token_ids)
             b.input_ids.extend(s.draft_token_ids)
             b.positions.extend(range(s.start_pos, end))
             b.query_start.append(b.query_start[-1] + n)
-            b.seq_lens.append(end)
-            b.block_rows.append(self._blocks(s.request_id, st, end))
+            b.seq_lens.append(kv_end)
+            blocks = self._blocks(s.request_id, st, kv_end)
+            b.block_rows.append(blocks)
+            if b.entries is not None:
+                b.entries.extend(range(kv_end - n, kv_end))
+                if s.request_id in evictor:
+                    if evictor.num_entries(s.request_id) != kv_end - n:
+                        raise RuntimeError(
+                            f"request {s.request_id!r}: the plan puts its KV at entry {kv_end - n}, "
+                            f"it holds {evictor.num_entries(s.request_id)}"
+                        )
+                    b.evict_rows.append((s.request_id, i, s.start_pos, n, st.blocks))
+            elif s.kv_offset:
+                raise RuntimeError(f"request {s.request_id!r} has evicted KV but no budget")
             if s.samples:
                 # the last token and each draft: k + 1 rows to verify k drafts
                 last = b.query_start[-1]
@@ -392,7 +461,8 @@ class ModelExecutor:
         """The blocks holding a sequence's first ``length`` tokens, checked against the cache."""
         n = (length + self.block_size - 1) // self.block_size
         blocks = st.blocks[:n]
-        if len(blocks) < n or (blocks and (max(blocks) >= self.num_blocks or min(blocks) < 0)):
+        # NULL_BLOCK (-1): given back, outside every layer's window (the kernels never read it)
+        if len(blocks) < n or (blocks and (max(blocks) >= self.num_blocks or min(blocks) < NULL_BLOCK)):
             raise ValueError(
                 f"request {request_id!r}: {length} tokens need {n} blocks of "
                 f"{self.block_size} in [0, {self.num_blocks}), got {st.blocks[: n + 1]}"
@@ -404,41 +474,70 @@ class ModelExecutor:
     ) -> _Batch:
         # sub-step ``step`` feeds the token sampled in sub-step ``step - 1``
         b = _Batch()
+        evictor = self.evictor
+        if evictor.seqs:
+            b.entries = []
         for i, (s, st) in enumerate(samplers):
             pos = s.start_pos + s.num_new_tokens + step - 1
+            entry = evictor.num_entries(s.request_id) if s.request_id in evictor else pos
             b.input_ids.append(sampled[s.request_id][-1])
             b.positions.append(pos)
             b.query_start.append(i + 1)
-            b.seq_lens.append(pos + 1)
-            b.block_rows.append(self._blocks(s.request_id, st, pos + 1))
+            b.seq_lens.append(entry + 1)
+            b.block_rows.append(self._blocks(s.request_id, st, entry + 1))
             b.sample_rows.append(i)
+            if b.entries is not None:
+                b.entries.append(entry)
+                if s.request_id in evictor:
+                    b.evict_rows.append((s.request_id, i, pos, 1, st.blocks))
             if st.setup.lora is not None:
                 b.lora.append((st.setup.lora, i, 1))
         return b
 
     def _forward(self, b: _Batch) -> torch.Tensor:
+        if b.evict_rows and self.evictor.wants_mass([r[0] for r in b.evict_rows]):
+            # H2O: every layer's attention adds each key's probability mass here
+            b.attn_mass = torch.zeros(len(b.seq_lens), self.model_config.num_kv_heads, max(b.seq_lens),
+                                      device=self.device)  # fmt: skip
         lora = self.loras.batch(b.lora, self.device) if b.lora else None
-        return forward_batch(self.model, self.kv_caches, b, self.block_size, self.device, lora)
+        return forward_batch(self.model, self.kv_caches, b, self.block_size, self.device, lora,
+                             kv_format=self.kv_format, windowed=self.kv_window is not None)  # fmt: skip
 
 
 def forward_batch(
-    model: Any, kv_caches: list[torch.Tensor], b: _Batch, block_size: int, device: torch.device, lora: Any = None
+    model: Any,
+    kv_caches: list[torch.Tensor],
+    b: _Batch,
+    block_size: int,
+    device: torch.device,
+    lora: Any = None,
+    *,
+    kv_format: Any = None,
+    windowed: bool = False,
 ) -> torch.Tensor:
     """One forward pass of a flattened batch over a paged KV cache (also a draft model's, which
-    runs without adapters: its drafts are then worse, never the output)."""
+    runs without adapters: its drafts are then worse, never the output).
+
+    ``kv_format``: how the cache stores K and V (None: plain); ``windowed``: the tables may hold
+    entries given back outside every layer's window (NULL), read as block 0 and masked.
+    """
     dev, bs = device, block_size
     width = max(len(r) for r in b.block_rows)
     block_tables = torch.tensor([r + [0] * (width - len(r)) for r in b.block_rows], dtype=torch.int32)
+    if windowed:
+        block_tables.clamp_(min=0)
     positions = torch.tensor(b.positions, dtype=torch.long)
+    entries = positions if b.entries is None else torch.tensor(b.entries, dtype=torch.long)
     if len(b.positions) >= _TORCH_SLOTS_MIN_TOKENS:
         seq_of_token = torch.repeat_interleave(
             torch.arange(len(b.seq_lens)),
             torch.tensor([e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)]),
         )
-        blocks = block_tables[seq_of_token, positions // bs].long()
-        slot_mapping = blocks * bs + positions % bs
+        blocks = block_tables[seq_of_token, entries // bs].long()
+        slot_mapping = blocks * bs + entries % bs
     else:
-        slot_mapping = torch.tensor([r[p // bs] * bs + p % bs for r, p in _row_positions(b)], dtype=torch.long)
+        slot_mapping = torch.tensor([r[p // bs] * bs + p % bs for r, p in _row_entries(b)], dtype=torch.long)
+    extra = {} if kv_format is None else {"kv_format": kv_format}
     meta = AttentionMetadata(
         query_start_loc=torch.tensor(b.query_start, dtype=torch.int32, device=dev),
         seq_lens=torch.tensor(b.seq_lens, dtype=torch.int32, device=dev),
@@ -446,12 +545,15 @@ def forward_batch(
         slot_mapping=slot_mapping.to(dev),
         max_query_len=max(e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)),
         max_seq_len=max(b.seq_lens),
+        attn_mass=b.attn_mass,
+        **extra,
     )
     input_ids = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
     return model(input_ids, positions.to(dev), kv_caches, meta, lora)
 
 
-def _row_positions(b: _Batch):
+def _row_entries(b: _Batch):
+    entries = b.positions if b.entries is None else b.entries
     for i, row in enumerate(b.block_rows):
-        for p in b.positions[b.query_start[i] : b.query_start[i + 1]]:
+        for p in entries[b.query_start[i] : b.query_start[i + 1]]:
             yield row, p

@@ -13,6 +13,13 @@ start, how long its context is (cached + new) and which blocks hold it.
 The reference here gathers each sequence's context and runs a masked softmax:
 simple and device-agnostic, it is what the compiled kernels are tested against.
 
+The cache may also be stored quantized (``kv_format.py``: int8 / int4 with
+per-token scales); ``AttentionMetadata.kv_format`` says how, and the reference
+dequantizes what it gathers. With ``AttentionMetadata.attn_mass`` set, the
+attention adds each key's softmax probability, summed over query rows and the
+heads of its KV head, into ``attn_mass [num_seqs, kv_heads, width]`` (H2O's
+heavy-hitter statistics; the caller zeroes it and passes it to every layer).
+
 Two options change the scores: a sliding ``window`` (query at position ``p``
 sees keys ``p - window + 1 ..= p`` only, as transformers' sliding masks: Mistral,
 Gemma 2/3, Phi-3) and a tanh ``softcap`` (Gemma 2: ``cap * tanh(s / cap)`` of
@@ -25,6 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.model.kv_format import KVFormat, kv_format, read_tokens, write_tokens
+
+PLAIN = kv_format("auto")
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -36,6 +47,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [T]: cache slot of each new token
     max_query_len: int
     max_seq_len: int
+    kv_format: KVFormat = PLAIN  # how the cache stores K and V
+    attn_mass: torch.Tensor | None = None  # fp32 [B, kv_heads, >= max_seq_len], accumulated into
 
     @property
     def num_seqs(self) -> int:
@@ -43,9 +56,9 @@ class AttentionMetadata:
 
 
 def kv_cache_shape(
-    num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, fmt: KVFormat = PLAIN
 ) -> tuple[int, ...]:
-    return (2, num_blocks, num_kv_heads, block_size * head_dim)
+    return fmt.cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
 
 
 def k_blocks(kv_cache: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -61,27 +74,29 @@ def v_blocks(kv_cache: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def write_kv_reference(
-    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    kv_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    fmt: KVFormat = PLAIN,
 ) -> None:
-    """Store ``k, v [T, kv_heads, head_dim]`` into their slots of ``kv_cache``."""
-    head_dim = k.shape[-1]
-    kb, vb = k_blocks(kv_cache, head_dim), v_blocks(kv_cache, head_dim)
-    block_size = kb.shape[-1]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    kb[blocks, :, :, offsets] = k.to(kv_cache.dtype)
-    vb[blocks, :, offsets, :] = v.to(kv_cache.dtype)
+    """Store ``k, v [T, kv_heads, head_dim]`` into their slots of ``kv_cache`` (negative: skipped)."""
+    write_tokens(kv_cache, k, v, slot_mapping, fmt)
 
 
 def gather_kv(
-    kv_cache: torch.Tensor, block_table: torch.Tensor, length: int, head_dim: int
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    length: int,
+    head_dim: int,
+    fmt: KVFormat = PLAIN,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``length`` tokens' K and V of one sequence, each ``[length, kv_heads, head_dim]``."""
-    kb, vb = k_blocks(kv_cache, head_dim), v_blocks(kv_cache, head_dim)
-    block_size = kb.shape[-1]
+    """The first ``length`` tokens' K and V of one sequence, each ``[length, kv_heads, head_dim]``
+    (fp32 when the cache is quantized)."""
+    block_size = fmt.block_size_of(kv_cache, head_dim)
     pos = torch.arange(length, device=kv_cache.device)
     blocks = block_table.to(kv_cache.device).long()[pos // block_size]
-    offsets = pos % block_size
-    return kb[blocks, :, :, offsets], vb[blocks, :, offsets, :]
+    return read_tokens(kv_cache, blocks, pos % block_size, head_dim, fmt)
 
 
 def paged_attention_reference(
@@ -99,7 +114,8 @@ def paged_attention_reference(
     ``p - window + 1 ..= p``). Math in fp32.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
-    group = num_heads // kv_cache.shape[2]
+    kv_heads = kv_cache.shape[2]
+    group = num_heads // kv_heads
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     starts = meta.query_start_loc.tolist()
     lens = meta.seq_lens.tolist()
@@ -108,7 +124,7 @@ def paged_attention_reference(
         n = q_end - q_start
         if n == 0:
             continue
-        k, v = gather_kv(kv_cache, meta.block_tables[b], ctx_len, head_dim)
+        k, v = gather_kv(kv_cache, meta.block_tables[b], ctx_len, head_dim, meta.kv_format)
         k = k.float().repeat_interleave(group, dim=1)  # [L, H, D]
         v = v.float().repeat_interleave(group, dim=1)
         qs = q[q_start:q_end].float()  # [n, H, D]
@@ -121,7 +137,10 @@ def paged_attention_reference(
         if window:
             masked |= pos[None, :] <= q_pos[:, None] - window
         scores.masked_fill_(masked[None], float("-inf"))
-        out[q_start:q_end] = torch.einsum("hnl,lhd->nhd", scores.softmax(dim=-1), v).to(q.dtype)
+        probs = scores.softmax(dim=-1)
+        if meta.attn_mass is not None:
+            meta.attn_mass[b, :, :ctx_len] += probs.view(kv_heads, group * n, ctx_len).sum(1).to(meta.attn_mass.device)
+        out[q_start:q_end] = torch.einsum("hnl,lhd->nhd", probs, v).to(q.dtype)
     return out
 
 
@@ -150,15 +169,13 @@ def paged_attention_padded(
     q_valid = i[None, :] < n_q[:, None]  # [B, Qmax]
     q_rows = (qsl[:-1, None] + i[None, :]).clamp(max=q.shape[0] - 1)
     qp = q[q_rows]  # [B, Qmax, H, D]
-    kb, vb = k_blocks(kv_cache, head_dim), v_blocks(kv_cache, head_dim)
-    block_size = kb.shape[-1]
+    block_size = meta.kv_format.block_size_of(kv_cache, head_dim)
     pos = torch.arange(l_max, device=dev)
     tables = meta.block_tables.to(dev).long()
     width = tables.shape[1]
     blocks = tables[:, (pos // block_size).clamp(max=width - 1)]  # [B, Lmax]
     offsets = (pos % block_size).expand_as(blocks)
-    k = kb[blocks, :, :, offsets]  # [B, Lmax, KVH, D]
-    v = vb[blocks, :, offsets, :]
+    k, v = read_tokens(kv_cache, blocks, offsets, head_dim, meta.kv_format)  # [B, Lmax, KVH, D]
     q_pos = lens[:, None] - n_q[:, None] + i[None, :]  # [B, Qmax]
     allowed = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < lens[:, None, None])
     if window:
@@ -169,11 +186,17 @@ def paged_attention_padded(
     qf = qp.transpose(1, 2).float()
     kf = k.repeat_interleave(group, dim=2).transpose(1, 2).float()
     vf = v.repeat_interleave(group, dim=2).transpose(1, 2).float()
-    if softcap:
-        # SDPA has no score hook: soft-capped scores go through an explicit softmax
-        scores = torch.tanh(qf @ kf.transpose(-1, -2) * (scale / softcap)) * softcap
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        out = (scores.softmax(dim=-1) @ vf).transpose(1, 2)
+    mass = meta.attn_mass
+    if softcap or mass is not None:
+        # SDPA has no score hook and returns no probabilities: an explicit softmax
+        scores = qf @ kf.transpose(-1, -2) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)  # [B, H, Qmax, Lmax]
+        if mass is not None:
+            valid = probs * q_valid[:, None, :, None]
+            mass[:, :, :l_max] += valid.view(-1, kv_heads, group * q_max, l_max).sum(2).to(mass.device)
+        out = (probs @ vf).transpose(1, 2)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(
             qf, kf, vf, attn_mask=allowed[:, None], scale=scale

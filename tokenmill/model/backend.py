@@ -28,11 +28,13 @@ import torch.nn.functional as F
 
 from tokenmill.model import kernels
 from tokenmill.model.attention import (
+    PLAIN,
     AttentionMetadata,
     paged_attention_padded,
     paged_attention_reference,
     write_kv_reference,
 )
+from tokenmill.model.kv_format import KVFormat
 from tokenmill.model.quant import dequantize, quantize_per_channel_int8
 from tokenmill.model.rope import apply_rope_reference
 
@@ -170,8 +172,10 @@ class TorchOps:
         slot_mapping: torch.Tensor,
         num_heads: int,
         num_kv_heads: int,
+        kv_format: KVFormat = PLAIN,
     ) -> None:
-        """Rotate q and k inside ``qkv [T, (H + 2 KVH) * D]`` in place and store k, v in the cache."""
+        """Rotate q and k inside ``qkv [T, (H + 2 KVH) * D]`` in place and store k, v in the cache
+        (quantized when ``kv_format`` is)."""
         head_dim = cos_sin.shape[-1]
         t = qkv.shape[0]
         heads = qkv.view(t, num_heads + 2 * num_kv_heads, head_dim)
@@ -179,7 +183,7 @@ class TorchOps:
         qk.copy_(apply_rope_reference(qk, positions, cos_sin))
         k = heads[:, num_heads : num_heads + num_kv_heads]
         v = heads[:, num_heads + num_kv_heads :]
-        write_kv_reference(kv_cache, k, v, slot_mapping)
+        write_kv_reference(kv_cache, k, v, slot_mapping, kv_format)
 
     @staticmethod
     def attention(
@@ -371,9 +375,10 @@ class CpuKernelOps(TorchOps):
         slot_mapping: torch.Tensor,
         num_heads: int,
         num_kv_heads: int,
+        kv_format: KVFormat = PLAIN,
     ) -> None:
         torch.ops.tokenmill.rope_write_kv(
-            qkv, positions, cos_sin, kv_cache, slot_mapping, num_heads, num_kv_heads
+            qkv, positions, cos_sin, kv_cache, slot_mapping, num_heads, num_kv_heads, kv_format.code
         )
 
     @staticmethod
@@ -387,7 +392,7 @@ class CpuKernelOps(TorchOps):
     ) -> torch.Tensor:
         return torch.ops.tokenmill.paged_attention(
             q, kv_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-            window, softcap,
+            window, softcap, meta.kv_format.code, meta.attn_mass,
         )  # fmt: skip
 
     @staticmethod

@@ -260,7 +260,8 @@ class DecoderModel:
             if layer.q_norm is not None:
                 ops.qk_norm(qkv, layer.q_norm, layer.k_norm, cfg.num_heads, cfg.num_kv_heads, eps)
             ops.rope_write_kv(
-                qkv, rope_pos, tables[layer.rope], kv_cache, slots, cfg.num_heads, cfg.num_kv_heads
+                qkv, rope_pos, tables[layer.rope], kv_cache, slots, cfg.num_heads, cfg.num_kv_heads,
+                meta.kv_format,
             )
             q = qkv[:, :q_size].view(t, cfg.num_heads, cfg.head_dim)
             att = ops.attention(q, kv_cache, meta, scale, layer.window, cfg.attn_softcap)

@@ -35,7 +35,7 @@ _SOURCES = (
     "lora.cpp",
     "registration.cpp",
 )
-_HEADERS = ("simd.h", "ops.h", "gemm_kernels.h")
+_HEADERS = ("simd.h", "ops.h", "gemm_kernels.h", "kv_quant.h")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

@@ -99,9 +99,6 @@ def build_state(engine: Any, settings: ServerSettings, tokenizer: Any = None) ->
         tokenizer = AutoTokenizer.from_pretrained(
             engine.config.tokenizer or engine.model_path, local_files_only=True, trust_remote_code=False
         )
-    # One encode now, on this thread: a fast tokenizer whose file sets truncation
-    # clears it on first use, and that must not happen on two pool threads at once.
-    tokenizer("warm up", add_special_tokens=True)
     if engine.tokenizer is not None:
         # The structured-output compiler reads the engine's tokenizer once, here, before the
         # engine thread uses it; the pool threads then compile against its own vocabulary.
@@ -111,27 +108,40 @@ def build_state(engine: Any, settings: ServerSettings, tokenizer: Any = None) ->
             logging.getLogger("tokenmill.server").warning("structured output unavailable: %s", exc)
     metrics = ServerMetrics(settings.served_model_names[0])
     async_engine = AsyncEngine(engine, metrics)
-    max_chars = settings.max_prompt_chars or engine.max_model_len * DEFAULT_CHARS_PER_TOKEN
+    return server_state(async_engine, metrics, tokenizer, settings, max_model_len=engine.max_model_len,
+                        vocab_size=engine.vocab_size, max_waiting=engine.config.max_waiting,
+                        max_running=engine.config.max_num_seqs,
+                        loras={lora.lora_name: lora.lora_path for lora in engine.loras.list()})  # fmt: skip
+
+
+def server_state(async_engine: Any, metrics: ServerMetrics, tokenizer: Any, settings: ServerSettings, *,
+                 max_model_len: int, vocab_size: int, max_waiting: int | None, max_running: int,
+                 loras: dict[str, str] | None = None) -> ServerState:  # fmt: skip
+    """The state of an app serving ``async_engine`` (an ``AsyncEngine``, or a cluster's front
+    end with the same face); ``max_waiting`` and ``max_running`` bound what admission lets in;
+    ``loras``: the LoRA adapters served, by name (their paths)."""
+    # One encode now, on this thread: a fast tokenizer whose file sets truncation
+    # clears it on first use, and that must not happen on two pool threads at once.
+    tokenizer("warm up", add_special_tokens=True)
+    max_chars = settings.max_prompt_chars or max_model_len * DEFAULT_CHARS_PER_TOKEN
     return ServerState(
         async_engine=async_engine,
         tokenizer=tokenizer,
         settings=settings,
         metrics=metrics,
-        max_model_len=engine.max_model_len,
-        vocab_size=engine.vocab_size,
+        max_model_len=max_model_len,
+        vocab_size=vocab_size,
         created=int(time.time()),
         limits=PromptLimits(
-            max_model_len=engine.max_model_len,
+            max_model_len=max_model_len,
             max_chars=max_chars,
             max_prompts=settings.max_prompts_per_request,
-            vocab_size=engine.vocab_size,
+            vocab_size=vocab_size,
             template_timeout_s=settings.chat_template_timeout,
         ),
-        admission=Admission(
-            async_engine, engine.config.max_waiting, engine.config.max_num_seqs, metrics, settings.retry_after_s
-        ),
+        admission=Admission(async_engine, max_waiting, max_running, metrics, settings.retry_after_s),
         preprocessor=Preprocessor(settings.preprocess_threads),
-        loras={lora.lora_name: lora.lora_path for lora in engine.loras.list()},
+        loras=dict(loras or {}),
     )
 
 
@@ -239,6 +249,7 @@ def create_app(state: ServerState) -> FastAPI:
                          "description": "Prometheus text exposition format"}, **_errors(421)},
     )  # fmt: skip
     async def metrics() -> Response:
+        await state.async_engine.collect_metrics()
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

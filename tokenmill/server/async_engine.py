@@ -16,8 +16,9 @@ waits on a forward pass, and it keeps every engine call on that thread:
   (``QueueFullError``) reach the HTTP handler before it answers;
 - the event loop counts the sequences it has handed over and not seen
   finish (``num_seqs_in_flight``), so that admission needs no engine call;
-- other engine work (loading a LoRA adapter) goes through the same queue
-  (``call``) and runs between two steps.
+- anything else that must touch the engine (loading a LoRA adapter, a
+  cluster replica reserving or exporting KV blocks) goes through ``call``,
+  which runs a function on the engine thread between two steps.
 
 The thread sleeps on the command queue when the engine has nothing to do.
 """
@@ -81,6 +82,7 @@ class _Delivery:
         default_factory=list
     )
     outputs: list[RequestOutput] = field(default_factory=list)
+    calls: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = field(default_factory=list)
 
 
 class RequestStream:
@@ -156,6 +158,13 @@ class AsyncEngine:
         """User requests added and not yet finished (event-loop view)."""
         return len(self._streams)
 
+    def clock(self) -> float:
+        """The engine's clock (arrival times are on it)."""
+        return self.engine.clock()
+
+    async def collect_metrics(self) -> None:
+        """Bring ``metrics`` up to date before a scrape; the engine thread keeps them current already."""
+
     # ---------------------------------------------------------------- requests
 
     async def add_request(
@@ -230,14 +239,6 @@ class AsyncEngine:
             self._commands.put(_Call(fn, future))
         return await future
 
-    def _resolve(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-        if future.done():
-            return  # the caller was cancelled
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it finished); takes effect before the next step."""
         self._commands.put(_Abort(request_id))
@@ -264,6 +265,13 @@ class AsyncEngine:
                 future.set_exception(exc)
             else:
                 future.set_result(prompt_ids or [])
+        for future, result, exc in delivery.calls:
+            if future.done():
+                continue
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
         for out in delivery.outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -305,7 +313,7 @@ class AsyncEngine:
                 if isinstance(cmd, _Add):
                     delivery.added.append((cmd.request_id, cmd.future, None, err))
                 elif isinstance(cmd, _Call):
-                    self._post_call(cmd.future, None, err)
+                    delivery.calls.append((cmd.future, None, err))
             self._post(self._deliver, delivery)
             self._post(self._fail_all, err)
 
@@ -329,11 +337,11 @@ class AsyncEngine:
                     break
             delivery = _Delivery()
             stop = self._apply(cmds, delivery)
-            if delivery.added:
+            if delivery.added or delivery.calls:
                 # Answer the adds before the step: a handler can start its
                 # response now, and a step that fails cannot strand it.
-                self._post(self._deliver, _Delivery(added=delivery.added))
-                delivery.added = []
+                self._post(self._deliver, _Delivery(added=delivery.added, calls=delivery.calls))
+                delivery.added, delivery.calls = [], []
             if stop:
                 for request_id in list(self._live):
                     out = engine.abort_request(request_id)
@@ -348,13 +356,6 @@ class AsyncEngine:
                 with self._lock:
                     self.dead = EngineDeadError("the engine was stopped")
                 return
-
-    def _post_call(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(self._resolve, future, result, exc)
-        except RuntimeError:
-            pass  # the event loop is closed
 
     def _apply(self, cmds: list[_Add | _Abort | _Stop | _Call], delivery: _Delivery) -> bool:
         engine = self.engine
@@ -371,7 +372,8 @@ class AsyncEngine:
                 if self.metrics is not None:
                     arrival = cmd.kwargs.get("arrival_time")
                     self.metrics.on_added(
-                        cmd.request_id, engine.clock() if arrival is None else arrival, len(prompt_ids)
+                        cmd.request_id, engine.clock() if arrival is None else arrival, len(prompt_ids),
+                        continued=cmd.kwargs.get("prior") is not None,
                     )
             elif isinstance(cmd, _Abort):
                 out = engine.abort_request(cmd.request_id)
@@ -379,11 +381,9 @@ class AsyncEngine:
                     delivery.outputs.append(out)
             elif isinstance(cmd, _Call):
                 try:
-                    result = cmd.fn(engine)
+                    delivery.calls.append((cmd.future, cmd.fn(engine), None))
                 except Exception as exc:  # noqa: BLE001 - the caller gets it
-                    self._post_call(cmd.future, None, exc)
-                else:
-                    self._post_call(cmd.future, result, None)
+                    delivery.calls.append((cmd.future, None, exc))
             else:
                 stop = True
         return stop
@@ -414,5 +414,5 @@ class AsyncEngine:
             self.metrics.on_stats(
                 stats, len(self._live), pool.num_free if pool is not None else None
             )
-        if delivery.added or delivery.outputs:
+        if delivery.added or delivery.outputs or delivery.calls:
             self._post(self._deliver, delivery)

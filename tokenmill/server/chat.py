@@ -20,7 +20,12 @@ from tokenmill.server import streaming
 from tokenmill.server.completions import ABORTED_MESSAGE
 from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.logprobs import chat_logprobs
-from tokenmill.server.params import reject_unsupported, resolve_max_tokens, sampling_params
+from tokenmill.server.params import (
+    kv_eviction,
+    reject_unsupported,
+    resolve_max_tokens,
+    sampling_params,
+)
 from tokenmill.server.prompts import chat_prompt_ids, check_chat_size, request_template
 from tokenmill.server.protocol import ChatCompletionRequest, make_id, now_s
 from tokenmill.server.state import ServerState, collect
@@ -55,12 +60,13 @@ async def create_chat_completion(
             [prompt_ids],
             [params],
             reservation,
-            arrival_time=state.async_engine.engine.clock(),
+            arrival_time=state.async_engine.clock(),
             client_id=state.client_id(request, body.user),
             priority=body.priority,
             ttft_slo=body.ttft_slo,
             tpot_slo=body.tpot_slo,
             cache_namespace=body.cache_salt or "",
+            kv_eviction=kv_eviction(body, state.async_engine.engine.config.kv_eviction),
             lora=state.lora_for(model),
         )
     usage = UsageCounter([len(prompt_ids)])

@@ -17,7 +17,12 @@ from tokenmill.outputs import RequestOutput
 from tokenmill.server import streaming
 from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.logprobs import completion_logprobs
-from tokenmill.server.params import reject_unsupported, resolve_max_tokens, sampling_params
+from tokenmill.server.params import (
+    kv_eviction,
+    reject_unsupported,
+    resolve_max_tokens,
+    sampling_params,
+)
 from tokenmill.server.prompts import split_completion_prompt, tokenize_prompts
 from tokenmill.server.protocol import CompletionRequest, make_id, now_s
 from tokenmill.server.state import ServerState, collect
@@ -53,12 +58,13 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             [ids for _, ids in prompts],
             params,
             reservation,
-            arrival_time=state.async_engine.engine.clock(),
+            arrival_time=state.async_engine.clock(),
             client_id=state.client_id(request, body.user),
             priority=body.priority,
             ttft_slo=body.ttft_slo,
             tpot_slo=body.tpot_slo,
             cache_namespace=body.cache_salt or "",
+            kv_eviction=kv_eviction(body, state.async_engine.engine.config.kv_eviction),
             lora=state.lora_for(model),
         )
     index_of = {rid: i for i, rid in enumerate(engine_ids)}

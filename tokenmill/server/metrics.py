@@ -120,10 +120,13 @@ class ServerMetrics:
 
     # ------------------------------------------------------------ engine thread
 
-    def on_added(self, request_id: str, arrival: float, num_prompt_tokens: int) -> None:
-        self._tracks[request_id] = _Track(arrival)
+    def on_added(self, request_id: str, arrival: float, num_prompt_tokens: int, continued: bool = False) -> None:
+        """A request entered the engine; ``continued``: it continues tokens generated on another
+        engine (prefill/decode), whose first token and prompt were counted there."""
+        self._tracks[request_id] = _Track(arrival, first_token_seen=continued)
         self.requests_received.labels(**self._labels).inc()
-        self.prompt_tokens.labels(**self._labels).inc(num_prompt_tokens)
+        if not continued:
+            self.prompt_tokens.labels(**self._labels).inc(num_prompt_tokens)
 
     def on_output(self, out: RequestOutput, now: float) -> None:
         track = self._tracks.get(out.request_id)

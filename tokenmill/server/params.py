@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from tokenmill.core.kv_eviction import KVEviction
 from tokenmill.core.request import SamplingParams
+from tokenmill.engine import DEFAULT_EVICTION
 from tokenmill.server.errors import APIError, bad_request
 from tokenmill.server.protocol import (
     UNSUPPORTED_CHAT_FIELDS,
@@ -104,3 +106,25 @@ def sampling_params(
     except ValueError as exc:
         # SamplingParams names the parameter first ("min_tokens must be ...").
         raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from None
+
+
+def kv_eviction(body: SamplingFields, default: KVEviction | None) -> Any:
+    """The request's KV eviction: the server's ``default`` unless it sets a ``kv_*`` field
+    (``DEFAULT_EVICTION`` then), None for ``kv_eviction: "none"``; a bad combination is a 400."""
+    fields = (body.kv_eviction, body.kv_budget, body.kv_sinks, body.kv_recent)
+    if all(f is None for f in fields):
+        return DEFAULT_EVICTION
+    if body.kv_eviction == "none":
+        return None
+    policy = body.kv_eviction or (default.policy if default else None)
+    if policy is None:
+        raise bad_request("kv_budget, kv_sinks and kv_recent need kv_eviction (streaming or h2o)", "kv_eviction")
+    budget = body.kv_budget if body.kv_budget is not None else (default.budget if default else None)
+    if budget is None:
+        raise bad_request("kv_eviction needs kv_budget (the server has no default budget)", "kv_budget")
+    sinks = body.kv_sinks if body.kv_sinks is not None else (default.sinks if default else 4)
+    recent = body.kv_recent if body.kv_recent is not None else (default.recent if default else None)
+    try:
+        return KVEviction(policy, budget, sinks=sinks, recent=recent)
+    except ValueError as e:
+        raise bad_request(str(e), "kv_budget") from None

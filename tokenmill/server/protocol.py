@@ -143,6 +143,13 @@ class SamplingFields(_Request):
     ttft_slo: float | None = Field(None, gt=0.0, description="time-to-first-token target, seconds")
     tpot_slo: float | None = Field(None, gt=0.0, description="time-per-output-token target, seconds")
     cache_salt: str | None = Field(None, max_length=256, description="no prefix-cache sharing across salts")
+    # KV eviction for long contexts (core/kv_eviction.py); unset: the server's --kv-eviction.
+    kv_eviction: Literal["none", "streaming", "h2o"] | None = Field(
+        None, description="evict KV past kv_budget: streaming (sinks + recent) or h2o (heavy hitters); none: keep all"
+    )
+    kv_budget: int | None = Field(None, ge=1, le=2**31 - 1, description="KV tokens the request keeps at most")
+    kv_sinks: int | None = Field(None, ge=0, le=2**31 - 1, description="first tokens always kept (attention sinks)")
+    kv_recent: int | None = Field(None, ge=1, le=2**31 - 1, description="newest tokens always kept")
     # Structured output (see the module docstring); at most one of these per request.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None

@@ -15,7 +15,7 @@ from tokenmill.core.scheduler import SchedulerConfig
 from tokenmill.sim import workload as W
 from tokenmill.sim.cost_model import CostModel, knee_tokens
 from tokenmill.sim.hardware import get_hardware, with_overrides
-from tokenmill.sim.model_spec import DTYPE_BYTES, ModelShape
+from tokenmill.sim.model_spec import ModelShape, kv_value_bytes
 from tokenmill.sim.profiled import ProfiledCostModel
 from tokenmill.sim.roofline import RooflineCostModel
 
@@ -92,7 +92,9 @@ def make_scheduler_config(spec: DeploymentSpec, cm: CostModel, shape: ModelShape
             num_blocks = cm.num_kv_blocks(spec.block_size, spec.gpu_memory_utilization)
         elif shape is not None:
             # A profiled replica is the real engine: its KV holds kv_cache_memory bytes.
-            itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(engine.get("dtype", "float32")), 4)
+            itemsize: float = {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(engine.get("dtype", "float32")), 4)
+            if spec.kv_dtype:  # the engine's --kv-cache-dtype
+                itemsize = kv_value_bytes(spec.kv_dtype, shape.head_dim)
             num_blocks = spec.kv_cache_memory // (shape.kv_bytes_per_token(itemsize) * spec.block_size)
         else:
             raise ValueError("give --num-blocks: the cost model does not say how much KV memory there is")
@@ -113,6 +115,8 @@ def make_scheduler_config(spec: DeploymentSpec, cm: CostModel, shape: ModelShape
         speculative_adaptive=spec.speculative_adaptive,
         speculative_draft_cost=spec.draft_cost,
         speculative_knee_tokens=spec.spec_knee_tokens or (knee_tokens(cm) if spec.num_speculative_tokens else 16),
+        kv_window=shape.sliding_window if shape and shape.sliding_window and
+        shape.num_sliding_layers == shape.num_layers else None,  # fmt: skip
     )
 
 
@@ -120,7 +124,7 @@ def kv_bytes_per_token(spec: DeploymentSpec, shape: ModelShape | None) -> float:
     """Whole-model KV bytes per token, what a prefill-to-decode transfer moves."""
     if shape is None:
         return 0.0
-    return float(shape.kv_bytes_per_token(DTYPE_BYTES[spec.kv_dtype or spec.dtype]))
+    return float(shape.kv_bytes_per_token(kv_value_bytes(spec.kv_dtype or spec.dtype, shape.head_dim)))
 
 
 @dataclass

@@ -9,6 +9,7 @@ and the simulator's own speed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,14 @@ class SimConfig:
     num_samples: int = 400  # points of the KV-usage and queue-depth time series per replica
     token_id: int = 0  # the token the simulated executor samples
     record_plans: bool = False  # keep (replica, plan summary) per completed plan, for replay checks
+    # Keep a request timeline (core.timeline) per replica for up to this many requests each (0: none).
+    timeline_requests: int = 0
+    # The front end of a real cluster (replayed by ``sim/cluster_replay.py``): when a routed
+    # request reaches its replica, ``dispatch_time(request id, routing time)``, and when the
+    # router hears of a finish, ``report_time(request id, finish time)``; None: at once.
+    dispatch_time: Callable[[str, float], float] | None = None
+    report_time: Callable[[str, float], float] | None = None
+    idle_wake_delay: float = 0.0  # seconds an idle replica's step loop takes to plan after a request reaches it
 
     def __post_init__(self) -> None:
         if self.mode not in ("ideal", "engine"):
@@ -63,6 +72,7 @@ class SimResult:
     num_plans: int
     num_steps: int
     config: dict[str, Any]
+    timelines: list[Any] = field(default_factory=list)  # core.timeline.Timeline per replica, when asked
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -9,8 +9,9 @@ simulation of a 70B model needs no checkpoint on disk.
 Two things make a layer cheaper than its size says: a mixture-of-experts MLP
 (Mixtral, Qwen3-MoE) computes only ``experts_per_token`` of its ``num_experts``
 experts per token (``num_active_params``), and a sliding-window layer (Mistral,
-Gemma, Phi-3) attends to at most ``sliding_window`` keys. (tokenmill keeps the
-whole KV of sliding layers today, so the KV per token is still every layer's.)
+Gemma, Phi-3) attends to at most ``sliding_window`` keys. (When every layer
+slides, the core gives back the blocks all windows have passed; the KV per
+token a block holds is still every layer's.)
 """
 
 from __future__ import annotations
@@ -21,6 +22,18 @@ from pathlib import Path
 from typing import Any
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "tf32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
+
+
+def kv_value_bytes(kv_dtype: str, head_dim: int) -> float:
+    """Bytes per stored K or V value. tokenmill's ``--kv-cache-dtype int8 / int4`` keep an fp16
+    scale (int4: and an fp16 zero) per token and head beside the codes (``model/kv_format.py``)."""
+    if kv_dtype == "int8":
+        return 1.0 + 2.0 / head_dim
+    if kv_dtype == "int4":
+        return 0.5 + 4.0 / head_dim
+    if kv_dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown KV dtype {kv_dtype!r}; use one of int4, {', '.join(DTYPE_BYTES)}")
+    return float(DTYPE_BYTES[kv_dtype])
 
 # Shapes as their config.json files give them (only the fields a cost model reads).
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
@@ -211,6 +224,6 @@ class ModelShape:
         e, k = self.num_experts, self.experts_per_token
         return e * (1.0 - (1.0 - k / e) ** tokens)
 
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+    def kv_bytes_per_token(self, dtype_bytes: float = 2) -> float:
         """Bytes of K and V over all layers for one token (the whole model, before any sharding)."""
         return 2 * self.num_layers * self.kv_size * dtype_bytes

@@ -9,7 +9,10 @@ block tables from a simple allocator over the executor's KV cache) and times
 - mean context per decode sequence (or, without decodes, the prior context
   of the prefill chunk),
 
-taking the median of a few repeats after a warm-up. It then runs the real
+taking the median of a few repeats after a warm-up, outliers dropped
+(``robust_median``), and the distribution of one fixed step's time over
+many repeats (``sim.jitter``: the stalls the median leaves out, so the twin
+can draw them back in). It then runs the real
 ``Engine`` on a small batch to measure what a step costs outside the executor
 (scheduling, updates, detokenisation) as ``per_step + per_seq * sequences``,
 and times this CPU's matmul FLOP/s and memory bandwidth for the roofline
@@ -150,6 +153,25 @@ def time_executor(executor: Any, plan: StepPlan, repeats: int, warmup: int, stat
     return statistics.median(times) if stat == "median" else statistics.fmean(times)
 
 
+def robust_median(values: list[float], k: float = 3.0) -> float:
+    """Median of ``values`` after dropping outliers: those more than ``k`` scaled MADs from the median.
+
+    A stall of another process during one repeat lands far above the rest; the
+    median alone resists one such sample in three, this resists several.
+    """
+    med = statistics.median(values)
+    mad = 1.4826 * statistics.median(abs(v - med) for v in values)
+    if mad <= 0.0:
+        return med
+    kept = [v for v in values if abs(v - med) <= k * mad]
+    return statistics.median(kept) if kept else med
+
+
+REDUCERS: dict[str, Callable[[list[float]], float]] = {
+    "mean": statistics.fmean, "median": statistics.median, "robust": robust_median,
+}  # fmt: skip
+
+
 def measure_grid(executor: Any, axes: dict[str, list[int]], vocab: int, max_len: int, repeats: int = 3,
                  warmup: int = 1, progress: Callable[[int, int], None] | None = None, stat: str = "mean",
                  multistep: int = 8) -> tuple[list[list[list[float]]], list[list[float]] | None]:  # fmt: skip
@@ -196,7 +218,7 @@ def measure_grid(executor: Any, axes: dict[str, list[int]], vocab: int, max_len:
             done += 1
             if progress is not None:
                 progress(done, total)
-    reduce = statistics.median if stat == "median" else statistics.fmean
+    reduce = REDUCERS[stat]
     times = [[[0.0 for _ in C] for _ in D] for _ in P]
     multi = [[0.0 for _ in C] for _ in D] if multistep > 1 else None
     for key, vals in samples.items():
@@ -261,11 +283,12 @@ def profile_model(
     kv_cache_memory: int = 512 << 20,
     repeats: int = 5,
     warmup: int = 1,
-    stat: str = "mean",
+    stat: str = "robust",
     multistep: int = 8,
     measure_overhead: bool = True,
     measure_hardware: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    jitter_samples: int = 200,
 ) -> dict[str, Any]:
     """Profile a checkpoint (default: the bundled model) and return the table."""
     import torch
@@ -285,6 +308,11 @@ def profile_model(
     times, multi = measure_grid(executor, axes, mc.vocab_size, mc.max_model_len, repeats, warmup, progress, stat,
                                 multistep)  # fmt: skip
     grid_s = time.perf_counter() - t0
+    jitter = None
+    if jitter_samples:
+        from tokenmill.sim.jitter import measure_jitter
+
+        jitter = measure_jitter(executor, jitter_samples)
     del executor
     overhead = {"per_step_s": 0.0, "per_token_s": 0.0}
     if measure_overhead:
@@ -310,6 +338,7 @@ def profile_model(
         "times": times,
         "decode_multistep": {"num_steps": multistep, "times": multi} if multi is not None else None,
         "engine_overhead": overhead,
+        "jitter": jitter,
         "engine": {"block_size": block_size, "max_num_batched_tokens": max_num_batched_tokens,
                    "max_num_seqs": max_num_seqs, "max_model_len": mc.max_model_len},  # fmt: skip
     }

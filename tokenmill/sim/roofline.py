@@ -46,7 +46,7 @@ from typing import Any
 
 from tokenmill.sim.cost_model import CostModel, StepFeatures
 from tokenmill.sim.hardware import Hardware
-from tokenmill.sim.model_spec import DTYPE_BYTES, ModelShape
+from tokenmill.sim.model_spec import DTYPE_BYTES, ModelShape, kv_value_bytes
 
 # the projections a LoRA adapter may adapt (attention's first)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -112,7 +112,7 @@ class RooflineCostModel(CostModel):
         self.overhead = hardware.step_overhead if step_overhead is None else step_overhead
         wb = DTYPE_BYTES[dtype]
         ab = 4 if wb == 4 else 2  # activations stay in 16 bits unless the model runs in fp32
-        kb = DTYPE_BYTES[self.kv_dtype]
+        kb = kv_value_bytes(self.kv_dtype, model.head_dim)
         self.F = hardware.flops(dtype)
         self.B = hardware.bandwidth
         m = model
@@ -297,9 +297,17 @@ class RooflineCostModel(CostModel):
         )
 
     def decode_time(self, num_seqs: int, context: int, num_steps: int) -> float:
+        dense = self._dense_cache.get((num_seqs, num_seqs))
+        if dense is None:
+            dense = self.dense_time(num_seqs, num_seqs)
         if num_steps == 1:
-            return self.dense_time(num_seqs, num_seqs) + self._decode_attention_time(num_seqs, context)
-        dense = self.dense_time(num_seqs, num_seqs)
+            if num_seqs and not self._sliding_layers:
+                # _decode_attention_time's one part, the same arithmetic without the lists (the
+                # twin prices a decode run several times per plan)
+                a, kvb = self._att_flops_per_pair, self._kv_bytes_per_token
+                m = (context * kvb + num_seqs * self._qo_bytes_per_query) / self.B
+                return dense + self._layers * max(context * a / self.F, m)
+            return dense + self._decode_attention_time(num_seqs, context)
         F, B, n = self.F, self.B, num_seqs
         # Decode attention at sub-step j: max(ctx_j * a / F, (ctx_j * kvb + n * qo) / B), ctx_j = context + j * n.
         a, kvb = self._att_flops_per_pair, self._kv_bytes_per_token
@@ -309,7 +317,10 @@ class RooflineCostModel(CostModel):
             return sum_max_affine(ctx * a / F, n * a / F, (ctx * kvb + qo) / B, n * kvb / B, k)
 
         full = self._layers - self._sliding_layers
-        att = full * steps(context, num_steps) if full else 0.0
+        if full:  # steps(context, num_steps), without the call
+            att = full * sum_max_affine(context * a / F, n * a / F, (context * kvb + qo) / B, n * kvb / B, num_steps)
+        else:
+            att = 0.0
         if self._sliding_layers:
             # a sliding layer's context grows until it reaches n * window, then stays there
             cap = n * self._window
@@ -373,7 +384,7 @@ class RooflineCostModel(CostModel):
         head = 0 if m.tie_word_embeddings else emb
         return dense + moe + emb + head
 
-    def kv_bytes_per_token_per_device(self) -> int:
+    def kv_bytes_per_token_per_device(self) -> float:
         return self._layers * self._kv_bytes_per_token
 
     def num_kv_blocks(self, block_size: int, memory_utilization: float = 0.9, activation_reserve: float = 0.02) -> int:

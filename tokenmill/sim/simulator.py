@@ -32,6 +32,12 @@ replica's queue with its first token appended and its whole prompt's KV in
 place, so the decode replica computes no prompt token. When the decode
 replica has no room to reserve, nothing is transferred and it recomputes the
 prompt. Link contention is not modelled.
+
+The front end of a real cluster sees things late: a request reaches its
+replica a moment after the router picked it, and the router hears of a finish
+a moment after the replica's step. By default the twin has no such delays;
+``SimConfig.dispatch_time`` and ``report_time`` give them (a replay of a
+measured cluster run uses them, ``cluster_replay.py``).
 """
 
 from __future__ import annotations
@@ -49,15 +55,16 @@ from tokenmill.core.plan import SeqUpdate, StepPlan, StepResult
 from tokenmill.core.request import Request, SamplingParams
 from tokenmill.core.router import RoundRobinRouter, Router, make_router
 from tokenmill.core.scheduler import QueueFullError, Scheduler
+from tokenmill.core.timeline import Timeline
 from tokenmill.executor.sim_executor import SimExecutor
 from tokenmill.sim.config import PoolConfig, SimConfig, SimResult, pool_description
-from tokenmill.sim.cost_model import steps_until
+from tokenmill.sim.cost_model import CostModel, steps_until
 from tokenmill.sim.metrics import LogHistogram, RequestRecords, merge_series, summarize
 from tokenmill.sim.workload import RequestSpec, Workload
 
 _NAN = float("nan")
 _INF = float("inf")
-_REPLICA, _TRANSFER = 0, 1
+_REPLICA, _TRANSFER, _DISPATCH, _REPORT = 0, 1, 2, 3
 
 
 class _Track:
@@ -78,12 +85,14 @@ class _Track:
 class Replica:
     __slots__ = ("index", "role", "sched", "executor", "cm", "plan", "result", "t0", "end", "version",
                  "active", "known", "arr_pos", "next_sample", "series", "busy_time", "num_plans",
-                 "num_steps", "num_cuts", "gpus", "_kmax", "prefill_tokens")  # fmt: skip
+                 "num_steps", "num_cuts", "gpus", "_kmax", "prefill_tokens", "stateful_cm")  # fmt: skip
 
     def __init__(self, index: int, role: str, pool: PoolConfig, token_id: int) -> None:
         self.index = index
         self.role = role
-        self.sched = Scheduler(dataclasses.replace(pool.scheduler, policy_options=dict(pool.scheduler.policy_options)))
+        # Lean plans: the twin's executor prices a plan from its positions alone.
+        self.sched = Scheduler(dataclasses.replace(pool.scheduler, policy_options=dict(pool.scheduler.policy_options)),
+                               lean_plans=True)  # fmt: skip
         self.cm = pool.cost_model
         self.executor = SimExecutor(pool.cost_model, token_id, acceptance=pool.spec_acceptance, seed=index)
         self.plan: StepPlan | None = None
@@ -104,6 +113,8 @@ class Replica:
         self.gpus = pool.gpus_per_replica
         cfg = self.sched.config
         self._kmax = cfg.max_decode_steps
+        # Only stateful cost models (a replay) need to hear of each finished plan.
+        self.stateful_cm = type(self.cm).on_plan_done is not CostModel.on_plan_done
 
 
 class Simulator:
@@ -126,6 +137,8 @@ class Simulator:
             for r in self.replicas:
                 if r.sched.kv.cache is None:
                     raise ValueError("disaggregated decode replicas need prefix caching: transferred KV lands in it")
+        if config.timeline_requests:
+            self._attach_timelines(config.timeline_requests)
         self.entry = self.prefill if self.disagg else self.replicas
         self.entry_router = self.prefill_router if self.prefill_router is not None else self.router
         self.heap: list[tuple[float, int, int, Any, int]] = []
@@ -148,6 +161,13 @@ class Simulator:
         self.bin_width = horizon / 200
         self.token_bins: dict[int, float] = {}
         self._plan_known_arrivals()
+
+    def _attach_timelines(self, max_requests: int) -> None:
+        everyone = self.replicas + self.prefill
+        for r in everyone:
+            role = "" if r.role == "both" else f"{r.role} "
+            label = "twin" if len(everyone) == 1 else f"twin {role}replica {r.index}"
+            r.sched.timeline = Timeline(label, pid=r.index, max_requests=max_requests)
 
     def _plan_known_arrivals(self) -> None:
         # Routing that depends only on arrival order can be done ahead, which lets
@@ -191,8 +211,12 @@ class Simulator:
                 if kind == _REPLICA:
                     if version == obj.version:
                         on_replica(obj, t)
-                else:
+                elif kind == _TRANSFER:
                     self._on_transfer(t, *obj)
+                elif kind == _DISPATCH:
+                    self._dispatched(t, *obj)
+                else:
+                    obj[0].on_finished(obj[1])
                 continue
             if i >= n:
                 break
@@ -229,20 +253,41 @@ class Simulator:
         assert router is not None
         rep = self.entry[router.route(req)]
         rep.arr_pos += 1
+        hook = self.config.dispatch_time
+        if hook is not None:
+            t_d = hook(rid, t)
+            if t_d > t:
+                heapq.heappush(self.heap, (t_d, next(self._seq), _DISPATCH, (rep, req, index, spec), 0))
+                return
+        self._dispatched(t, rep, req, index, spec)
+
+    def _dispatched(self, t: float, rep: Replica, req: Request, index: int, spec: RequestSpec) -> None:
+        """The routed request reaches its replica, which stamps its arrival (its queue's order)."""
+        req.arrival_time = t
         try:
             rep.sched.add_request(req, t)
         except (ValueError, QueueFullError):
-            router.on_finished(req)
+            self._report(self.entry_router, req, t)  # type: ignore[arg-type]
             self.num_rejected += 1
             return
-        self.tracks[rid] = _Track(index, spec)
+        self.tracks[req.request_id] = _Track(index, spec)
         self._wake(rep, t)
+
+    def _report(self, router: Router, req: Request, t: float) -> None:
+        """The router hears that ``req`` finished (at once, or when ``report_time`` says)."""
+        hook = self.config.report_time
+        if hook is not None:
+            t_r = hook(req.request_id, t)
+            if t_r > t:
+                heapq.heappush(self.heap, (t_r, next(self._seq), _REPORT, (router, req), 0))
+                return
+        router.on_finished(req)
 
     def _wake(self, rep: Replica, t: float) -> None:
         """A request reached ``rep`` at ``t``: start it if idle, or cut its plan at the next boundary."""
         if not rep.active:
             rep.active = True
-            heapq.heappush(self.heap, (t, next(self._seq), _REPLICA, rep, rep.version))
+            heapq.heappush(self.heap, (t + self.config.idle_wake_delay, next(self._seq), _REPLICA, rep, rep.version))
             return
         plan = rep.plan
         if plan is None or plan.num_steps == 1 or not self.ideal or rep.end <= t or rep.known is not None:
@@ -274,7 +319,8 @@ class Simulator:
             if self._record:
                 self.plan_log.append((rep.index, plan.summary()))
             updates = rep.sched.update(plan, result)
-            rep.cm.on_plan_done(plan)
+            if rep.stateful_cm:
+                rep.cm.on_plan_done(plan)
             self._account(rep, plan, result.duration or 0.0, updates)
             rep.plan = None
         self._start(rep, t)
@@ -297,7 +343,6 @@ class Simulator:
         if plan.is_empty:
             rep.active = False  # nothing can run until something arrives
             return
-        result = rep.executor.execute(plan)
         if plan.num_steps > 1 and cap is not None and len(plan.seqs) != m:
             # Someone was admitted into a multi-step plan, so the cap was priced on the
             # wrong batch: re-check it on the real one.
@@ -305,7 +350,7 @@ class Simulator:
             k = steps_until(rep.cm, len(plan.seqs), ctx, known[rep.arr_pos] - t, plan.num_steps)  # type: ignore[index]
             if k < plan.num_steps:
                 sched.shorten_plan(plan, k)
-                result = rep.executor.execute(plan)
+        result = rep.executor.execute(plan)
         rep.plan = plan
         rep.result = result
         rep.t0 = t
@@ -333,13 +378,14 @@ class Simulator:
         rep.busy_time += dur
         rep.num_plans += 1
         rep.num_steps += k
-        for s in plan.seqs:
-            if s.is_prefill:
-                rep.prefill_tokens += s.num_new_tokens
-        if self.ideal:
-            sub = dur / k
-        else:
-            sub = 0.0
+        if k == 1:  # a multi-step plan holds one-token decodes only
+            for s in plan.seqs:
+                if s.num_new_tokens > 1 or not s.samples:  # ScheduledSeq.is_prefill, inlined
+                    rep.prefill_tokens += s.num_new_tokens
+        ideal = self.ideal
+        sub = dur / k if ideal else 0.0
+        tol = 1e-12 * (1.0 + sub)
+        t_sub1 = t0 + sub if ideal else end  # the first sub-step's end
         tracks = self.tracks
         itl = self.itl
         same = 0  # gaps equal to one sub-step, added to the histogram in one go
@@ -352,9 +398,9 @@ class Simulator:
             req = u.request
             tr = tracks[req.request_id]
             spec_extra = n_new - k if n_new > k else 0  # accepted drafts: they come with their step's token
-            if self.ideal and not spec_extra:
-                t_first = t0 + sub
-                t_last = t0 + sub * n_new
+            if ideal and not spec_extra:
+                t_first = t_sub1
+                t_last = t0 + sub * n_new if n_new > 1 else t_first
             else:
                 t_first = t_last = end
             if tr.first < 0:
@@ -362,7 +408,7 @@ class Simulator:
                 tr.cached = max(req.num_cached_tokens, 0)
             else:
                 gap = t_first - tr.last
-                if abs(gap - sub) <= 1e-12 * (1.0 + sub):
+                if abs(gap - sub) <= tol:
                     same += 1
                 else:
                     itl.add(gap)
@@ -381,7 +427,7 @@ class Simulator:
             bins = self.token_bins
             w = self.bin_width
             b0, b1 = int(t0 / w), int(end / w)
-            if b0 == b1 or not self.ideal:
+            if b0 == b1 or not ideal:
                 bins[b1] = bins.get(b1, 0) + n_tokens
             else:  # a long decode run: spread its tokens over the bins it spans
                 for b in range(b0, b1 + 1):
@@ -392,13 +438,13 @@ class Simulator:
         rid = req.request_id
         if rep.role == "prefill":
             assert self.prefill_router is not None
-            self.prefill_router.on_finished(req)
+            self._report(self.prefill_router, req, t)
             if tr.spec.output_len > 1:
                 self._start_transfer(tr, req, t, rep)
                 return
             rep.sched.release_kv(rid)  # the request ends here: nothing to transfer
         else:
-            self.router.on_finished(req)
+            self._report(self.router, req, t)
         del self.tracks[rid]
         spec = tr.spec
         rec = self.records
@@ -492,7 +538,9 @@ class Simulator:
             "kv_transfer_bandwidth": cfg.kv_transfer_bandwidth if self.disagg else None,
             "workload": self.workload.summary(),
         }
-        return SimResult(summary, self.records, self.itl, reps, series, throughput, wall, num_plans, num_steps, config)
+        timelines = [r.sched.timeline for r in everyone if r.sched.timeline is not None]
+        return SimResult(summary, self.records, self.itl, reps, series, throughput, wall, num_plans, num_steps, config,
+                         timelines)  # fmt: skip
 
 
 def simulate(workload: Workload, config: SimConfig, progress: Callable[[int, int], None] | None = None) -> SimResult:

@@ -98,12 +98,12 @@ class Workload:
         if n_unique <= 0:
             return prefix[: spec.prompt_len]
         v = self.vocab_size
-        digits = []
+        out = [self._filler] * n_unique
         x = index
-        for _ in range(min(self._digits, n_unique)):
-            digits.append(x % v)
+        for j in range(min(self._digits, n_unique)):
+            out[j] = x % v
             x //= v
-        return prefix + digits + [self._filler] * (n_unique - len(digits))
+        return prefix + out if prefix else out
 
     def clip(self, max_model_len: int) -> int:
         """Shorten prompts (then outputs) so that prompt + output fits ``max_model_len``; returns how many."""

@@ -1,5 +1,6 @@
 // Small fused layer ops: RoPE + KV-cache write, RMSNorm (+ residual add), SiLU-gated product.
 
+#include "kv_quant.h"
 #include "ops.h"
 #include "simd.h"
 
@@ -7,7 +8,8 @@ namespace tokenmill {
 
 // ----------------------------------------------------------------------------------------
 // rope + KV write: rotate q and k of a fused qkv [T, (H + 2 KVH) * D] in place and store
-// k, v into their cache slots.
+// k, v into their cache slots (quantized per token and head for an int8 / int4 cache,
+// kv_quant.h: the values quantized are the rotated ones as rounded to the model dtype).
 // ----------------------------------------------------------------------------------------
 
 template <typename T>
@@ -24,17 +26,21 @@ inline void rotate(T* x, const float* cs, int half) {
 template <typename T>
 void rope_write_kv_impl(Tensor& qkv, const Tensor& positions, const Tensor& cos_sin,
                         Tensor& kv_cache, const Tensor& slot_mapping, int64_t num_heads,
-                        int64_t kv_heads) {
+                        int64_t kv_heads, int64_t kv_code) {
   const int64_t T_ = qkv.size(0);
   const int64_t D = cos_sin.size(1);
   const int half = static_cast<int>(D / 2);
   const int64_t row = qkv.stride(0);
   const int64_t num_blocks = kv_cache.size(1);
   const int64_t block_elems = kv_cache.size(3);
-  const int64_t bs = block_elems / D;
+  const int64_t bs = kv_code == KV_INT8 ? block_elems / (D + 2)
+                     : kv_code == KV_INT4 ? block_elems / (D / 2 + 4)
+                                          : block_elems / D;
   T* base = qkv.data_ptr<T>();
-  T* kc = kv_cache.data_ptr<T>();
+  T* kc = kv_code == KV_PLAIN ? kv_cache.data_ptr<T>() : nullptr;
   T* vc = kc + num_blocks * kv_heads * block_elems;
+  uint8_t* kq = kv_code == KV_PLAIN ? nullptr : kv_cache.data_ptr<uint8_t>();
+  uint8_t* vq = kq + num_blocks * kv_heads * block_elems;
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const float* table = cos_sin.data_ptr<float>();
@@ -53,6 +59,16 @@ void rope_write_kv_impl(Tensor& qkv, const Tensor& positions, const Tensor& cos_
     const int64_t slot = slots[t];
     if (slot < 0) continue;  // padding token: compute but do not store
     const int64_t blk = slot / bs, off = slot % bs;
+    if (kq) {
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t head_block = (blk * kv_heads + h) * block_elems;  // bytes
+        quantize_head<T>(x + (num_heads + h) * D, static_cast<int>(D), static_cast<int>(bs),
+                         static_cast<int>(off), kv_code, true, kq + head_block);
+        quantize_head<T>(x + (num_heads + kv_heads + h) * D, static_cast<int>(D),
+                         static_cast<int>(bs), static_cast<int>(off), kv_code, false, vq + head_block);
+      }
+      continue;
+    }
     for (int64_t h = 0; h < kv_heads; ++h) {
       const int64_t head_block = (blk * kv_heads + h) * block_elems;
       const T* k = x + (num_heads + h) * D;
@@ -64,24 +80,27 @@ void rope_write_kv_impl(Tensor& qkv, const Tensor& positions, const Tensor& cos_
 }
 
 void rope_write_kv(Tensor qkv, const Tensor& positions, const Tensor& cos_sin, Tensor kv_cache,
-                   const Tensor& slot_mapping, int64_t num_heads, int64_t kv_heads) {
+                   const Tensor& slot_mapping, int64_t num_heads, int64_t kv_heads, int64_t kv_format) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be [T, (H + 2 KVH) * D]");
-  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() &&
-                  kv_cache.scalar_type() == qkv.scalar_type() && kv_cache.size(2) == kv_heads,
-              "kv_cache must be contiguous [2, num_blocks, kv_heads, block_size * head_dim] "
-              "of qkv's dtype");
+  TORCH_CHECK(kv_format >= KV_PLAIN && kv_format <= KV_INT4, "rope_write_kv: unknown kv_format ", kv_format);
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.is_contiguous() && kv_cache.size(2) == kv_heads &&
+                  kv_cache.scalar_type() == (kv_format == KV_PLAIN ? qkv.scalar_type() : at::kByte),
+              "kv_cache must be contiguous [2, num_blocks, kv_heads, block elements] of qkv's dtype "
+              "(uint8 when quantized)");
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
                   slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
               "positions and slot_mapping must be contiguous int64");
   TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() && cos_sin.dim() == 2,
               "cos_sin must be contiguous float32 [max_len, head_dim]");
-  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * kv_heads) * cos_sin.size(1) &&
-                  kv_cache.size(3) % cos_sin.size(1) == 0,
+  const int64_t D = cos_sin.size(1);
+  const int64_t per_token = kv_format == KV_INT8 ? D + 2 : kv_format == KV_INT4 ? D / 2 + 4 : D;
+  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * kv_heads) * D && kv_cache.size(3) % per_token == 0 &&
+                  D % 2 == 0,
               "qkv / kv_cache width does not match head_dim");
   if (qkv.scalar_type() == at::kFloat) {
-    rope_write_kv_impl<float>(qkv, positions, cos_sin, kv_cache, slot_mapping, num_heads, kv_heads);
+    rope_write_kv_impl<float>(qkv, positions, cos_sin, kv_cache, slot_mapping, num_heads, kv_heads, kv_format);
   } else if (qkv.scalar_type() == at::kBFloat16) {
-    rope_write_kv_impl<BFloat16>(qkv, positions, cos_sin, kv_cache, slot_mapping, num_heads, kv_heads);
+    rope_write_kv_impl<BFloat16>(qkv, positions, cos_sin, kv_cache, slot_mapping, num_heads, kv_heads, kv_format);
   } else {
     TORCH_CHECK(false, "rope_write_kv: only float32 and bfloat16");
   }

@@ -12,10 +12,11 @@ namespace tokenmill {
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache,
                            const at::Tensor& block_tables, const at::Tensor& query_start_loc,
                            const at::Tensor& seq_lens, double scale, int64_t sliding_window,
-                           double softcap);
+                           double softcap, int64_t kv_format,
+                           const std::optional<at::Tensor>& attn_mass);
 void rope_write_kv(at::Tensor qkv, const at::Tensor& positions, const at::Tensor& cos_sin,
                    at::Tensor kv_cache, const at::Tensor& slot_mapping, int64_t num_heads,
-                   int64_t kv_heads);
+                   int64_t kv_heads, int64_t kv_format);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& w, double eps);
 at::Tensor silu_mul(const at::Tensor& x);

@@ -7,11 +7,12 @@
 TORCH_LIBRARY(tokenmill, m) {
   m.def(
       "paged_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor query_start_loc, "
-      "Tensor seq_lens, float scale, int sliding_window=0, float softcap=0.0) -> Tensor",
+      "Tensor seq_lens, float scale, int sliding_window=0, float softcap=0.0, int kv_format=0, "
+      "Tensor(a!)? attn_mass=None) -> Tensor",
       &tokenmill::paged_attention);
   m.def(
       "rope_write_kv(Tensor(a!) qkv, Tensor positions, Tensor cos_sin, Tensor(b!) kv_cache, "
-      "Tensor slot_mapping, int num_heads, int num_kv_heads) -> ()",
+      "Tensor slot_mapping, int num_heads, int num_kv_heads, int kv_format=0) -> ()",
       &tokenmill::rope_write_kv);
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &tokenmill::rms_norm);
   m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor w, float eps) -> Tensor",
