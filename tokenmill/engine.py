@@ -152,6 +152,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         from tokenmill.spec import parse_num_speculative_tokens, parse_speculative
 
+        if self.speculative is None and self.num_speculative_tokens == 0:
+            self.num_speculative_tokens = None  # 0 drafts: off, as SchedulerConfig writes it
         if self.speculative is not None:
             parse_speculative(self.speculative)
         if self.num_speculative_tokens is not None:

@@ -17,7 +17,7 @@ from tokenmill.sim.simulator import simulate
 
 
 def _plan(drafts: int, propose: int) -> StepPlan:
-    seq = ScheduledSeq("a", 511, 1, [7], 0, [], True, None, [7] * drafts, propose)
+    seq = ScheduledSeq("a", 511, 1, [7], 0, [], True, None, draft_token_ids=[7] * drafts, num_propose=propose)
     return StepPlan(1, 0.0, [seq])
 
 
