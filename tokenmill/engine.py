@@ -47,6 +47,7 @@ from tokenmill.core.lora import cache_namespace as namespace_of
 from tokenmill.core.plan import SeqUpdate, StepPlan, StepResult
 from tokenmill.core.request import FinishReason, Request, SamplingParams
 from tokenmill.core.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerStats
+from tokenmill.core.spec import SpecStats
 from tokenmill.core.timeline import Timeline
 from tokenmill.executor import Executor
 from tokenmill.lora.errors import LoraError, LoraLoadError
@@ -144,11 +145,39 @@ class EngineConfig:
     # Keep a request timeline (core.timeline; written by --trace-file) for up to this many
     # requests (0: none); later requests are not recorded, so memory stays bounded.
     timeline_requests: int = 0
+    # Speculative decoding (tokenmill/spec, core/spec.py): ngram | draft:PATH | draft:default
+    # | self-int8; None: off. ``num_speculative_tokens``: K drafts per step, or None for
+    # "auto" (chosen per request and step, up to spec.AUTO_MAX_TOKENS).
+    speculative: str | None = None
+    num_speculative_tokens: int | None = None
+    # Tokens per step past which a step is compute bound (speculation backs off there).
+    speculative_knee_tokens: int = 16
 
-    def scheduler_config(self, num_blocks: int, max_model_len: int) -> SchedulerConfig:
-        """The scheduler's share of this config: every ``SchedulerConfig`` field, by name."""
+    def __post_init__(self) -> None:
+        from tokenmill.spec import parse_num_speculative_tokens, parse_speculative
+
+        if self.speculative is None and self.num_speculative_tokens == 0:
+            self.num_speculative_tokens = None  # 0 drafts: off, as SchedulerConfig writes it
+        if self.speculative is not None:
+            parse_speculative(self.speculative)
+        if self.num_speculative_tokens is not None:
+            parse_num_speculative_tokens(self.num_speculative_tokens)
+            if self.speculative is None:
+                raise ValueError("num_speculative_tokens needs a speculative method (speculative=...)")
+
+    def scheduler_config(self, num_blocks: int, max_model_len: int, draft_cost: float = 0.0) -> SchedulerConfig:
+        """The scheduler's share of this config: every ``SchedulerConfig`` field, by name
+        (speculative decoding's resolved from ``speculative`` and ``num_speculative_tokens``)."""
+        from tokenmill.spec import AUTO_MAX_TOKENS
+
         shared = {f.name: getattr(self, f.name) for f in fields(SchedulerConfig) if hasattr(self, f.name)}
         shared.update(num_blocks=num_blocks, max_model_len=max_model_len, policy_options=dict(self.policy_options))
+        k = self.num_speculative_tokens
+        shared.update(
+            num_speculative_tokens=0 if self.speculative is None else (k or AUTO_MAX_TOKENS),
+            speculative_adaptive=k is None,
+            speculative_draft_cost=draft_cost,
+        )
         return SchedulerConfig(**shared)
 
 
@@ -168,6 +197,14 @@ class EngineStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     finished_by_reason: dict[str, int]
+    # Speculative decoding: verified drafts, and the seconds of execution spent proposing.
+    spec: SpecStats | None = None
+    draft_seconds: float = 0.0
+    execute_seconds: float = 0.0
+
+    @property
+    def draft_time_share(self) -> float:
+        return self.draft_seconds / self.execute_seconds if self.execute_seconds > 0 else 0.0
     # counters of an offloaded MoE model's expert cache (model.expert_cache.ExpertCacheStats)
     expert_cache: Any = None
 
@@ -222,7 +259,10 @@ class Engine:
         self.vocab_size = executor.vocab_size
         if config.kv_eviction is not None:
             self.check_kv_eviction()
-        sched_config = config.scheduler_config(executor.num_blocks, self.max_model_len)
+        draft_cost = getattr(executor, "draft_cost", None)
+        if config.speculative is not None and draft_cost is None:
+            raise ValueError(f"speculative={config.speculative!r} but the executor proposes no drafts")
+        sched_config = config.scheduler_config(executor.num_blocks, self.max_model_len, draft_cost or 0.0)
         sched_config.kv_window = getattr(executor, "kv_window", None)  # a model fact, like num_blocks
         self.scheduler = Scheduler(sched_config)
         if config.timeline_requests:
@@ -241,6 +281,8 @@ class Engine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.finished_by_reason: dict[str, int] = {}
+        self.draft_seconds = 0.0
+        self.execute_seconds = 0.0
 
     # ---------------------------------------------------------------- adapters
 
@@ -524,6 +566,10 @@ class Engine:
         t0 = self.clock()
         result, lost = self._execute(plan, publisher.substep(sink) if streaming else None)
         result.duration = self.clock() - t0
+        self.execute_seconds += result.duration
+        if result.draft_time > 0.0:
+            self.draft_seconds += result.draft_time
+            self._measure_draft_cost(plan, result.duration, result.draft_time)
         self._record(plan, result.duration)
         outputs = publisher.publish(result.sampled_token_ids, result.logprobs, result.prompt_logprobs)
         result.stop_strings = publisher.stop_strings or None
@@ -561,6 +607,15 @@ class Engine:
                 logger.error("aborted %d request(s): %s", len(parents), exc)
                 run = replace(run, seqs=[s for s in run.seqs if s.request_id not in gone])
 
+    def _measure_draft_cost(self, plan: StepPlan, duration: float, draft_time: float) -> None:
+        """Keep the controller's draft cost (one draft step over one target step) measured:
+        a small model's steps cost their per-call overhead more than their bytes."""
+        steps = max(s.num_propose for s in plan.seqs)
+        target = duration - draft_time
+        if steps <= 0 or target <= 0.0:
+            return
+        cfg = self.scheduler.spec.config
+        cfg.draft_cost += 0.1 * (draft_time / steps / target - cfg.draft_cost)
     def _settle_handoffs(self, publisher: _Publisher, outputs: list[RequestOutput]) -> None:
         """Hand off the requests whose first token did not end them; free the KV of those
         it did end (nobody will export it)."""
@@ -588,6 +643,9 @@ class Engine:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
             finished_by_reason=dict(self.finished_by_reason),
+            spec=replace(self.scheduler.spec.stats) if self.scheduler.spec.config.enabled else None,
+            draft_seconds=self.draft_seconds,
+            execute_seconds=self.execute_seconds,
             expert_cache=self._expert_cache_stats(),
         )
 

@@ -195,7 +195,9 @@ def test_engine_and_twin_write_the_same_decisions() -> None:
                       for _ in range(24)), key=lambda e: e[0])  # fmt: skip
     cfg = SchedulerConfig(num_blocks=40, block_size=4, max_num_seqs=6, max_num_batched_tokens=24, max_model_len=128,
                           max_decode_steps=4)  # fmt: skip
-    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(cfg, f.name)}
+    # The fields both configs have (speculation is off: the engine's None, the scheduler's 0).
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EngineConfig)
+              if hasattr(cfg, f.name) and f.name != "num_speculative_tokens"}  # fmt: skip
     engine = Engine(EngineConfig(**shared, record_steps=True, timeline_requests=100), time.perf_counter,
                     executor=FakeKVExecutor(40, 4))  # fmt: skip
     rec = record_engine(engine, ArrivalPlan(entries))

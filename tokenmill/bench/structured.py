@@ -220,7 +220,7 @@ def _decode(engine: Any, prompts: list[list[int]], params: Any, output_len: int)
     seconds = 0.0
     for rec in engine.step_log:
         num_steps, seqs, _ = rec.summary
-        if seqs and all(n == 1 and samples for _, _, n, samples in seqs):
+        if seqs and all(s[2] == 1 and s[3] for s in seqs):  # (id, start, new tokens, samples, drafts)
             tokens += num_steps * len(seqs)
             seconds += rec.duration
     return tokens / seconds

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "fairness": ("tokenmill.bench.fairness", "two clients, one 10x heavier: fcfs vs vtc vs dlpm"),
     "slo": ("tokenmill.bench.slo", "overload with SLO classes: goodput of slo vs fcfs"),
     "bins": ("tokenmill.bench.bins", "bimodal output lengths: bins vs fcfs throughput"),
+    "spec": ("tokenmill.bench.spec", "speculative decoding (self-int8, KJV draft, n-gram) against plain decoding"),
     "kv-transfer": ("tokenmill.bench.kv_transfer", "prefill-to-decode KV transfer through Ray vs a memcpy"),
     "cluster": ("tokenmill.bench.cluster", "one process vs Ray replicas vs P/D under one load; the Ray hop's TTFT"),
     "moe": ("tokenmill.bench.moe", "MoE decode vs transformers; expert offloading hit rate"),

@@ -26,9 +26,11 @@ from tokenmill.commands.engine_args import add_engine_arguments, engine_config, 
 from tokenmill.commands.options import (
     UsageError,
     add_kv_eviction_flags,
+    add_speculative_arguments,
     check_device,
     check_model,
     check_policy,
+    check_speculative,
     kv_eviction_from_args,
     lora_module,
     positive_int,
@@ -65,6 +67,7 @@ def register(subparsers: Any) -> None:
     so.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
     so.add_argument("--grammar", metavar="GRAMMAR", help="the output follows this EBNF or Lark grammar: inline, or @FILE")
     add_engine_arguments(p, defaults={"device": "auto", "kv_cache_memory": 256 << 20})
+    add_speculative_arguments(p)
     p.add_argument("--trace-file", help="write each request's timeline (queued, prefill chunks, decode steps, "
                                         "preemptions, first token, finish) as Chrome trace JSON, for Perfetto")
     add_kv_eviction_flags(p)
@@ -108,12 +111,13 @@ def run(args: argparse.Namespace) -> int:
         check_policy(engine_value(args, "policy"), engine_value(args, "policy_options"))
         model_config = check_model(path, engine_value(args, "dtype"), args.max_model_len)
         device = check_device(engine_value(args, "device"), model_config.dtype)
+        speculative = check_speculative(args, model_config)
         if args.output:
             # Opened before the model runs, so that a bad path costs nothing.
             sink = open(args.output, "w", encoding="utf-8")
         traced = sum(p.n for p in params) if args.trace_file else 0
         llm = LLM.from_config(engine_config(args, model=path, device=device, timeline_requests=traced,
-                                            kv_eviction=kv_eviction_from_args(args)))  # fmt: skip
+                                            kv_eviction=kv_eviction_from_args(args), **speculative))  # fmt: skip
         for name, lora_path in modules.items():
             llm.add_lora(name, lora_path)
         tok = llm.get_tokenizer()

@@ -194,6 +194,43 @@ def check_policy(name: str, options: dict[str, Any]) -> None:
     raise UsageError(f"--policy-option: policy {name!r} refused {options}: {error}")
 
 
+def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+    """``--speculative`` and ``--num-speculative-tokens``, shared by serve and generate."""
+    p.add_argument("--speculative", default=None, metavar="METHOD",
+                   help="speculative decoding: ngram, draft:PATH, draft:default (the bundled model's "
+                        "draft) or self-int8 (the model's own int8 weights as the draft)")  # fmt: skip
+    p.add_argument("--num-speculative-tokens", default=None, metavar="K|auto",
+                   help="draft tokens per step: K, or auto (default): chosen per request and step, "
+                        "backing off when the batch is compute bound")  # fmt: skip
+
+
+def check_speculative(args: argparse.Namespace, target: Any) -> dict[str, Any]:
+    """The ``EngineConfig`` speculative fields from the flags; a draft's vocabulary is checked
+    against ``target`` (the model's ``ModelConfig``) before any weight is loaded."""
+    from tokenmill.spec import parse_num_speculative_tokens, parse_speculative
+
+    method, k = args.speculative, args.num_speculative_tokens
+    if method is None:
+        if k is not None:
+            raise UsageError("--num-speculative-tokens needs --speculative")
+        return {}
+    try:
+        kind, path = parse_speculative(method)
+        num = parse_num_speculative_tokens(k)
+    except ValueError as exc:
+        flag = "--speculative" if "method" in str(exc) else "--num-speculative-tokens"
+        raise UsageError(f"{flag}: {exc}") from None
+    if kind == "draft":
+        from tokenmill.model.loader import read_model_config
+
+        try:
+            draft = read_model_config(path)  # type: ignore[arg-type]
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--speculative {method}: cannot load the draft model: {exc}") from None
+        if draft.vocab_size != target.vocab_size:
+            raise UsageError(f"--speculative {method}: the draft's vocabulary has {draft.vocab_size} tokens, "
+                             f"the model's {target.vocab_size}: a draft must share the model's tokenizer")  # fmt: skip
+    return {"speculative": method, "num_speculative_tokens": num}
 # ---------------------------------------------------------------- KV eviction
 
 

@@ -24,9 +24,11 @@ from tokenmill.commands.engine_args import add_engine_arguments, engine_config, 
 from tokenmill.commands.options import (
     UsageError,
     add_kv_eviction_flags,
+    add_speculative_arguments,
     check_device,
     check_model,
     check_policy,
+    check_speculative,
     key_value,
     kv_eviction_from_args,
     lora_module,
@@ -80,6 +82,7 @@ def register(subparsers: Any) -> None:
                    help="Host header values to answer to (name, name:port, *.domain; '*': any). Default: "
                         "loopback names only when listening on loopback without --api-key, else any")
     add_engine_arguments(p, defaults={"device": "auto"})
+    add_speculative_arguments(p)
     add_kv_eviction_flags(p)
     p.add_argument("--lora-modules", nargs="+", action="extend", type=lora_module, default=[],
                    metavar="NAME=PATH",
@@ -215,9 +218,10 @@ def _engine_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         names = [DEFAULT_MODEL_NAME]
     else:
         names = [model]
+    speculative = check_speculative(args, model_config)
     timeline = args.trace_max_requests if args.trace_file else 0
     return engine_config(args, model=path, device=device, max_waiting=args.max_queue or None,
-                         timeline_requests=timeline, kv_eviction=kv_eviction_from_args(args)), names
+                         timeline_requests=timeline, kv_eviction=kv_eviction_from_args(args), **speculative), names
 
 
 def _first_line(exc: BaseException) -> str:

@@ -133,6 +133,15 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-decode-steps", type=int, default=1024,
                    help="decode steps one plan may cover (ideal mode: a simulation shortcut; engine mode: the "
                         "engine's setting)")  # fmt: skip
+    s.add_argument("--speculative-tokens", default="0", metavar="K|auto",
+                   help="speculative decoding: draft tokens per step (K fixed, auto: adaptive up to 8; "
+                        "default 0: off)")  # fmt: skip
+    s.add_argument("--spec-acceptance", type=float, default=0.7,
+                   help="chance that a draft token is accepted (a property of workload and proposer)")
+    s.add_argument("--draft-cost", type=float, default=0.05,
+                   help="one draft step's time over one target decode step (0 for n-gram lookup)")
+    s.add_argument("--spec-knee-tokens", type=int,
+                   help="tokens per step past which a step is compute bound (default: from the cost model)")
     s.add_argument("--max-loras", type=int, default=None,
                    help="LoRA adapters running at once per replica (requests name theirs in a trace's 'lora')")
     s.add_argument("--lora-rank", type=int, default=16, help="the adapters' rank, for the roofline cost model")
@@ -187,6 +196,9 @@ def _deployment(args: argparse.Namespace, tp: int | None = None) -> Any:
     from tokenmill.sim.build import DeploymentSpec
 
     check_policy(args.policy, dict(args.policy_option))
+    k, adaptive = _speculative_tokens(args.speculative_tokens)
+    if not 0.0 <= args.spec_acceptance <= 1.0:
+        raise SystemExit(f"--spec-acceptance must be in [0, 1], got {args.spec_acceptance}")
 
     return DeploymentSpec(
         model=args.model, hardware=args.hardware, tp=tp or args.tp, dtype=args.dtype, kv_dtype=args.kv_dtype,
@@ -198,8 +210,25 @@ def _deployment(args: argparse.Namespace, tp: int | None = None) -> Any:
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         enable_chunked_prefill=not args.no_chunked_prefill, max_decode_steps=args.max_decode_steps,
         policy=args.policy, policy_options=dict(args.policy_option),
+        num_speculative_tokens=k, speculative_adaptive=adaptive, draft_cost=args.draft_cost,
+        spec_knee_tokens=args.spec_knee_tokens,
         max_loras=args.max_loras, lora_rank=args.lora_rank,
     )  # fmt: skip
+
+
+def _speculative_tokens(text: str) -> tuple[int, bool]:
+    """``--speculative-tokens``: (most drafts per step, adaptive); 0 is off."""
+    from tokenmill.spec import AUTO_MAX_TOKENS
+
+    if text == "auto":
+        return AUTO_MAX_TOKENS, True
+    try:
+        k = int(text)
+    except ValueError:
+        raise SystemExit(f"--speculative-tokens takes K, auto or 0, got {text!r}") from None
+    if k < 0:
+        raise SystemExit(f"--speculative-tokens must be >= 0, got {k}")
+    return k, False
 
 
 def build_run(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -229,7 +258,8 @@ def build_run(args: argparse.Namespace) -> tuple[Any, Any]:
         prefill_pool = PoolConfig(make_scheduler_config(pspec, pcm, pshape, pengine), pcm, p, router=args.router,
                                   gpus_per_replica=pspec.tp)  # fmt: skip
     router = args.router if not args.disagg else "least_outstanding_tokens"
-    pool = PoolConfig(sched, cm, replicas, router=router, gpus_per_replica=spec.tp)
+    pool = PoolConfig(sched, cm, replicas, router=router, gpus_per_replica=spec.tp,
+                      spec_acceptance=args.spec_acceptance)  # fmt: skip
     groups, plen = 0, 0
     if args.shared_prefix:
         groups, plen = (int(x) for x in args.shared_prefix.split(":"))

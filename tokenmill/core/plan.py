@@ -57,6 +57,16 @@ class ScheduledSeq:
     block; only the blocks appended since the last plan otherwise). The table
     then covers every token the plan writes.
 
+    Speculative decoding (``core/spec.py``): a decode may carry
+    ``draft_token_ids``, ``k`` tokens a proposer guessed after its last one.
+    The step then also computes the KV of those ``k`` tokens (positions
+    ``start_pos + num_new_tokens`` on) and the executor verifies them: it
+    samples at each of the ``k + 1`` positions and returns the accepted
+    drafts plus one token of the target's own (1 to ``k + 1`` tokens).
+    ``num_propose`` asks the executor to propose that many drafts after this
+    step, for the next one (``StepResult.draft_token_ids``); the table also
+    covers the positions a draft model writes while it proposes them. A
+    speculative step is always a single step (``num_steps == 1``).
     ``kv_offset`` is how many of the sequence's first ``start_pos`` tokens have
     been evicted (``kv_eviction.py``): its KV holds ``start_pos - kv_offset``
     entries, and the new tokens go to the entries after them. The table
@@ -73,6 +83,13 @@ class ScheduledSeq:
     setup: SeqSetup | None = None  # set in the plan that admits the request
     kv_offset: int = 0
     lora_id: int = 0  # its adapter's lora_int_id (0: base), for cost models that price LoRA
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_propose: int = 0
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens whose KV the (first sub-)step computes: the new ones and the drafts."""
+        return self.num_new_tokens + len(self.draft_token_ids)
 
     @property
     def is_prefill(self) -> bool:
@@ -98,7 +115,7 @@ class StepPlan:
     num_steps: int = 1  # > 1 only when every seq is a one-token decode and nothing can change
     preempted_ids: list[str] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
-    num_batched_tokens: int = 0  # tokens computed in the first sub-step
+    num_batched_tokens: int = 0  # tokens computed in the first sub-step (drafts included)
     num_waiting: int = 0
     num_running: int = 0
 
@@ -110,7 +127,8 @@ class StepPlan:
         """A hashable digest of the decisions, for comparing engine and simulator runs."""
         return (
             self.num_steps,
-            tuple((s.request_id, s.start_pos, s.num_new_tokens, s.samples) for s in self.seqs),
+            tuple((s.request_id, s.start_pos, s.num_new_tokens, s.samples, len(s.draft_token_ids))
+                  for s in self.seqs),  # fmt: skip
             tuple(self.preempted_ids),
         )
 
@@ -133,6 +151,12 @@ class StepResult:
     says that the request's ``n``-th token of this plan completed the stop
     string ``stop`` (found by whoever detokenizes, before ``update``): the
     request takes its first ``n`` tokens and finishes there.
+
+    With speculative decoding, a sequence that verified ``k`` drafts has 1 to
+    ``k + 1`` tokens in ``sampled_token_ids`` (its accepted drafts, then the
+    target's token), and a logprob entry for each; ``draft_token_ids`` holds
+    the drafts proposed for the next step (for sequences whose ``num_propose``
+    asked), and ``draft_time`` the seconds of the plan spent proposing.
     """
 
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
@@ -140,6 +164,8 @@ class StepResult:
     duration: float | None = None
     prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]] | None = None
     stop_strings: dict[str, tuple[int, str]] | None = None
+    draft_token_ids: dict[str, list[int]] | None = None
+    draft_time: float = 0.0
     # positions whose KV the executor evicted during the plan (requests with a KV budget)
     kv_evicted: dict[str, list[int]] | None = None
 

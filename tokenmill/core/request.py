@@ -163,6 +163,9 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     seq_no: int = 0  # arrival order; the scheduler sets it, ties break on it
+    # Speculative decoding: tokens a proposer guessed after the last one, for the next
+    # step to verify (set and cleared by ``Scheduler.update``; core/spec.py).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def lora_id(self) -> int:

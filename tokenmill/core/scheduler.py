@@ -10,6 +10,17 @@ is a one-token decode and no admission can happen, a plan covers several
 decode steps at once. ``update(plan, result)`` appends sampled tokens, checks
 stop conditions and frees or caches blocks.
 
+Speculative decoding (``core/spec.py``): a decode that holds draft tokens
+verifies up to ``k`` of them, ``k`` chosen by the ``SpecController`` per
+request and step; they count against the token budget and their KV slots are
+reserved (drafts are the first thing dropped when blocks run short, before
+anyone is preempted). A sequence that samples may also be asked to propose
+drafts for the next step; the slots a draft model writes while proposing are
+reserved from what is left after admissions. ``update`` takes the accepted
+drafts through the same stop rules as any sampled token, keeps the new
+proposals, and gives back (``KVManager.trim``) the blocks reserved past them.
+A speculative step is a single step.
+
 Fan-out share: the ``n`` samples of one user request (core requests with one
 ``parent_id``) may hold every free running slot while nobody else waits, but
 beyond ``max_seqs_per_request`` slots they give way to other requests,
@@ -40,6 +51,7 @@ from tokenmill.core.kv_manager import KVManager
 from tokenmill.core.plan import ScheduledSeq, SeqSetup, SeqUpdate, StepPlan, StepResult
 from tokenmill.core.policies import SchedulingPolicy, make_policy
 from tokenmill.core.request import FinishReason, Request, RequestStatus
+from tokenmill.core.spec import SpecConfig, SpecController
 from tokenmill.core.timeline import Timeline
 
 _NONE: list[int] = cast(list[int], ())  # the tokens and blocks of a lean plan's sequences: none
@@ -68,6 +80,16 @@ class SchedulerConfig:
     policy: str = "fcfs"
     policy_options: dict[str, Any] = field(default_factory=dict)
     debug_checks: bool = False  # check block invariants after every schedule and update
+    # Speculative decoding (core/spec.py): the most draft tokens a decode verifies per
+    # step (0: off); chosen per request and step when adaptive, else always that many.
+    num_speculative_tokens: int = 0
+    speculative_adaptive: bool = True
+    speculative_draft_cost: float = 0.0  # one draft step over one target decode step
+    speculative_knee_tokens: int = 16  # tokens per step past which a step is compute bound
+
+    def spec_config(self) -> SpecConfig:
+        return SpecConfig(self.num_speculative_tokens, self.speculative_adaptive,
+                          self.speculative_draft_cost, self.speculative_knee_tokens)  # fmt: skip
     # The longest sliding window of a model all of whose layers have one: blocks every layer's
     # window has passed are given back (KVManager.free_outside_window). None: keep every block.
     kv_window: int | None = None
@@ -77,6 +99,7 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.max_decode_steps < 1:
             raise ValueError("max_decode_steps must be >= 1")
+        self.spec_config()  # validates the speculative decoding fields
         if self.kv_window is not None and self.kv_window < 1:
             raise ValueError(f"kv_window must be >= 1 or None, got {self.kv_window}")
         if self.max_loras is not None and self.max_loras < 1:
@@ -125,6 +148,7 @@ class Scheduler:
         self._plan_requests: list[Request] = []
         self._finished_ids: list[str] = []  # finished or aborted since the last plan
         self._over: set[str] = set()  # parents holding more than max_seqs_per_request slots
+        self.spec = SpecController(config.spec_config())
         # Set by whoever wants request timelines (engine or twin): told of arrivals, plans, finishes.
         self.timeline: Timeline | None = None
         self._loras: dict[int, int] = {}  # adapter id -> its running requests
@@ -305,6 +329,8 @@ class Scheduler:
         if self.timeline is not None:
             self.timeline.finished(req.request_id, now, req.first_token_time, reason.value, len(req.output_token_ids))
         del self.requests[req.request_id]
+        req.draft_token_ids = []
+        self.spec.forget(req.request_id)
         self.policy.on_finished(req, now)
 
     # ------------------------------------------------------ KV between replicas
@@ -366,6 +392,8 @@ class Scheduler:
             return None
         if self._over and self.waiting:
             return None  # the fan-out share will reclaim a slot: a preemption, a single step
+        if self.spec.config.enabled and any(self._spec_lengths()):
+            return None  # a speculative step
         m = len(running)
         budget = self.config.max_num_batched_tokens
         if m > budget:
@@ -421,6 +449,10 @@ class Scheduler:
         else:
             finished_ids = []
 
+        # Speculative decoding: draft lengths of the running requests (request id -> k).
+        spec = self._spec_lengths_by_id() if self.spec.config.enabled else None
+        drafts: dict[str, int] = {}  # request id -> draft tokens verified in this step
+
         # 1. Running requests, in admission order. running[:i] are the ones scheduled so far.
         i = 0
         while i < len(running) and budget > 0:
@@ -431,8 +463,13 @@ class Scheduler:
             if n > budget:
                 n = budget
             kv.free_outside_window(req)
+            k = 0
+            if spec is not None and n == 1 and req.draft_token_ids:
+                k = min(len(req.draft_token_ids), spec.get(req.request_id, 0), budget - 1, self._draft_room(req, 0))
             table = tables.get(req.request_id)
-            if table is None or len(table) * bs < kv.entries_needed(req, n):  # else the blocks are held
+            if table is None or len(table) * bs < kv.entries_needed(req, n + k):  # else the blocks are held
+                if k and not kv.allocate_slots(req, n + k):
+                    k = 0  # drafts go first when blocks run short
                 while not kv.allocate_slots(req, n):
                     victim = self.policy.choose_victim(self._victim_candidates(running[i:]), now, self)
                     self._preempt(victim)
@@ -441,8 +478,10 @@ class Scheduler:
                         break
                 if req.status is not RequestStatus.RUNNING:
                     continue  # preempted itself; self.running shifted left
+            if k:
+                drafts[req.request_id] = k
             seqs.append((req, nc, n, False))
-            budget -= n
+            budget -= n + k
             i += 1
 
         # 2. Waiting requests, in policy order (none while we are preempting). When
@@ -455,16 +494,20 @@ class Scheduler:
                 self.waiting = [r for r in self.waiting if id(r) not in admitted_set]
 
         preempted = reclaimed + preempted
-        num_steps = self._multi_step_count(seqs, preempted, max_steps)
+        propose = self._reserve_proposals(seqs, spec, drafts) if spec is not None else {}
+        if drafts or propose:
+            num_steps = 1
+        else:
+            num_steps = self._multi_step_count(seqs, preempted, max_steps)
         self._step += 1
         plan = StepPlan(
             step_id=self._step,
             now=now,
-            seqs=self._snapshot(seqs),
+            seqs=self._snapshot(seqs, drafts, propose),
             num_steps=num_steps,
             preempted_ids=[r.request_id for r in preempted],
             finished_ids=finished_ids,
-            num_batched_tokens=sum(t[2] for t in seqs),
+            num_batched_tokens=sum(t[2] for t in seqs) + sum(drafts.values()),
             num_waiting=len(self.waiting),
             num_running=len(self.running),
         )
@@ -474,26 +517,84 @@ class Scheduler:
             self._check()
         return plan
 
-    def _snapshot(self, picked: list[tuple[Request, int, int, bool]]) -> list[ScheduledSeq]:
+    def _snapshot(
+        self, picked: list[tuple[Request, int, int, bool]], drafts: dict[str, int], propose: dict[str, int]
+    ) -> list[ScheduledSeq]:
         """The plan's sequences as data: tokens to feed, block table diffs, setups of admissions."""
         if self.lean_plans:
-            return [ScheduledSeq(req.request_id, start, n, _NONE, 0, _NONE,
-                                 start + n == len(req.prompt_token_ids) + len(req.output_token_ids), None, req.lora_id)
+            seqs = [ScheduledSeq(req.request_id, start, n, _NONE, 0, _NONE,
+                                 start + n == len(req.prompt_token_ids) + len(req.output_token_ids), None,
+                                 lora_id=req.lora_id)
                     for req, start, n, _ in picked]  # fmt: skip
-        table_diff = self.kv.table_diff
-        seqs = []
-        for req, start, n, admitted in picked:
-            end = start + n
-            offset, blocks = table_diff(req.request_id)
-            setup = None
-            if admitted:
-                setup = SeqSetup(req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
-                                 req.eos_token_ids, req.sample_index, kv_eviction=req.kv_eviction,
-                                 lora=req.lora)  # fmt: skip
-            seqs.append(ScheduledSeq(req.request_id, start, n, req.token_ids_slice(start, end), offset, blocks,
-                                     end == req.num_tokens, setup, kv_offset=start - self.kv.kv_len(req),
-                                     lora_id=req.lora_id))  # fmt: skip
+        else:
+            table_diff = self.kv.table_diff
+            seqs = []
+            for req, start, n, admitted in picked:
+                end = start + n
+                offset, blocks = table_diff(req.request_id)
+                setup = None
+                if admitted:
+                    setup = SeqSetup(req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
+                                     req.eos_token_ids, req.sample_index, kv_eviction=req.kv_eviction,
+                                     lora=req.lora)  # fmt: skip
+                seqs.append(ScheduledSeq(req.request_id, start, n, req.token_ids_slice(start, end), offset, blocks,
+                                         end == req.num_tokens, setup, kv_offset=start - self.kv.kv_len(req),
+                                         lora_id=req.lora_id))  # fmt: skip
+        if drafts or propose:
+            # Speculative decoding: the drafts each decode verifies and the proposals it asks for
+            # (lean plans carry them too: the twin prices a step by its drafts).
+            for s, (req, _, _, _) in zip(seqs, picked, strict=True):
+                k = drafts.get(req.request_id)
+                if k:
+                    s.draft_token_ids = req.draft_token_ids[:k]
+                s.num_propose = propose.get(req.request_id, 0)
         return seqs
+
+    # --------------------------------------------------------- speculative decoding
+
+    def _spec_lengths(self) -> list[int]:
+        """The controller's draft length for each running request (``self.running`` order).
+        Structured-output requests get none: a draft cannot be checked against the
+        grammar's mask before the tokens ahead of it are accepted."""
+        lengths = self.spec.plan([r.request_id for r in self.running])
+        return [0 if r.sampling_params.structured_outputs is not None else k
+                for r, k in zip(self.running, lengths, strict=True)]  # fmt: skip
+
+    def _spec_lengths_by_id(self) -> dict[str, int]:
+        return dict(zip((r.request_id for r in self.running), self._spec_lengths(), strict=True))
+
+    def _draft_room(self, req: Request, appended: int) -> int:
+        """Draft tokens that can still pay for a request once ``appended`` more tokens are in:
+        the drafts and the target's own token must fit under ``max_tokens`` and the context."""
+        max_tokens = req.sampling_params.max_tokens
+        n_out = len(req.output_token_ids) + appended
+        room = self.config.max_model_len - req.num_tokens - appended - 1
+        if max_tokens is not None and max_tokens - n_out - 1 < room:
+            room = max_tokens - n_out - 1
+        return room if room > 0 else 0
+
+    def _reserve_proposals(
+        self, picked: list[tuple[Request, int, int, bool]], spec: dict[str, int], drafts: dict[str, int]
+    ) -> dict[str, int]:
+        """Ask the running sequences that sample to propose drafts for the next step.
+
+        A draft model writes its KV at the positions of the drafts it proposes,
+        so their slots are reserved now, from the blocks left after admissions
+        (a proposal never preempts anyone; without the blocks, none is asked).
+        """
+        kv = self.kv
+        propose: dict[str, int] = {}
+        if any(admitted and start + n == req.num_tokens for req, start, n, admitted in picked):
+            spec = self._spec_lengths_by_id()  # the batch grew: newcomers sample too
+        for req, start, n, _ in picked:
+            if start + n != req.num_tokens:
+                continue  # a prefill chunk that does not sample
+            rid = req.request_id
+            k = drafts.get(rid, 0)
+            p = min(spec.get(rid, 0), self._draft_room(req, 1), self.config.max_model_len - req.num_tokens - k)
+            if p > 0 and kv.allocate_slots(req, n + k + p):
+                propose[rid] = p
+        return propose
 
     def _plan_of(self, plan: StepPlan) -> list[Request]:
         """The live requests of ``plan``, which must be the last one scheduled."""
@@ -583,6 +684,7 @@ class Scheduler:
         self.kv.cache_blocks(req, req.num_computed_tokens)
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.draft_token_ids = []
         req.num_preemptions += 1
         req.status = RequestStatus.PREEMPTED
         bisect.insort(self.waiting, req, key=self._order)
@@ -696,14 +798,19 @@ class Scheduler:
                 req.first_token_time = now
             req.num_computed_tokens = len(req.prompt_token_ids) + len(req.output_token_ids) - 1
             on_generated(req, len(new), t_plan)
+            if s.draft_token_ids:
+                self.spec.observe(rid, len(s.draft_token_ids), len(sampled[rid]) - 1)
             if reason is not None:
                 self._stop_running(req)
                 self._finish(req, reason, stop_reason, now)
-            elif req.kv_eviction is not None:
-                self._evicted(req, result)
-            elif s.num_new_tokens > 1:
-                # Share the prompt with later requests as soon as its KV exists.
-                self.kv.cache_blocks(req, req.num_computed_tokens)
+            else:
+                if req.kv_eviction is not None:
+                    self._evicted(req, result)
+                elif s.num_new_tokens > 1:
+                    # Share the prompt with later requests as soon as its KV exists.
+                    self.kv.cache_blocks(req, req.num_computed_tokens)
+                if s.draft_token_ids or s.num_propose or req.draft_token_ids:
+                    self._take_proposal(req, s.num_propose, result.draft_token_ids)
             lps = logprobs.get(rid) if logprobs else None
             updates.append(
                 SeqUpdate(req, new, lps[: len(new)] if lps else None, reason is not None, reason, stop_reason,
@@ -713,6 +820,12 @@ class Scheduler:
             self._check()
         return updates
 
+    def _take_proposal(self, req: Request, asked: int, proposed: dict[str, list[int]] | None) -> None:
+        """Keep the drafts proposed for the request's next step; give back the blocks
+        reserved past them (rejected drafts' slots and an unused proposal's)."""
+        got = proposed.get(req.request_id) if proposed else None
+        req.draft_token_ids = list(got[:asked]) if got else []
+        self.kv.trim(req, req.num_tokens + len(req.draft_token_ids))
     def _evicted(self, req: Request, result: StepResult) -> None:
         """A request with a KV budget after its step: note what the executor evicted (an
         executor without KV, the simulator's, reports nothing) and give back emptied blocks."""

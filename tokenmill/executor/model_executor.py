@@ -54,6 +54,8 @@ from tokenmill.model.kv_format import KVFormat, kv_format
 from tokenmill.model.loader import load_model
 from tokenmill.model.sampler import LogprobEntry, Sampler, SamplingRow
 from tokenmill.model.threads import configure as configure_threads
+from tokenmill.spec import ProposeItem, make_proposer
+from tokenmill.spec.verify import VerifySpan, verify
 from tokenmill.structured.decoding import StepMasks
 
 # A plan whose token count is below this builds slot mappings in Python; above it in torch.
@@ -103,6 +105,7 @@ class ModelExecutor:
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         threads: int | None = None,
+        speculative: str | None = None,
         max_loras: int = 4,
         max_lora_rank: int = 16,
     ) -> None:
@@ -123,11 +126,17 @@ class ModelExecutor:
         self.kv_bytes_per_block = self.kv_cache_bytes_per_block(
             self.model_config, block_size, self.dtype, self.kv_format
         )
-        self.num_blocks = kv_cache_memory // self.kv_bytes_per_block
+        # Speculative decoding (tokenmill/spec): a draft model's KV lives on the same
+        # block ids, so each block costs the draft's bytes too.
+        self.proposer = None if speculative is None else make_proposer(speculative, self, model_path)
+        per_block = self.kv_bytes_per_block
+        if self.proposer is not None and self.proposer.writes_kv:
+            per_block += self.proposer.kv_bytes_per_block(block_size)
+        self.num_blocks = kv_cache_memory // per_block
         if self.num_blocks < 1:
             raise ValueError(
                 f"kv_cache_memory={kv_cache_memory} bytes holds no KV block "
-                f"(one block of {block_size} tokens needs {self.kv_bytes_per_block} bytes)"
+                f"(one block of {block_size} tokens needs {per_block} bytes)"
             )
         cfg = self.model_config
         shape = self.kv_format.cache_shape(self.num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -135,6 +144,8 @@ class ModelExecutor:
             (cfg.num_layers, *shape), dtype=self.kv_format.cache_dtype(self.dtype), device=self.device
         )
         self.kv_caches = list(self.kv_cache.unbind(0))
+        if self.proposer is not None and self.proposer.writes_kv:
+            self.proposer.allocate_cache(self.num_blocks)
         self.sampler = Sampler(self.device)
         # the CPU kernels' thread count: fitted to the cores this process gets (None), or fixed
         self.threads = configure_threads(threads, self.device)
@@ -160,6 +171,7 @@ class ModelExecutor:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
             threads=config.threads,
+            speculative=getattr(config, "speculative", None),
             max_loras=config.max_loras,
             max_lora_rank=config.max_lora_rank,
         )
@@ -176,6 +188,11 @@ class ModelExecutor:
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return tuple(self.model_config.eos_token_ids)
+
+    @property
+    def draft_cost(self) -> float | None:
+        """One draft step's cost over one target decode step (None: no speculation)."""
+        return None if self.proposer is None else self.proposer.draft_cost
 
     @staticmethod
     def kv_cache_bytes_per_block(
@@ -252,6 +269,11 @@ class ModelExecutor:
         start = time.perf_counter()
         result = StepResult(sampled_token_ids={})
         states = self.state.apply(plan)  # idempotent: a plan may come again, cut, after a LoraLoadError
+        if self.proposer is not None:
+            self.proposer.drop(plan.finished_ids + plan.preempted_ids)
+            for s in plan.seqs:
+                if s.setup is not None:
+                    self.proposer.reset(s.request_id, s.start_pos)
         self._load_loras(plan)
         evictor = self.evictor
         if evictor.seqs:
@@ -288,6 +310,9 @@ class ModelExecutor:
                 continue
             rows_idx = torch.tensor(batch.sample_rows, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows_idx))
+            if len(batch.sample_rows) > len(samplers):  # drafts to verify (a single-step plan)
+                sampled, logprobs = self._verify(samplers, logits, grammars if structured else None)
+                break
             rows = [self._sampling_row(st, sampled[s.request_id]) for s, st in samplers]
             mask = None
             if structured:
@@ -307,8 +332,42 @@ class ModelExecutor:
         self.state.record(sampled)
         result.sampled_token_ids = sampled
         result.logprobs = logprobs or None
+        if self.proposer is not None and any(s.num_propose for s in plan.seqs):
+            t0 = time.perf_counter()
+            items = [ProposeItem(s.request_id, st.token_ids(), s.num_propose, st.blocks, st.setup)
+                     for s, st in zip(plan.seqs, states, strict=True) if s.num_propose]  # fmt: skip
+            result.draft_token_ids = self.proposer.propose(items)
+            result.draft_time = time.perf_counter() - t0
         result.duration = time.perf_counter() - start
         return result
+
+    def _verify(
+        self, samplers: list[tuple[ScheduledSeq, SeqView]], logits: torch.Tensor, grammars: list | None = None
+    ) -> tuple[dict[str, list[int]], dict[str, list[LogprobEntry]]]:
+        """Verify the drafts of a speculative step (spec/verify.py): ``logits`` hold
+        ``k + 1`` rows per sampling sequence (1 for those without drafts). Structured-output
+        sequences never carry drafts (the scheduler gives them none): their one row is
+        masked by their grammar as in plain decoding."""
+        rows: list[SamplingRow] = []
+        spans: list[VerifySpan] = []
+        owner: list[int] = []  # sampler index of each row
+        for i, (s, st) in enumerate(samplers):
+            d = s.draft_token_ids
+            q = self.proposer.draft_probs(s.request_id, d) if d and self.proposer is not None else None
+            spans.append(VerifySpan(s.request_id, len(rows), d, q))
+            rows.extend(self._sampling_row(st, d[:j]) for j in range(len(d) + 1))
+            owner.extend([i] * (len(d) + 1))
+        mask = None
+        if grammars is not None:
+            one, constrained = self.masks.fill(grammars)
+            if one is not None:
+                mask = one[owner]
+                for row, i in zip(rows, owner, strict=True):
+                    row.constrained = constrained[i]
+        sampled, logprobs = verify(self.sampler, logits, rows, spans, mask)
+        if grammars is not None:
+            self.masks.accept(grammars, [sampled[s.request_id][0] for s, _ in samplers])
+        return sampled, logprobs
 
     def _prompt_logprobs(
         self, seqs: list[ScheduledSeq], states: list[SeqView], batch: _Batch, hidden: torch.Tensor
@@ -374,10 +433,11 @@ class ModelExecutor:
         if evictor.seqs:
             b.entries = []
         for i, (s, st) in enumerate(zip(seqs, states, strict=True)):
-            n = s.num_new_tokens
+            n = s.num_new_tokens + len(s.draft_token_ids)
             end = s.start_pos + n
             kv_end = end - s.kv_offset  # KV entries after this step's tokens are written
             b.input_ids.extend(s.token_ids)
+            b.input_ids.extend(s.draft_token_ids)
             b.positions.extend(range(s.start_pos, end))
             b.query_start.append(b.query_start[-1] + n)
             b.seq_lens.append(kv_end)
@@ -395,7 +455,9 @@ class ModelExecutor:
             elif s.kv_offset:
                 raise RuntimeError(f"request {s.request_id!r} has evicted KV but no budget")
             if s.samples:
-                b.sample_rows.append(b.query_start[-1] - 1)
+                # the last token and each draft: k + 1 rows to verify k drafts
+                last = b.query_start[-1]
+                b.sample_rows.extend(range(last - 1 - len(s.draft_token_ids), last))
             if st.setup.lora is not None:
                 b.lora.append((st.setup.lora, b.query_start[-2], n))
         return b
@@ -438,53 +500,66 @@ class ModelExecutor:
         return b
 
     def _forward(self, b: _Batch) -> torch.Tensor:
-        dev, bs = self.device, self.block_size
-        width = max(len(r) for r in b.block_rows)
-        block_tables = torch.tensor(
-            [r + [0] * (width - len(r)) for r in b.block_rows], dtype=torch.int32
-        )
-        if self.kv_window is not None:
-            block_tables.clamp_(min=0)  # freed entries (outside the window) read as block 0, masked
-        positions = torch.tensor(b.positions, dtype=torch.long)
-        entries = positions if b.entries is None else torch.tensor(b.entries, dtype=torch.long)
-        if len(b.positions) >= _TORCH_SLOTS_MIN_TOKENS:
-            seq_of_token = torch.repeat_interleave(
-                torch.arange(len(b.seq_lens)),
-                torch.tensor(
-                    [e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)]
-                ),
-            )
-            blocks = block_tables[seq_of_token, entries // bs].long()
-            slot_mapping = blocks * bs + entries % bs
-        else:
-            slot_mapping = torch.tensor(
-                [r[p // bs] * bs + p % bs for r, p in self._row_entries(b)], dtype=torch.long
-            )
         if b.evict_rows and self.evictor.wants_mass([r[0] for r in b.evict_rows]):
             # H2O: every layer's attention adds each key's probability mass here
-            b.attn_mass = torch.zeros(
-                len(b.seq_lens), self.model_config.num_kv_heads, max(b.seq_lens), device=dev
-            )
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor(b.query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(b.seq_lens, dtype=torch.int32, device=dev),
-            block_tables=block_tables.to(dev),
-            slot_mapping=slot_mapping.to(dev),
-            max_query_len=max(
-                e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)
-            ),
-            max_seq_len=max(b.seq_lens),
-            kv_format=self.kv_format,
-            attn_mass=b.attn_mass,
-        )
-        input_ids = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
-        lora = self.loras.batch(b.lora, dev) if b.lora else None
+            b.attn_mass = torch.zeros(len(b.seq_lens), self.model_config.num_kv_heads, max(b.seq_lens),
+                                      device=self.device)  # fmt: skip
+        lora = self.loras.batch(b.lora, self.device) if b.lora else None
         with self.threads.step():
-            return self.model(input_ids, positions.to(dev), self.kv_caches, meta, lora)
+            return forward_batch(self.model, self.kv_caches, b, self.block_size, self.device, lora,
+                                 kv_format=self.kv_format, windowed=self.kv_window is not None)  # fmt: skip
 
-    @staticmethod
-    def _row_entries(b: _Batch):
-        entries = b.positions if b.entries is None else b.entries
-        for i, row in enumerate(b.block_rows):
-            for p in entries[b.query_start[i] : b.query_start[i + 1]]:
-                yield row, p
+
+def forward_batch(
+    model: Any,
+    kv_caches: list[torch.Tensor],
+    b: _Batch,
+    block_size: int,
+    device: torch.device,
+    lora: Any = None,
+    *,
+    kv_format: Any = None,
+    windowed: bool = False,
+) -> torch.Tensor:
+    """One forward pass of a flattened batch over a paged KV cache (also a draft model's, which
+    runs without adapters: its drafts are then worse, never the output).
+
+    ``kv_format``: how the cache stores K and V (None: plain); ``windowed``: the tables may hold
+    entries given back outside every layer's window (NULL), read as block 0 and masked.
+    """
+    dev, bs = device, block_size
+    width = max(len(r) for r in b.block_rows)
+    block_tables = torch.tensor([r + [0] * (width - len(r)) for r in b.block_rows], dtype=torch.int32)
+    if windowed:
+        block_tables.clamp_(min=0)
+    positions = torch.tensor(b.positions, dtype=torch.long)
+    entries = positions if b.entries is None else torch.tensor(b.entries, dtype=torch.long)
+    if len(b.positions) >= _TORCH_SLOTS_MIN_TOKENS:
+        seq_of_token = torch.repeat_interleave(
+            torch.arange(len(b.seq_lens)),
+            torch.tensor([e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)]),
+        )
+        blocks = block_tables[seq_of_token, entries // bs].long()
+        slot_mapping = blocks * bs + entries % bs
+    else:
+        slot_mapping = torch.tensor([r[p // bs] * bs + p % bs for r, p in _row_entries(b)], dtype=torch.long)
+    extra = {} if kv_format is None else {"kv_format": kv_format}
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(b.query_start, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor(b.seq_lens, dtype=torch.int32, device=dev),
+        block_tables=block_tables.to(dev),
+        slot_mapping=slot_mapping.to(dev),
+        max_query_len=max(e - s for s, e in zip(b.query_start, b.query_start[1:], strict=False)),
+        max_seq_len=max(b.seq_lens),
+        attn_mass=b.attn_mass,
+        **extra,
+    )
+    input_ids = torch.tensor(b.input_ids, dtype=torch.long, device=dev)
+    return model(input_ids, positions.to(dev), kv_caches, meta, lora)
+
+
+def _row_entries(b: _Batch):
+    entries = b.positions if b.entries is None else b.entries
+    for i, row in enumerate(b.block_rows):
+        for p in entries[b.query_start[i] : b.query_start[i + 1]]:
+            yield row, p

@@ -6,10 +6,16 @@ says: simulated requests carry ``SamplingParams(max_tokens=output_len,
 ignore_eos=True)``, and the scheduler's own stop checks end them. The
 duration of a multi-step plan is the sum over its sub-steps, as the cost
 model prices it.
+
+Speculative decoding: a sequence that verifies ``k`` drafts accepts each in
+turn with probability ``acceptance`` (a workload parameter) until the first
+rejection, drawn from a seeded generator, and gets the accepted drafts plus
+one token; a sequence asked to propose gets that many (synthetic) drafts.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Protocol
 
 from tokenmill.core.plan import StepPlan, StepResult
@@ -52,7 +58,13 @@ class SimExecutor:
         max_model_len: int = 1 << 30,
         vocab_size: int = 1 << 30,
         eos_token_ids: tuple[int, ...] = (),
+        acceptance: float = 0.0,
+        seed: int = 0,
     ) -> None:
+        if not 0.0 <= acceptance <= 1.0:
+            raise ValueError(f"acceptance must be in [0, 1], got {acceptance}")
+        self.acceptance = acceptance
+        self._rng = random.Random(seed)
         self.cost_model = cost_model
         self.token_id = token_id
         self.clock = clock
@@ -70,9 +82,21 @@ class SimExecutor:
         # One list shared by every sequence: the scheduler reads sampled tokens and never mutates them.
         toks = [self.token_id] * k
         sampled = dict.fromkeys([s.request_id for s in plan.seqs if s.samples], toks)
+        drafts: dict[str, list[int]] | None = None
+        if k == 1 and any(s.draft_token_ids or s.num_propose for s in plan.seqs):
+            rand, acc, tok = self._rng.random, self.acceptance, self.token_id
+            drafts = {}
+            for s in plan.seqs:
+                if s.draft_token_ids and s.samples:
+                    j = 0
+                    while j < len(s.draft_token_ids) and rand() < acc:
+                        j += 1
+                    sampled[s.request_id] = [tok] * (j + 1)
+                if s.num_propose:
+                    drafts[s.request_id] = [tok] * s.num_propose
         self.num_plans += 1
         self.num_steps += k
         duration = self.cost_model.plan_time(plan)
         if self.clock is not None:
             self.clock.now += duration
-        return StepResult(sampled_token_ids=sampled, duration=duration)
+        return StepResult(sampled_token_ids=sampled, duration=duration, draft_token_ids=drafts)

@@ -70,9 +70,13 @@ class SamplerOutput:
     logprobs: list[LogprobEntry | None] | None = None  # None when no row asked
 
 
-def seeded_uniform(seed: int, sample_index: int, position: int) -> float:
+def seeded_uniform(seed: int, sample_index: int, position: int, stream: int = 0) -> float:
     """The U[0, 1) draw for the token at output ``position`` of sample ``sample_index`` of a
     request with ``seed``.
+
+    ``stream`` > 0 names an extra draw for the same token (speculative decoding's
+    acceptance test, residual draw and draft sampling, ``spec/verify.py``): it is keyed
+    by one more byte, so stream 0 keeps the plain sampler's values.
 
     A counter-based generator: BLAKE2b of the three integers, written at fixed widths
     (so no two triples share an encoding), keeps 53 bits. Seeding a torch generator
@@ -85,6 +89,8 @@ def seeded_uniform(seed: int, sample_index: int, position: int) -> float:
         + sample_index.to_bytes(8, "little", signed=False)
         + position.to_bytes(8, "little", signed=False)
     )
+    if stream:
+        key += stream.to_bytes(1, "little")
     word = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
     return (word >> 11) * _UNIT
 
@@ -264,8 +270,8 @@ class Sampler:
                 tokens[j] = int(_inverse_cdf(dense, u[j : j + 1])[0])
         return tokens
 
-    def _uniforms(self, rows: Sequence[SamplingRow], device: torch.device) -> torch.Tensor:
-        """One U[0, 1) draw per row: seeded rows from their own (seed, position) generator."""
+    def _uniforms(self, rows: Sequence[SamplingRow], device: torch.device, stream: int = 0) -> torch.Tensor:
+        """One U[0, 1) draw per row: seeded rows from their own (seed, position, ``stream``) generator."""
         u = torch.empty(len(rows), device=device)
         unseeded = [j for j, r in enumerate(rows) if r.params.seed is None]
         if unseeded:
@@ -274,12 +280,14 @@ class Sampler:
         if seeded:
             u[seeded] = torch.tensor(
                 [
-                    seeded_uniform(rows[j].params.seed, rows[j].sample_index, len(rows[j].output_token_ids))  # type: ignore[arg-type]
+                    seeded_uniform(rows[j].params.seed, rows[j].sample_index, len(rows[j].output_token_ids), stream)  # type: ignore[arg-type]
                     for j in seeded
                 ],
                 dtype=u.dtype,
             ).to(device)
         return u
+
+    uniforms = _uniforms  # public: speculative decoding draws its extra uniforms here
 
     @staticmethod
     def _logprobs(

@@ -31,7 +31,12 @@ DEFAULT_MODEL_PATH: Path = MODELS_DIR / "default"
 HELDOUT_SAMPLE_PATH: Path = DEFAULT_MODEL_PATH / "heldout_sample.txt"
 """Held-out text (three KJV chapters never seen in training), for tests."""
 
+DEFAULT_DRAFT_PATH: Path = MODELS_DIR / "default_draft"
+"""The draft model for speculative decoding of the default model (``--speculative draft:default``):
+a 1M-parameter Llama with the default model's vocabulary, distilled from it by
+``scripts/train_default_model.py --draft``; no tokenizer of its own."""
+
 BUNDLED_ADAPTERS: dict[str, Path] = {"psalms": MODELS_DIR / "psalms-lora"}
 """LoRA adapters of the default model shipped with tokenmill, by name."""
 
-__all__ = ["BUNDLED_ADAPTERS", "DEFAULT_MODEL_NAME", "DEFAULT_MODEL_PATH", "HELDOUT_SAMPLE_PATH", "MODELS_DIR"]
+__all__ = ["BUNDLED_ADAPTERS", "DEFAULT_DRAFT_PATH", "DEFAULT_MODEL_NAME", "DEFAULT_MODEL_PATH", "HELDOUT_SAMPLE_PATH", "MODELS_DIR"]

@@ -96,6 +96,17 @@ class ServerMetrics:
         self.prefix_queries = counter("tokenmill_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("tokenmill_prefix_cache_hits", "Prompt tokens served from the prefix cache.")
         self.engine_steps = counter("tokenmill_engine_steps", "Engine steps (plans) run.")
+        # Speculative decoding (vLLM's spec_decode counters, plus the derived ratios).
+        self.spec_drafts = counter("tokenmill_spec_decode_num_drafts", "Verifications: sequences whose drafts were checked.")
+        self.spec_draft_tokens = counter("tokenmill_spec_decode_num_draft_tokens", "Draft tokens checked.")
+        self.spec_accepted = counter("tokenmill_spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.spec_acceptance = gauge("tokenmill_spec_decode_acceptance_rate", "Accepted over checked draft tokens.")
+        self.spec_mean_len = gauge(
+            "tokenmill_spec_decode_mean_accepted_length", "Tokens per verification: accepted drafts plus one."
+        )
+        self.spec_draft_share = gauge(
+            "tokenmill_spec_decode_draft_time_share", "Share of execution time spent proposing drafts."
+        )
         self.expert_cache = counter(
             "tokenmill_expert_cache_lookups",
             "Offloaded MoE experts looked up, by result: hit (in RAM) or miss (read from the checkpoint).",
@@ -183,6 +194,15 @@ class ServerMetrics:
         )
         self.prefix_hits.labels(**lab).inc(s.prefix_hit_tokens - (last.scheduler.prefix_hit_tokens if last else 0))
         self.engine_steps.labels(**lab).inc(stats.num_steps - (last.num_steps if last else 0))
+        sp = stats.spec
+        if sp is not None:
+            before = last.spec if last is not None and last.spec is not None else None
+            self.spec_drafts.labels(**lab).inc(sp.num_drafts - (before.num_drafts if before else 0))
+            self.spec_draft_tokens.labels(**lab).inc(sp.num_draft_tokens - (before.num_draft_tokens if before else 0))
+            self.spec_accepted.labels(**lab).inc(sp.num_accepted_tokens - (before.num_accepted_tokens if before else 0))
+            self.spec_acceptance.labels(**lab).set(sp.acceptance_rate)
+            self.spec_mean_len.labels(**lab).set(sp.mean_accepted_length)
+            self.spec_draft_share.labels(**lab).set(stats.draft_time_share)
         ec, prev = stats.expert_cache, (last.expert_cache if last else None)
         if ec is not None:
             self.expert_cache.labels(**lab, result="hit").inc(ec.hits - (prev.hits if prev else 0))

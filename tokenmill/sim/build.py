@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenmill.core.scheduler import SchedulerConfig
 from tokenmill.sim import workload as W
-from tokenmill.sim.cost_model import CostModel
+from tokenmill.sim.cost_model import CostModel, knee_tokens
 from tokenmill.sim.hardware import get_hardware, with_overrides
 from tokenmill.sim.model_spec import ModelShape, kv_value_bytes
 from tokenmill.sim.profiled import ProfiledCostModel
@@ -46,12 +46,25 @@ class DeploymentSpec:
     max_decode_steps: int = 1024
     policy: str = "fcfs"
     policy_options: dict[str, Any] = field(default_factory=dict)
+    # Speculative decoding: drafts per step (0: off; adaptive up to that many unless fixed),
+    # one draft step's cost over a target decode step, and the knee (None: from the cost model).
+    num_speculative_tokens: int = 0
+    speculative_adaptive: bool = True
+    draft_cost: float = 0.05
+    spec_knee_tokens: int | None = None
     max_loras: int | None = None  # distinct LoRA adapters running at once (None: no bound)
     lora_rank: int = 16  # the adapters' rank, as the roofline prices them (on all seven projections)
 
 
 def make_cost_model(spec: DeploymentSpec) -> tuple[CostModel, ModelShape | None, dict[str, Any]]:
     """The cost model, the model shape (when known) and facts from the profile (when profiled)."""
+    cm, shape, facts = _make_cost_model(spec)
+    if spec.num_speculative_tokens:
+        cm.draft_cost = spec.draft_cost
+    return cm, shape, facts
+
+
+def _make_cost_model(spec: DeploymentSpec) -> tuple[CostModel, ModelShape | None, dict[str, Any]]:
     if spec.cost_model == "profiled":
         if not spec.profile:
             raise ValueError("the profiled cost model needs --profile PATH (write one with `tokenmill profile`)")
@@ -98,6 +111,10 @@ def make_scheduler_config(spec: DeploymentSpec, cm: CostModel, shape: ModelShape
         max_loras=spec.max_loras,
         policy=spec.policy,
         policy_options=dict(spec.policy_options),
+        num_speculative_tokens=spec.num_speculative_tokens,
+        speculative_adaptive=spec.speculative_adaptive,
+        speculative_draft_cost=spec.draft_cost,
+        speculative_knee_tokens=spec.spec_knee_tokens or (knee_tokens(cm) if spec.num_speculative_tokens else 16),
         kv_window=shape.sliding_window if shape and shape.sliding_window and
         shape.num_sliding_layers == shape.num_layers else None,  # fmt: skip
     )

@@ -28,6 +28,9 @@ class PoolConfig:
     router: str = "round_robin"
     router_options: dict[str, Any] = field(default_factory=dict)
     gpus_per_replica: int = 1
+    # Speculative decoding (the scheduler's num_speculative_tokens): the chance that a draft
+    # token is accepted, a property of the workload and the proposer.
+    spec_acceptance: float = 0.7
 
 
 @dataclass

@@ -40,6 +40,14 @@ class StepFeatures:
     prefill_pairs: int = 0  # causal query-key pairs of those sequences
     prefill_kv: int = 0  # KV tokens those sequences read (prior context + their own)
     prefill_context: int = 0  # prior context of those sequences (KV computed in earlier steps)
+    # Speculative decoding: draft tokens verified (in num_tokens and num_samples; a decode
+    # that verifies k drafts reads its KV once, its context counted to the last draft), and
+    # the proposal after the step: sequences proposing, draft steps (the longest proposal),
+    # and their context.
+    draft_tokens: int = 0
+    propose_seqs: int = 0
+    propose_steps: int = 0
+    propose_context: int = 0
     num_loras: int = 0  # distinct LoRA adapters the step runs
     lora_tokens: int = 0  # new tokens of the sequences that run one
 
@@ -51,15 +59,22 @@ def plan_features(plan: StepPlan) -> StepFeatures:
     for s in plan.seqs:
         q = s.num_new_tokens
         c0 = s.start_pos
-        f.num_tokens += q
+        k = len(s.draft_token_ids)
+        f.num_tokens += q + k
+        if s.num_propose:
+            f.propose_seqs += 1
+            f.propose_context += c0 + q + k + 1
+            if s.num_propose > f.propose_steps:
+                f.propose_steps = s.num_propose
         if s.lora_id:
             loras.add(s.lora_id)
             f.lora_tokens += q
         if s.samples:
-            f.num_samples += 1
+            f.num_samples += 1 + k
             if q == 1:
                 f.num_decode += 1
-                f.decode_context += c0 + 1
+                f.decode_context += c0 + 1 + k
+                f.draft_tokens += k
                 continue
         f.prefill_tokens += q
         f.prefill_pairs += q * c0 + q * (q + 1) // 2
@@ -77,9 +92,15 @@ def plan_loras(plan: StepPlan) -> tuple[int, int]:
 
 
 class CostModel:
-    """Base class: subclasses price one step (``step_time``); the rest follows."""
+    """Base class: subclasses price one step (``step_time``); the rest follows.
+
+    ``draft_cost`` prices speculative decoding's proposals: each draft step costs
+    that fraction of a target decode step of the proposing sequences (the
+    draft's bytes over the target's, about 0 for prompt lookup).
+    """
 
     name = "base"
+    draft_cost = 0.0
 
     def step_time(self, f: StepFeatures) -> float:
         raise NotImplementedError
@@ -114,7 +135,17 @@ class CostModel:
             num_loras, rows = plan_loras(plan)
             lora = k * self.lora_time(num_loras, rows) if num_loras else 0.0
             return self.decode_time(n, ctx + n, k) + lora
-        return self.step_time(plan_features(plan))
+        f = plan_features(plan)
+        return self.step_time(f) + self.draft_time(f)
+
+    def draft_time(self, f: StepFeatures) -> float:
+        """Seconds of the proposal after a step: ``propose_steps`` draft decode steps."""
+        if not f.propose_steps or self.draft_cost <= 0.0:
+            return 0.0
+        m = f.propose_seqs
+        one = self.step_time(StepFeatures(num_seqs=m, num_tokens=m, num_samples=m, num_decode=m,
+                                          decode_context=f.propose_context))  # fmt: skip
+        return self.draft_cost * f.propose_steps * one
 
     def on_plan_done(self, plan: StepPlan) -> None:
         """The simulator finished ``plan`` (stateful models, such as a replay, advance here)."""
@@ -177,6 +208,23 @@ class ConstantCostModel(CostModel):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "per_step": self.per_step, "per_token": self.per_token}
+
+
+def knee_tokens(cm: CostModel, ratio: float = 1.25, limit: int = 4096) -> int:
+    """Tokens a step can compute for at most ``ratio`` times the cost of a one-token decode.
+
+    Where decode is memory bound, verifying a few more tokens costs little; past
+    this point a step is compute bound (``core/spec.py`` backs off there).
+    """
+
+    def cost(t: int) -> float:
+        return cm.step_time(StepFeatures(num_seqs=1, num_tokens=t, num_samples=1, num_decode=1, decode_context=t))
+
+    base = cost(1)
+    t = 1
+    while t < limit and cost(2 * t) <= ratio * base:
+        t *= 2
+    return t
 
 
 def steps_until(cm: CostModel, num_seqs: int, context: int, horizon: float, kmax: int) -> int:

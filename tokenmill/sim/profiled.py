@@ -102,7 +102,9 @@ class ProfiledCostModel(CostModel):
             ctx = f.decode_context / f.num_decode
         else:
             ctx = f.prefill_context
-        return self.interpolate(f.prefill_tokens, f.num_decode, ctx) + self.overhead + self.overhead_per_token * f.num_samples
+        # a decode's verified drafts are extra rows, as a prefill chunk's tokens are
+        p = f.prefill_tokens + f.draft_tokens
+        return self.interpolate(p, f.num_decode, ctx) + self.overhead + self.overhead_per_token * f.num_samples
 
     def _multi_step(self, decode_seqs: float, context: float) -> float:
         """Seconds per sub-step of a multi-step decode plan (bilinear in the decode_multistep table)."""

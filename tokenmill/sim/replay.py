@@ -149,5 +149,5 @@ def expand_summaries(summaries: Sequence[tuple]) -> list[tuple]:
             out.append((k, seqs, preempted))
             continue
         for j in range(k):
-            out.append((1, tuple((rid, start + j, 1, True) for rid, start, _, _ in seqs), ()))
+            out.append((1, tuple((rid, start + j, 1, True, 0) for rid, start, *_ in seqs), ()))
     return out

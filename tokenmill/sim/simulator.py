@@ -94,7 +94,7 @@ class Replica:
         self.sched = Scheduler(dataclasses.replace(pool.scheduler, policy_options=dict(pool.scheduler.policy_options)),
                                lean_plans=True)  # fmt: skip
         self.cm = pool.cost_model
-        self.executor = SimExecutor(pool.cost_model, token_id)
+        self.executor = SimExecutor(pool.cost_model, token_id, acceptance=pool.spec_acceptance, seed=index)
         self.plan: StepPlan | None = None
         self.result: StepResult | None = None
         self.t0 = 0.0
@@ -385,7 +385,7 @@ class Simulator:
         ideal = self.ideal
         sub = dur / k if ideal else 0.0
         tol = 1e-12 * (1.0 + sub)
-        t_first = t0 + sub if ideal else end
+        t_sub1 = t0 + sub if ideal else end  # the first sub-step's end
         tracks = self.tracks
         itl = self.itl
         same = 0  # gaps equal to one sub-step, added to the histogram in one go
@@ -397,7 +397,12 @@ class Simulator:
             n_tokens += n_new
             req = u.request
             tr = tracks[req.request_id]
-            t_last = (t0 + sub * n_new if n_new > 1 else t_first) if ideal else end
+            spec_extra = n_new - k if n_new > k else 0  # accepted drafts: they come with their step's token
+            if ideal and not spec_extra:
+                t_first = t_sub1
+                t_last = t0 + sub * n_new if n_new > 1 else t_first
+            else:
+                t_first = t_last = end
             if tr.first < 0:
                 tr.first = t_first
                 tr.cached = max(req.num_cached_tokens, 0)
@@ -407,7 +412,10 @@ class Simulator:
                     same += 1
                 else:
                     itl.add(gap)
-            same += n_new - 1
+            if spec_extra:
+                itl.add(0.0, n_new - 1)
+            else:
+                same += n_new - 1
             tr.last = t_last
             tr.n_out += n_new
             if u.finished:

@@ -290,7 +290,7 @@ def step_time_check(step_log: list[Any], cm: CostModel) -> dict[str, float]:
     ratios, measured, priced = [], 0.0, 0.0
     for rec in step_log:
         k, seqs, _ = rec.summary
-        plan = StepPlan(0, 0.0, [ScheduledSeq(rid, start, n, [], 0, [], samples) for rid, start, n, samples in seqs],
+        plan = StepPlan(0, 0.0, [ScheduledSeq(rid, start, n, [], 0, [], samples) for rid, start, n, samples, *_ in seqs],
                         num_steps=k)  # fmt: skip
         price = cm.plan_time(plan) - over - over_tok * k * sum(1 for s in seqs if s[3])
         if price > 0:
