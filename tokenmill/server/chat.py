@@ -21,8 +21,8 @@ from tokenmill.server.completions import ABORTED_MESSAGE
 from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.logprobs import chat_logprobs
 from tokenmill.server.params import (
-    kv_eviction,
     reject_unsupported,
+    request_options,
     resolve_max_tokens,
     sampling_params,
 )
@@ -60,14 +60,7 @@ async def create_chat_completion(
             [prompt_ids],
             [params],
             reservation,
-            arrival_time=state.async_engine.clock(),
-            client_id=state.client_id(request, body.user),
-            priority=body.priority,
-            ttft_slo=body.ttft_slo,
-            tpot_slo=body.tpot_slo,
-            cache_namespace=body.cache_salt or "",
-            kv_eviction=kv_eviction(body, getattr(state.async_engine.engine.config, "kv_eviction", None)),
-            lora=state.lora_for(model),
+            **request_options(state, request, body, model),
         )
     usage = UsageCounter([len(prompt_ids)])
     created = now_s()

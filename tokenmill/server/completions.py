@@ -18,8 +18,8 @@ from tokenmill.server import streaming
 from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.logprobs import completion_logprobs
 from tokenmill.server.params import (
-    kv_eviction,
     reject_unsupported,
+    request_options,
     resolve_max_tokens,
     sampling_params,
 )
@@ -58,14 +58,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             [ids for _, ids in prompts],
             params,
             reservation,
-            arrival_time=state.async_engine.clock(),
-            client_id=state.client_id(request, body.user),
-            priority=body.priority,
-            ttft_slo=body.ttft_slo,
-            tpot_slo=body.tpot_slo,
-            cache_namespace=body.cache_salt or "",
-            kv_eviction=kv_eviction(body, getattr(state.async_engine.engine.config, "kv_eviction", None)),
-            lora=state.lora_for(model),
+            **request_options(state, request, body, model),
         )
     index_of = {rid: i for i, rid in enumerate(engine_ids)}
     echo = [(text or "") if body.echo else "" for text, _ in prompts]

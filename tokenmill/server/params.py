@@ -128,3 +128,20 @@ def kv_eviction(body: SamplingFields, default: KVEviction | None) -> Any:
         return KVEviction(policy, budget, sinks=sinks, recent=recent)
     except ValueError as e:
         raise bad_request(str(e), "kv_budget") from None
+
+
+def request_options(state: Any, request: Any, body: Any, model: str) -> dict[str, Any]:
+    """What a completions or chat request asks of the engine besides its prompts and sampling:
+    arrival, client, priority and SLOs, cache salt, KV eviction (the server's default unless the
+    body sets it) and adapter."""
+    default = getattr(state.async_engine.engine.config, "kv_eviction", None)
+    return {
+        "arrival_time": state.async_engine.clock(),
+        "client_id": state.client_id(request, body.user),
+        "priority": body.priority,
+        "ttft_slo": body.ttft_slo,
+        "tpot_slo": body.tpot_slo,
+        "cache_namespace": body.cache_salt or "",
+        "kv_eviction": kv_eviction(body, default),
+        "lora": state.lora_for(model),
+    }
