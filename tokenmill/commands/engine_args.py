@@ -39,6 +39,15 @@ def _shown(value: Any, kind: str) -> str:
     return str(value)
 
 
+class _KeyValues(argparse.Action):
+    """A repeatable ``KEY=VALUE`` flag collected into a dict (a later KEY wins)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        key, value = values
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), key: value})
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
     """Add a flag for every ``EngineConfig`` field that has one; ``defaults`` overrides a field's default."""
     defaults = defaults or {}
@@ -60,7 +69,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults: dict[str, An
         elif kind == "flag":
             group.add_argument(flag, action="store_true", **common)
         elif kind == "key_value":
-            group.add_argument(flag, action="append", type=key_value, metavar="KEY=VALUE", **common)
+            group.add_argument(flag, action=_KeyValues, type=key_value, metavar="KEY=VALUE", **common)
         elif kind == "choice":
             group.add_argument(flag, choices=spec["choices"], **common)
         elif kind == "policy":
@@ -79,7 +88,7 @@ def engine_value(args: argparse.Namespace, name: str) -> Any:
     """A field's value as the command runs with it: the flag, else the command's default, else the field's."""
     value = getattr(args, name, None)
     if value is not None:
-        return dict(value) if isinstance(value, list) and name == "policy_options" else value
+        return value
     defaults = getattr(args, "_engine_defaults", {})
     if name in defaults:
         return defaults[name]
