@@ -75,39 +75,23 @@ inline __m512 gelu_mul16(__m512 g, __m512 u) {
 
 template <typename T>
 void gelu_tanh_mul_impl(const T* x, T* out, int64_t rows, int64_t inter) {
-  const int nt = rows * inter >= 65536 ? num_threads() : 1;
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* g = x + r * 2 * inter;
-    const T* u = g + inter;
-    T* o = out + r * inter;
+  gated_rows(
+      x, out, rows, inter,
 #if TM_AVX512
-    for (int64_t i = 0; i < inter; i += 16) {
-      const __mmask16 m = tail_mask(inter - i);
-      store16(o + i, gelu_mul16<T>(load16(g + i, m), load16(u + i, m)), m);
-    }
+      [](__m512 g, __m512 u) { return gelu_mul16<T>(g, u); },
 #else
-    for (int64_t i = 0; i < inter; ++i) {
-      const float gv = to_f(g[i]);
-      const float act = 0.5f * gv * (1.f + std::tanh(0.7978845608028654f * (gv + 0.044715f * gv * gv * gv)));
-      o[i] = from_f<T>(to_f(from_f<T>(act)) * to_f(u[i]));
-    }
+      nullptr,
 #endif
-  }
+      [](float g, float u) {
+        const float act = 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+        return from_f<T>(to_f(from_f<T>(act)) * u);
+      });
 }
 
 Tensor gelu_tanh_mul(const Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, "gelu_tanh_mul: x [T, 2I]");
-  const int64_t inter = x.size(1) / 2;
-  Tensor out = at::empty({x.size(0), inter}, x.options());
-  if (x.scalar_type() == at::kFloat) {
-    gelu_tanh_mul_impl<float>(x.data_ptr<float>(), out.data_ptr<float>(), x.size(0), inter);
-  } else if (x.scalar_type() == at::kBFloat16) {
-    gelu_tanh_mul_impl<BFloat16>(x.data_ptr<BFloat16>(), out.data_ptr<BFloat16>(), x.size(0), inter);
-  } else {
-    TORCH_CHECK(false, "gelu_tanh_mul: only float32 and bfloat16");
-  }
-  return out;
+  return gated_product(x, "gelu_tanh_mul", [](auto* in, auto* out, int64_t rows, int64_t inter) {
+    gelu_tanh_mul_impl(in, out, rows, inter);
+  });
 }
 
 }  // namespace tokenmill

@@ -179,38 +179,20 @@ Tensor add_rms_norm(const Tensor& x, Tensor residual, const Tensor& w, double ep
 
 template <typename T>
 void silu_mul_impl(const T* x, T* out, int64_t rows, int64_t inter) {
-  const int nt = rows * inter >= 65536 ? num_threads() : 1;
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* g = x + r * 2 * inter;
-    const T* u = g + inter;
-    T* o = out + r * inter;
+  gated_rows(
+      x, out, rows, inter,
 #if TM_AVX512
-    for (int64_t i = 0; i < inter; i += 16) {
-      const __mmask16 m = tail_mask(inter - i);
-      store16(o + i, silu_mul16<T>(load16(g + i, m), load16(u + i, m)), m);
-    }
+      [](__m512 g, __m512 u) { return silu_mul16<T>(g, u); },
 #else
-    for (int64_t i = 0; i < inter; ++i) {
-      const float gv = to_f(g[i]);
-      o[i] = from_f<T>(gv / (1.f + std::exp(-gv)) * to_f(u[i]));
-    }
+      nullptr,
 #endif
-  }
+      [](float g, float u) { return from_f<T>(g / (1.f + std::exp(-g)) * u); });
 }
 
 Tensor silu_mul(const Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, "silu_mul: x [T, 2I]");
-  const int64_t inter = x.size(1) / 2;
-  Tensor out = at::empty({x.size(0), inter}, x.options());
-  if (x.scalar_type() == at::kFloat) {
-    silu_mul_impl<float>(x.data_ptr<float>(), out.data_ptr<float>(), x.size(0), inter);
-  } else if (x.scalar_type() == at::kBFloat16) {
-    silu_mul_impl<BFloat16>(x.data_ptr<BFloat16>(), out.data_ptr<BFloat16>(), x.size(0), inter);
-  } else {
-    TORCH_CHECK(false, "silu_mul: only float32 and bfloat16");
-  }
-  return out;
+  return gated_product(x, "silu_mul", [](auto* in, auto* out, int64_t rows, int64_t inter) {
+    silu_mul_impl(in, out, rows, inter);
+  });
 }
 
 }  // namespace tokenmill

@@ -126,4 +126,45 @@ inline __m512 silu_mul16(__m512 g, __m512 u) {
 }
 #endif
 
+// ----------------------------------------------------------------------------------------
+// gated products: x [T, 2I] (gate | up) -> act(gate) * up  [T, I] (SiLU, tanh-GELU)
+// ----------------------------------------------------------------------------------------
+
+// Each row's act(gate) * up: ``vec(g, u)`` on 16 lanes (AVX-512), ``scalar(g, u)`` else.
+template <typename T, typename Vec, typename Scalar>
+void gated_rows(const T* x, T* out, int64_t rows, int64_t inter, [[maybe_unused]] Vec vec,
+                [[maybe_unused]] Scalar scalar) {
+  const int nt = rows * inter >= 65536 ? num_threads() : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = x + r * 2 * inter;
+    const T* u = g + inter;
+    T* o = out + r * inter;
+#if TM_AVX512
+    for (int64_t i = 0; i < inter; i += 16) {
+      const __mmask16 m = tail_mask(inter - i);
+      store16(o + i, vec(load16(g + i, m), load16(u + i, m)), m);
+    }
+#else
+    for (int64_t i = 0; i < inter; ++i) o[i] = scalar(to_f(g[i]), to_f(u[i]));
+#endif
+  }
+}
+
+// The op's checks and fp32/bf16 dispatch; ``rows(x, out, rows, inter)`` takes either type.
+template <typename Rows>
+Tensor gated_product(const Tensor& x, const char* name, Rows rows) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, name, ": x [T, 2I]");
+  const int64_t inter = x.size(1) / 2;
+  Tensor out = at::empty({x.size(0), inter}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    rows(x.data_ptr<float>(), out.data_ptr<float>(), x.size(0), inter);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    rows(x.data_ptr<BFloat16>(), out.data_ptr<BFloat16>(), x.size(0), inter);
+  } else {
+    TORCH_CHECK(false, name, ": only float32 and bfloat16");
+  }
+  return out;
+}
+
 }  // namespace tokenmill
