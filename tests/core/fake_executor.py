@@ -50,6 +50,11 @@ class FakeKVExecutor:
             out.append(entry[1])
         return out
 
+    def _check_context(self, request_id: str, ctx: list[int], tokens: list[int]) -> None:
+        """What the KV holds of a sequence against its tokens so far."""
+        if ctx != tokens:
+            raise AssertionError(f"{request_id}: KV read back differs from the tokens")
+
     def execute(self, plan: StepPlan, on_substep: object = None) -> StepResult:
         self.steps += plan.num_steps
         sampled: dict[str, list[int]] = {}
@@ -67,9 +72,7 @@ class FakeKVExecutor:
                 if step > 0:
                     self._write(view.blocks, end, out[-1])
                     end += 1
-                ctx = self._read(view.blocks, end)
-                if ctx != (history + out)[:end]:
-                    raise AssertionError(f"{s.request_id}: KV read back differs from the tokens")
+                self._check_context(s.request_id, self._read(view.blocks, end), (history + out)[:end])
                 out.append(next_token(history + out))
             sampled[s.request_id] = out
         self.state.record(sampled)
